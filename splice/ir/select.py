@@ -1,0 +1,119 @@
+"""Target selection shared by every pass.
+
+An expression is ``|``-separated terms; a term prefixed with ``!`` excludes. A term is
+
+* an op kind: ``linear``, ``conv``, ``embedding`` (or ``all``);
+* a module-path glob (``model.layers.*.mlp.*``), matched against the whole path or any
+  dotted suffix, so ``q_proj`` or ``*_proj`` work as in PEFT's ``target_modules``;
+* a regular expression ``re:<pattern>`` (full match on the module path).
+
+A node is selected when its kind is one the pass handles, it matches some positive term
+(no positive term means every such node), and it matches no excluded term. Examples:
+``linear|embedding``, ``linear|!lm_head``, ``re:.*\\.(q|v)_proj``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from splice.errors import ConfigError
+
+aten = torch.ops.aten
+
+ATEN_KINDS = {
+    aten.linear.default: "linear",
+    aten.conv1d.default: "conv",
+    aten.conv2d.default: "conv",
+    aten.conv3d.default: "conv",
+    aten.convolution.default: "conv",
+    aten.embedding.default: "embedding",
+}
+_CUSTOM_KINDS: dict[object, str] = {}
+KIND_NAMES = ("linear", "conv", "embedding", "all")
+
+
+def register_kind(op, kind: str) -> None:
+    """Let selection see a custom op as a kind (``splice::qlinear`` is a ``linear``)."""
+    _CUSTOM_KINDS[op] = kind
+
+
+def op_kind(node: fx.Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    return ATEN_KINDS.get(node.target) or _CUSTOM_KINDS.get(node.target)
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the module that created ``node`` (``model.layers.0.mlp.up_proj``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else str(path)
+
+
+@dataclass(frozen=True)
+class _Term:
+    text: str
+    negate: bool
+
+    def matches(self, kind: str, path: str) -> bool:
+        t = self.text
+        if t in KIND_NAMES:
+            return t == "all" or t == kind
+        if t.startswith("re:"):
+            return re.fullmatch(t[3:], path) is not None
+        return fnmatch.fnmatchcase(path, t) or fnmatch.fnmatchcase(path, "*." + t)
+
+
+@dataclass(frozen=True)
+class Selector:
+    expr: str
+    terms: tuple[_Term, ...]
+
+    def matches(self, kind: str, path: str) -> bool:
+        pos = [t for t in self.terms if not t.negate]
+        neg = [t for t in self.terms if t.negate]
+        if pos and not any(t.matches(kind, path) for t in pos):
+            return False
+        return not any(t.matches(kind, path) for t in neg)
+
+
+def parse_targets(expr: str) -> Selector:
+    """Parse and validate a target expression; raises ValueError naming the bad term."""
+    terms = []
+    for raw in expr.split("|"):
+        text = raw.strip()
+        negate = text.startswith("!")
+        text = text[1:].strip() if negate else text
+        if not text:
+            raise ValueError(f"targets: empty term in {expr!r}")
+        if text.startswith("re:"):
+            try:
+                re.compile(text[3:])
+            except re.error as e:
+                raise ValueError(f"targets: bad regex {text[3:]!r}: {e}") from None
+        terms.append(_Term(text, negate))
+    return Selector(expr, tuple(terms))
+
+
+def select_nodes(gm: fx.GraphModule, expr: str, kinds: tuple[str, ...], pass_name: str) -> list[fx.Node]:
+    """Nodes of ``kinds`` matching ``expr``; an expression that matches nothing is an error."""
+    sel = parse_targets(expr)
+    found = []
+    for node in gm.graph.nodes:
+        kind = op_kind(node)
+        if kind in kinds and sel.matches(kind, module_path(node)):
+            found.append(node)
+    if not found:
+        raise ConfigError(f"{pass_name}: targets '{expr}' matched no {'/'.join(kinds)} layer")
+    return found
+
+
+def validate_targets(expr: str) -> None:
+    """For config ``__post_init__``: raise ValueError on a malformed expression."""
+    parse_targets(expr)

@@ -1,0 +1,83 @@
+"""Group-wise integer grids shared by every weight quantizer and by the quantized ops.
+
+Weights ``W[N, K]`` are split along K into groups of ``group_size``; each (row, group) has a
+float scale and an integer zero point; codes are unsigned ``0..2**bits-1`` and
+``W ~= (code - zero) * scale``. Symmetric grids fix ``zero = 2**(bits-1)`` (as GPTQ does) and
+store no zero points.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splice.kernels.packing import pack_bits, packed_width, unpack_bits
+
+
+@dataclass(frozen=True)
+class GroupGrid:
+    bits: int
+    group_size: int  # resolved: K for per-channel
+    symmetric: bool
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min/max scales and zero points, each ``[N, K // group_size]`` (zeros as int32)."""
+        n, k = w.shape
+        g = w.float().reshape(n, k // self.group_size, self.group_size)
+        if self.symmetric:
+            amax = g.abs().amax(-1)
+            scale = 2 * amax / self.maxq
+            zero = torch.full_like(scale, (self.maxq + 1) // 2, dtype=torch.int32)
+        else:
+            lo = g.amin(-1).clamp(max=0)
+            hi = g.amax(-1).clamp(min=0)
+            scale = (hi - lo) / self.maxq
+            zero = torch.round(-lo / torch.where(scale > 0, scale, 1)).clamp(0, self.maxq).to(torch.int32)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, zero
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes ``[N, K]`` (int32) of ``w`` on the grid."""
+        s = scale.repeat_interleave(self.group_size, dim=1)
+        z = zero.repeat_interleave(self.group_size, dim=1)
+        return torch.clamp(torch.round(w.float() / s) + z, 0, self.maxq).to(torch.int32)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        s = scale.repeat_interleave(self.group_size, dim=-1)
+        z = zero.repeat_interleave(self.group_size, dim=-1)
+        return (codes - z).to(s.dtype) * s
+
+    # storage ---------------------------------------------------------------
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` codes -> uint8 ``[N, K/group, group*bits/8]`` (MatMulNBits' B layout)."""
+        n, k = codes.shape
+        return pack_bits(codes.reshape(n, k // self.group_size, self.group_size), self.bits)
+
+    def unpack_codes(self, qweight: torch.Tensor) -> torch.Tensor:
+        n, groups, _ = qweight.shape
+        return unpack_bits(qweight, self.bits, self.group_size).reshape(n, groups * self.group_size)
+
+    def pack_zeros(self, zero: torch.Tensor) -> torch.Tensor | None:
+        """Zero points packed per row ``[N, ceil(G*bits/8)]``; None for symmetric grids."""
+        return None if self.symmetric else pack_bits(zero, self.bits)
+
+    def unpack_zeros(self, zeros: torch.Tensor | None, groups: int, like: torch.Tensor) -> torch.Tensor:
+        if zeros is None:
+            return torch.full((like.shape[0], groups), (self.maxq + 1) // 2, dtype=torch.int32)
+        return unpack_bits(zeros, self.bits, groups)
+
+    def packed_group_width(self) -> int:
+        return packed_width(self.group_size, self.bits)
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      bits: int, group_size: int) -> torch.Tensor:
+    """Packed ``[N, G, blob]`` storage -> float ``[N, G*group_size]`` in the scales' dtype."""
+    grid = GroupGrid(bits, group_size, zeros is None)
+    codes = grid.unpack_codes(qweight)
+    zero = grid.unpack_zeros(zeros, qweight.shape[1], qweight)
+    return grid.dequantize(codes, scales, zero)
