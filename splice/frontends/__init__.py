@@ -1,0 +1,41 @@
+"""Frontends: everything that turns a model into a Graph.
+
+``capture(model, example_inputs)`` for an ``nn.Module``; ``capture(path)`` for a local HF
+directory, a ``.gguf`` file, a saved artifact or a ``.pt2`` program.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splice.errors import SpliceError
+from splice.frontends.hf import capture_hf
+from splice.frontends.torch_export import capture_module
+from splice.ir.artifact import MANIFEST, load
+from splice.ir.graph import Graph
+
+
+def capture(model: Any, example_inputs: Any = None, *, dynamic: Any = True) -> Graph:
+    """Capture ``model`` (an ``nn.Module`` or a path) into a Graph."""
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.exists():
+            raise SpliceError(f"{path}: no such file or directory")
+        if path.suffix == ".pt2" or (path / MANIFEST).is_file():
+            return load(path)
+        return capture_hf(path)
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            if hasattr(model, "config"):
+                from splice.frontends.hf import example_inputs_for
+
+                example_inputs = example_inputs_for(model)
+            else:
+                raise SpliceError(f"capture: example_inputs are required for {type(model).__name__}")
+        return capture_module(model, example_inputs, dynamic=dynamic)
+    raise SpliceError(f"capture: expected an nn.Module or a path, got {type(model).__name__}")
+
+
+__all__ = ["capture", "load"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from splice.ir.graph import register_arg_roles
 from splice.ir.select import register_kind
 from splice.kernels.quant import dequantize_packed
 
@@ -69,8 +70,5 @@ def _(indices, qweight, scales, zeros, bits, group_size):
 
 register_kind(torch.ops.splice.qembedding.default, "embedding")
 
-# Which argument of each op holds which kind of stored tensor (for Graph.param_roles).
-ARG_ROLES = {
-    torch.ops.splice.qlinear.default: {1: "qweight", 2: "scale", 3: "zero_point", 4: "bias"},
-    torch.ops.splice.qembedding.default: {1: "qweight", 2: "scale", 3: "zero_point"},
-}
+register_arg_roles(torch.ops.splice.qlinear.default, {1: "qweight", 2: "scale", 3: "zero_point", 4: "bias"})
+register_arg_roles(torch.ops.splice.qembedding.default, {1: "qweight", 2: "scale", 3: "zero_point"})

@@ -1,0 +1,261 @@
+"""The Graph every pass reads and returns.
+
+A ``Graph`` wraps a *flat* ``fx.GraphModule`` produced by ``torch.export``: positional
+tensor inputs named ``input_names``, a tuple of tensor outputs named ``output_names``,
+parameters reached by ``get_attr`` with their original dotted names, ATen ops whose
+``meta["nn_module_stack"]`` keeps the module path of the layer that created them.
+
+Passes never mutate a Graph: ``copy()`` gives a structural copy (new nodes, the same
+tensors by reference), the pass edits that, and tensors are replaced, never written in place.
+"""
+from __future__ import annotations
+
+import copy as _copy
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+from splice.ir.select import module_path, op_kind
+
+aten = torch.ops.aten
+
+# Which argument of an ATen op holds which kind of stored tensor.
+_ATEN_ROLES = {
+    aten.linear.default: {1: "weight", 2: "bias"},
+    aten.conv1d.default: {1: "weight", 2: "bias"},
+    aten.conv2d.default: {1: "weight", 2: "bias"},
+    aten.conv3d.default: {1: "weight", 2: "bias"},
+    aten.convolution.default: {1: "weight", 2: "bias"},
+    aten.embedding.default: {0: "weight"},
+    aten.layer_norm.default: {2: "norm", 3: "norm"},
+    aten._native_batch_norm_legit_no_training.default: {1: "norm", 2: "norm", 3: "norm", 4: "norm"},
+    aten.batch_norm.default: {1: "norm", 2: "norm", 3: "norm", 4: "norm"},
+}
+_ARG_ROLES: dict[Any, dict[int, str]] = dict(_ATEN_ROLES)
+
+
+def register_arg_roles(op, roles: dict[int, str]) -> None:
+    """Declare which argument of a custom op holds which kind of stored tensor."""
+    _ARG_ROLES[op] = roles
+
+
+@dataclass
+class Graph:
+    """A captured model: flat GraphModule plus its input/output spec and history."""
+
+    gm: fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ running
+    def module(self) -> fx.GraphModule:
+        """A runnable ``nn.Module``: ``module()(*inputs)`` returns a tuple in ``output_names`` order."""
+        return self.gm
+
+    def run(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Run on positional or named inputs; returns ``{output_name: tensor}``."""
+        inputs = self.bind_inputs(args, kwargs)
+        with torch.no_grad():
+            outs = self.gm(*inputs)
+        return dict(zip(self.output_names, outs))
+
+    def bind_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        if kwargs:
+            missing = [n for n in self.input_names[len(args):] if n not in kwargs]
+            if missing:
+                raise TypeError(f"missing inputs: {', '.join(missing)}")
+            args = tuple(args) + tuple(kwargs[n] for n in self.input_names[len(args):])
+        return tuple(args)
+
+    # ---------------------------------------------------------------- structure
+    def copy(self) -> "Graph":
+        """Structural copy: new nodes and module tree, the same tensors."""
+        new = fx.Graph()
+        out = new.graph_copy(self.gm.graph, {})
+        new.output(out)
+        return Graph(rebuild_module(self.gm, new), list(self.input_names), list(self.output_names),
+                     self.example_inputs, _copy.deepcopy(self.dynamic), dict(self.source),
+                     list(self.history))
+
+    def with_graph(self, gm: fx.GraphModule) -> "Graph":
+        return Graph(gm, self.input_names, self.output_names, self.example_inputs, self.dynamic,
+                     self.source, self.history)
+
+    def nodes(self, kind: str | None = None) -> Iterator[fx.Node]:
+        for node in self.gm.graph.nodes:
+            if kind is None or op_kind(node) == kind:
+                yield node
+
+    def tensor(self, target: str) -> torch.Tensor:
+        return get_attr(self.gm, target)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor the graph reads, by ``get_attr`` target (shared ones once)."""
+        return {n.target: get_attr(self.gm, n.target) for n in self.gm.graph.nodes if n.op == "get_attr"}
+
+    def add_tensor(self, target: str, value: torch.Tensor, *, trainable: bool = False) -> fx.Node:
+        """Store ``value`` under a fresh dotted name near ``target`` and return a get_attr
+        node for it (inserted before the first user of nothing: callers move it if needed)."""
+        name = _unique_target(self.gm, target)
+        set_attr(self.gm, name, value, trainable=trainable)
+        first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")
+        with self.gm.graph.inserting_before(first):
+            return self.gm.graph.get_attr(name)
+
+    def finalize(self) -> "Graph":
+        """Drop dead nodes and tensors no longer read; recompile."""
+        self.gm.graph.eliminate_dead_code()
+        self.gm = rebuild_module(self.gm, self.gm.graph)
+        return self
+
+    # ------------------------------------------------------------------- sizes
+    def param_roles(self) -> dict[str, str]:
+        """Role of each stored tensor (``weight``, ``bias``, ``qweight``, ``scale``, ``norm`` …),
+        taken from how the graph uses it; anything else is ``buffer``."""
+        roles: dict[str, str] = {}
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for i, arg in enumerate(node.args):
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    role = _ARG_ROLES.get(node.target, {}).get(i)
+                    if role and arg.target not in roles:
+                        roles[arg.target] = role
+        return {t: roles.get(t, "buffer") for t in self.tensors()}
+
+    def bytes_by_role(self) -> dict[str, int]:
+        """Bytes actually stored, by role (packed int4 counts half a byte per weight)."""
+        out: Counter[str] = Counter()
+        tensors = self.tensors()
+        for target, role in self.param_roles().items():
+            t = tensors[target]
+            out[role] += t.numel() * t.element_size()
+        return dict(out)
+
+    def nbytes(self) -> int:
+        return sum(self.bytes_by_role().values())
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    def layers(self) -> list[dict[str, Any]]:
+        """One row per linear/conv/embedding op: module path, op, kind, weight shape, bytes."""
+        rows = []
+        tensors = self.tensors()
+        for node in self.gm.graph.nodes:
+            kind = op_kind(node)
+            if kind is None:
+                continue
+            attrs = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+            rows.append({"path": module_path(node), "op": str(node.target).replace(".default", ""),
+                         "kind": kind, "bytes": sum(tensors[t].numel() * tensors[t].element_size() for t in attrs),
+                         "shape": tuple(tensors[attrs[0]].shape) if attrs else ()})
+        return rows
+
+    def op_counts(self) -> dict[str, int]:
+        return dict(Counter(str(n.target).replace(".default", "") for n in self.gm.graph.nodes
+                            if n.op == "call_function"))
+
+    # ---------------------------------------------------------------- lowering
+    def dynamic_shapes(self) -> tuple[dict[int, Any] | None, ...]:
+        """``dynamic_shapes`` for ``torch.export`` over the flat inputs."""
+        return tuple({axis: Dim.AUTO for axis in self.dynamic.get(n, {})} or None for n in self.input_names)
+
+    def export_program(self) -> torch.export.ExportedProgram:
+        """Re-export the current graph (for saving and for ONNX)."""
+        return torch.export.export(self.gm, self.example_inputs, dynamic_shapes=self.dynamic_shapes(),
+                                   strict=False)
+
+    # -------------------------------------------------------------- user API
+    def apply(self, *specs: str, calibration=None, verify: bool = True) -> "Graph":
+        """Run passes given as ``name:key=val,...`` strings; returns the new Graph."""
+        from splice.passes.manager import Pipeline
+
+        return Pipeline.parse(list(specs)).run(self, calibration=calibration, verify=verify).graph
+
+    def save(self, path, *, force: bool = False) -> None:
+        from splice.ir.artifact import save
+
+        save(self, path, force=force)
+
+    def __repr__(self) -> str:
+        return (f"Graph({self.source.get('name', '?')}: {len(self.gm.graph.nodes)} nodes, "
+                f"{self.num_params():,} params, {self.nbytes():,} bytes, passes={[h['pass'] for h in self.history]})")
+
+
+# ---------------------------------------------------------------- module helpers
+
+
+def rebuild_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A fresh GraphModule over ``graph`` that holds only the tensors ``graph`` reads,
+    shared by reference with ``root``."""
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    for node in graph.nodes:
+        if node.op == "get_attr" and not _has_attr(gm, node.target):
+            value = get_attr(root, node.target)
+            set_attr(gm, node.target, value, trainable=isinstance(value, torch.nn.Parameter) and value.requires_grad)
+    gm.graph = graph
+    gm.recompile()
+    return gm
+
+
+def get_attr(mod: torch.nn.Module, target: str):
+    obj = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_attr(mod: torch.nn.Module, target: str) -> bool:
+    try:
+        get_attr(mod, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def set_attr(mod: torch.nn.Module, target: str, value: torch.Tensor, *, trainable: bool = False) -> None:
+    """Store a tensor at a dotted path, creating plain submodules on the way. Float tensors
+    become parameters (trainable only if asked); integer data becomes a buffer."""
+    *parents, leaf = target.split(".")
+    for part in parents:
+        child = getattr(mod, part, None)
+        if child is None:
+            child = torch.nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    if hasattr(mod, leaf):
+        delattr(mod, leaf)
+    if value.is_floating_point() and isinstance(value, torch.nn.Parameter):
+        value.requires_grad_(trainable)
+        mod.register_parameter(leaf, value)
+    elif value.is_floating_point():
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=trainable))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def _unique_target(gm: fx.GraphModule, target: str) -> str:
+    if not _has_attr(gm, target):
+        return target
+    i = 1
+    while _has_attr(gm, f"{target}_{i}"):
+        i += 1
+    return f"{target}_{i}"
+
+
+def attr_users(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """For each stored tensor, the op nodes that read it (tied weights have several)."""
+    users: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            users[node.target].extend(node.users)
+    return users

@@ -1,0 +1,2 @@
+"""Every pass family; importing this registers every built-in pass."""
+from splice.passes import quantize  # noqa: F401

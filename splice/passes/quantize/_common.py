@@ -1,0 +1,108 @@
+"""Shared by every weight quantizer: the config fields, layer selection, and the rewrite
+``linear -> splice::qlinear`` / ``embedding -> splice::qembedding`` over packed storage.
+
+A quantizer only decides the integer codes and the grid of each weight; this module checks
+the group size, stores the packed tensors, and rewrites the nodes. Tied weights (one tensor
+read by an embedding and the LM head) are quantized once and shared by both ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx
+
+from splice.errors import ConfigError
+from splice.ir.graph import Graph
+from splice.ir.select import module_path, select_nodes, validate_targets
+from splice.kernels import ops  # noqa: F401  (registers splice::qlinear / splice::qembedding)
+from splice.kernels.quant import GroupGrid
+from splice.passes.base import PassConfig
+
+aten = torch.ops.aten
+QUANTIZED_OPS = (torch.ops.splice.qlinear.default, torch.ops.splice.qembedding.default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightQuantConfig(PassConfig):
+    """Fields every group-wise weight quantizer takes."""
+
+    bits: int = 4  # 2..8
+    group_size: int = 128  # 0 or -1 = one group per output channel
+    symmetric: bool = True
+    targets: str = "linear"
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be 2..8, got {self.bits}")
+        if self.group_size < -1:
+            raise ValueError(f"group_size must be positive, or 0/-1 for per-channel, got {self.group_size}")
+        validate_targets(self.targets)
+
+
+def resolve_group(cfg: WeightQuantConfig, k: int, path: str, pass_name: str) -> int:
+    g = k if cfg.group_size <= 0 else cfg.group_size
+    if k % g:
+        divisors = [d for d in (16, 32, 64, 128, 256) if k % d == 0]
+        hint = f"; divisors that work: {', '.join(map(str, divisors))}" if divisors else "; use group_size=0 (per-channel)"
+        raise ConfigError(f"{pass_name}: group_size {g} does not divide in_features {k} of '{path}'{hint}")
+    return g
+
+
+# (node, float weight [N, K], grid) -> integer codes [N, K], scales [N, G], zeros [N, G]
+QuantizeFn = Callable[[fx.Node, torch.Tensor, GroupGrid], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quantize: QuantizeFn) -> dict:
+    """Rewrite every selected linear/embedding of ``graph`` (in place: the pass's own copy)
+    to its quantized op; returns the report."""
+    nodes = select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), pass_name)
+    stored: dict[str, tuple[fx.Node, fx.Node, fx.Node | None, int]] = {}
+    layers, before, after = {}, 0, 0
+    for node in nodes:
+        if node.target in QUANTIZED_OPS:
+            raise ConfigError(f"{pass_name}: '{module_path(node)}' is already quantized "
+                              f"(by {node.meta.get('splice_pass', 'an earlier pass')}); quantize the float model")
+        w_node = node.args[0] if node.target == aten.embedding.default else node.args[1]
+        w = graph.tensor(w_node.target)
+        if w_node.target not in stored:
+            g = resolve_group(cfg, w.shape[1], module_path(node), pass_name)
+            grid = GroupGrid(cfg.bits, g, cfg.symmetric)
+            codes, scale, zero = quantize(node, w.detach().float(), grid)
+            deq = grid.dequantize(codes, scale, zero)
+            layers[module_path(node)] = round(_sqnr_db(w.float(), deq), 2)
+            stored[w_node.target] = _store(graph, w_node.target, grid, codes, scale.to(w.dtype), zero)
+            before += w.numel() * w.element_size()
+            after += sum(graph.tensor(n.target).numel() * graph.tensor(n.target).element_size()
+                         for n in stored[w_node.target][:3] if n is not None)
+        _replace(graph, node, *stored[w_node.target])
+    return {"layers": len(nodes), "weight_bytes_before": before, "weight_bytes_after": after,
+            "weight_sqnr_db": layers}
+
+
+def _store(graph: Graph, target: str, grid: GroupGrid, codes, scale, zero):
+    base = target.removesuffix(".weight")
+    q = graph.add_tensor(base + ".qweight", grid.pack_codes(codes))
+    s = graph.add_tensor(base + ".scales", scale.contiguous())
+    packed_zero = grid.pack_zeros(zero)
+    z = None if packed_zero is None else graph.add_tensor(base + ".qzeros", packed_zero)
+    return q, s, z, grid.bits, grid.group_size
+
+
+def _replace(graph: Graph, node: fx.Node, q, s, z, bits: int, group_size: int) -> None:
+    fxg = graph.gm.graph
+    with fxg.inserting_before(node):
+        if node.target == aten.embedding.default:
+            new = fxg.call_function(torch.ops.splice.qembedding.default, (node.args[1], q, s, z, bits, group_size))
+        else:
+            bias = node.args[2] if len(node.args) > 2 else None
+            new = fxg.call_function(torch.ops.splice.qlinear.default, (node.args[0], q, s, z, bias, bits, group_size))
+    new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    node.replace_all_uses_with(new)
+    fxg.erase_node(node)
+
+
+def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    noise = (ref - test).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,132 @@
+"""ONNX export, ONNX Runtime sessions, and the parity check against ``graph.module()``.
+
+``export_onnx`` re-exports the Graph, lowers it with ``torch.onnx`` (dynamo) using the
+translations of every splice op (``kernels/onnx.py``), names the dynamic dims after the
+Graph's labels (``batch``, ``seq``), and writes the file atomically, with weights in an
+external ``.data`` file when the model is large.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from splice.errors import ExportError, SpliceError
+from splice.ir.graph import Graph
+
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to an external file
+
+
+def untranslatable_ops(graph: Graph) -> list[tuple[str, str]]:
+    """(op, pass that introduced it) for custom ops with no ONNX translation."""
+    from splice.kernels.onnx import TRANSLATIONS
+
+    missing = []
+    for node in graph.gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+                and target.namespace not in ("aten", "prims") and target not in TRANSLATIONS:
+            missing.append((f"{target.namespace}::{target._opname}", node.meta.get("splice_pass", "capture")))
+    return missing
+
+
+def to_onnx_model(graph: Graph) -> onnx.ModelProto:
+    from splice.kernels.onnx import TRANSLATIONS
+
+    missing = untranslatable_ops(graph)
+    if missing:
+        op, by = missing[0]
+        raise ExportError(f"ONNX export: op {op} (introduced by pass {by}) has no ONNX translation")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not torchvision's missing ops
+    try:
+        program = torch.onnx.export(graph.export_program(), (), dynamo=True, custom_translation_table=TRANSLATIONS,
+                                    input_names=graph.input_names, output_names=graph.output_names,
+                                    optimize=True, verbose=False)
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    model = program.model_proto
+    _label_dynamic_dims(model, graph)
+    return model
+
+
+def _label_dynamic_dims(model: onnx.ModelProto, graph: Graph) -> None:
+    """Rename export's symbolic dims (``s43``) to the Graph's labels (``batch``, ``seq``)."""
+    rename = {}
+    for value in model.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            label = graph.dynamic.get(value.name, {}).get(axis)
+            if dim.dim_param and label:
+                rename[dim.dim_param] = label
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def export_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None,
+                force: bool = True) -> Path:
+    """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise SpliceError(f"{path}: already exists; use --force to overwrite")
+    model = to_onnx_model(graph)
+    if external_data is None:
+        external_data = sum(t.numel() * t.element_size() for t in graph.tensors().values()) > EXTERNAL_DATA_BYTES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = path.name + ".data"
+        onnx.save_model(model, tmp / path.name, save_as_external_data=external_data,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if external_data:
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def onnx_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of an ONNX model including its external data file."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def session(path: str | os.PathLike, *, threads: int | None = None, accuracy_level: int | None = None):
+    """An ONNX Runtime CPU session; ``accuracy_level=4`` lets MatMulNBits use int8 compute."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if accuracy_level is not None:
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, graph: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(graph.input_names, inputs)}
+    return dict(zip(graph.output_names, sess.run(graph.output_names, feeds)))
+
+
+def parity(graph: Graph, path: str | os.PathLike, inputs_list: Sequence[Sequence[torch.Tensor]]) -> float:
+    """Max abs difference between ONNX Runtime and ``graph.module()`` over ``inputs_list``."""
+    sess = session(path)
+    worst = 0.0
+    for inputs in inputs_list:
+        ref = graph.run(*inputs)
+        got = run_session(sess, graph, inputs)
+        for name, r in ref.items():
+            r = r.detach().numpy()
+            if got[name].shape != r.shape:
+                raise ExportError(f"ONNX output {name} has shape {got[name].shape}, expected {r.shape}")
+            worst = max(worst, float(np.abs(got[name] - r).max()) if r.size else 0.0)
+    return worst
