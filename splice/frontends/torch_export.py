@@ -42,6 +42,8 @@ def graph_from_program(ep: torch.export.ExportedProgram, example_inputs: tuple, 
                        output_names: list[str] | None = None, history: list | None = None) -> Graph:
     """Flatten ``ep.module()`` to positional inputs / tuple outputs and canonicalize it."""
     gm = ep.module()
+    for p in gm.parameters():  # a captured graph is for inference until a pass makes tensors trainable
+        p.requires_grad_(False)
     g = gm.graph
     for node in list(g.nodes):
         if node.op == "call_module":  # torch.export's input-guard hook

@@ -37,8 +37,9 @@ def untranslatable_ops(graph: Graph) -> list[tuple[str, str]]:
     return missing
 
 
-def to_onnx_model(graph: Graph) -> onnx.ModelProto:
-    from splice.kernels.onnx import TRANSLATIONS
+def to_onnx_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
+    """Lower ``graph`` to ONNX. ``accuracy_level`` goes to every MatMulNBits (0 exact, 4 int8 compute)."""
+    from splice.kernels.onnx import OPSET, TRANSLATIONS
 
     missing = untranslatable_ops(graph)
     if missing:
@@ -48,11 +49,14 @@ def to_onnx_model(graph: Graph) -> onnx.ModelProto:
     try:
         program = torch.onnx.export(graph.export_program(), (), dynamo=True, custom_translation_table=TRANSLATIONS,
                                     input_names=graph.input_names, output_names=graph.output_names,
-                                    optimize=True, verbose=False)
+                                    opset_version=OPSET, optimize=True, verbose=False)
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     model = program.model_proto
     _label_dynamic_dims(model, graph)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
     return model
 
 
@@ -71,12 +75,12 @@ def _label_dynamic_dims(model: onnx.ModelProto, graph: Graph) -> None:
 
 
 def export_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None,
-                force: bool = True) -> Path:
+                force: bool = True, accuracy_level: int = 0) -> Path:
     """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external)."""
     path = Path(path)
     if path.exists() and not force:
         raise SpliceError(f"{path}: already exists; use --force to overwrite")
-    model = to_onnx_model(graph)
+    model = to_onnx_model(graph, accuracy_level)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in graph.tensors().values()) > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,15 +104,16 @@ def onnx_bytes(path: str | os.PathLike) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def session(path: str | os.PathLike, *, threads: int | None = None, accuracy_level: int | None = None):
-    """An ONNX Runtime CPU session; ``accuracy_level=4`` lets MatMulNBits use int8 compute."""
+def session(path: str | os.PathLike, *, threads: int | None = None, accuracy_level: int = 0):
+    """An ONNX Runtime CPU session. ``accuracy_level`` applies to the MatMulNBits that ORT
+    fuses from DequantizeLinear+MatMul (0 exact, 4 int8 compute); MatMulNBits written by
+    the exporter carry their own level (``export_onnx(..., accuracy_level=)``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    if accuracy_level is not None:
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

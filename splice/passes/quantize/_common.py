@@ -29,7 +29,7 @@ class WeightQuantConfig(PassConfig):
     """Fields every group-wise weight quantizer takes."""
 
     bits: int = 4  # 2..8
-    group_size: int = 128  # 0 or -1 = one group per output channel
+    group_size: int = 32  # 0 or -1 = one group per output channel
     symmetric: bool = True
     targets: str = "linear"
 

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny zoo models saved as local HF directories (offline, once per session)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def zoo_hf_dir(tmp_path_factory):
+    """Factory: ``zoo_hf_dir("llama")`` saves that tiny random zoo model with
+    ``save_pretrained`` into a session tmp dir (once per name) and returns the directory.
+    No tokenizer is saved."""
+    made = {}
+
+    def make(name: str = "llama"):
+        if name not in made:
+            from splice.eval import zoo
+
+            path = tmp_path_factory.mktemp(f"hf-{name}")
+            zoo.build(name).model.save_pretrained(path)
+            made[name] = path
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_hf_dir(zoo_hf_dir):
+    """The tiny zoo llama (hidden 64, 2 layers, tied embeddings) as an HF directory."""
+    return zoo_hf_dir("llama")
