@@ -63,9 +63,14 @@ class _UI:
     def print(self, *args, **kw) -> None:
         self.out.print(*args, **kw)
 
+    @property
+    def interactive(self) -> bool:
+        return self.err.is_terminal
+
     @contextlib.contextmanager
-    def quiet(self):
-        """Silence library output (torch.export's graph dumps, HF progress bars, warnings)."""
+    def quiet(self, redirect: bool = True):
+        """Silence library output: warnings and library loggers, and (``redirect``) whatever
+        is printed to ``sys.stderr`` (torch.export's graph dumps, HF progress bars)."""
         if self.debug:
             yield
             return
@@ -74,7 +79,8 @@ class _UI:
         try:
             for lg in loggers:
                 lg.setLevel(logging.CRITICAL)
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            sink = contextlib.redirect_stderr(io.StringIO()) if redirect else contextlib.nullcontext()
+            with warnings.catch_warnings(), sink:
                 warnings.simplefilter("ignore")
                 yield
         finally:
@@ -198,7 +204,7 @@ def _history_table(history: list[dict], output: str | None, title: str):
 
     table = Table(title=title, title_justify="left")
     for col, just in (("#", "right"), ("pass", "left"), ("seconds", "right"), ("sqnr dB", "right"),
-                      ("cosine", "right"), ("kl", "right"), ("weight bytes before → after", "right")):
+                      ("cosine", "right"), ("kl", "right"), ("weights before → after", "right")):
         table.add_column(col, justify=just)
     for i, entry in enumerate(history, 1):
         fid = _first_fidelity(entry, output)
@@ -217,7 +223,7 @@ def cmd_inspect(args, ui: _UI) -> int:
 
     graph, seconds = _capture(args.model, ui)
     src = graph.source
-    kind = "artifact" if _is_artifact(args.model) else src.get("kind", "?")
+    kind = "artifact" if _is_artifact(args.model) else src.get("kind", "?")  # artifacts keep their source
     if kind == "artifact" and src.get("kind"):
         kind = f"artifact of {src['kind']}"
     ui.print(f"[bold]{_esc(src.get('name', args.model))}[/bold]  ({_esc(kind)}"
@@ -350,8 +356,13 @@ def cmd_run(args, ui: _UI) -> int:
     elif text is not None:
         ui.print(f"note: --calib ignored, no pass in {_esc(str(pipeline))} needs calibration")
     before = graph.nbytes()
-    with ui.status(f"running {_esc(str(pipeline))}…"), ui.quiet():
-        result = pipeline.run(graph, calibration=calibration, progress=False)
+    if ui.interactive:  # the pipeline's own progress bars (tqdm, on stderr)
+        ui.err.print(f"running {_esc(str(pipeline))}")
+        with ui.quiet(redirect=False):
+            result = pipeline.run(graph, calibration=calibration, progress=True)
+    else:
+        with ui.quiet():
+            result = pipeline.run(graph, calibration=calibration, progress=False)
     with ui.status(f"saving {out}…"), ui.quiet():
         result.graph.save(out, force=args.force)
 
@@ -395,6 +406,7 @@ def _resized_inputs(graph, batch: int, seq: int, seed: int) -> tuple:
 
 def _check_inputs(graph, batches=(1, 3), seqs=(5, 17)) -> list[tuple[str, tuple]]:
     """(description, inputs) at every batch × sequence length the graph's dynamic axes allow."""
+    has_batch = any(0 in axes for axes in graph.dynamic.values())
     has_seq = any(1 in axes for axes in graph.dynamic.values())
     seen, out = set(), []
     for b in batches:
@@ -403,7 +415,8 @@ def _check_inputs(graph, batches=(1, 3), seqs=(5, 17)) -> list[tuple[str, tuple]
             key = tuple(tuple(t.shape) for t in inputs)
             if key not in seen:
                 seen.add(key)
-                out.append((f"batch {b} × seq {s}" if has_seq else f"batch {b}", inputs))
+                desc = " × ".join([f"batch {b}"] * has_batch + [f"seq {s}"] * has_seq) or "example shape"
+                out.append((desc, inputs))
     return out
 
 
@@ -417,9 +430,11 @@ def cmd_export(args, ui: _UI) -> int:
     if not Path(args.artifact).exists():
         raise SpliceError(f"{args.artifact}: no such file or directory")
     with ui.status(f"loading {args.artifact}…"), ui.quiet():
-        graph = splice.load(args.artifact) if _is_artifact(args.artifact) else splice.capture(args.artifact)
+        graph = splice.capture(args.artifact)  # artifacts and .pt2 load; models are captured
+    created = [p for p in reversed(dest.parents) if not p.exists()]  # removed again on failure
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    ok = False
     try:
         staged = tmp / dest.name
         with ui.status(f"exporting {dest.name} to ONNX…"), ui.quiet():
@@ -439,8 +454,12 @@ def cmd_export(args, ui: _UI) -> int:
         if (tmp / data.name).exists():
             os.replace(tmp / data.name, data)
         os.replace(staged, dest)
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created) if not ok else ():
+            with contextlib.suppress(OSError):
+                p.rmdir()
     ui.print(f"wrote {_esc(dest)} ({size:,} bytes{', weights in ' + _esc(data.name) if data.exists() else ''})")
     return 0
 
@@ -448,8 +467,7 @@ def cmd_export(args, ui: _UI) -> int:
 def _is_artifact(path: str) -> bool:
     from splice.ir.artifact import MANIFEST
 
-    p = Path(path)
-    return p.suffix == ".pt2" or (p / MANIFEST).is_file()
+    return (Path(path) / MANIFEST).is_file()
 
 
 def _quiet_ort() -> None:

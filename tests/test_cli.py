@@ -198,7 +198,7 @@ def test_export_check(capsys, artifact, tmp_path):
 
 
 def test_export_check_failure_writes_nothing(capsys, artifact, tmp_path):
-    dest = tmp_path / "m.onnx"
+    dest = tmp_path / "new" / "m.onnx"  # not even the parent directory is left behind
     assert_error(capsys, ["export", artifact[0], "--onnx", dest, "--check", "--atol", "0"],
                  "m.onnx", "differs", absent=[dest])
     assert list(tmp_path.iterdir()) == []

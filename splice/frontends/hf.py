@@ -41,7 +41,8 @@ def load_hf_model(path: Path) -> torch.nn.Module:
         raise SpliceError(f"{path}: cannot read the model config: {str(e).splitlines()[0]}") from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    cls = cls or transformers.AutoModel
+    # GGUF files hold decoder LMs and their configs name no architecture
+    cls = cls or (transformers.AutoModelForCausalLM if gguf else transformers.AutoModel)
     config.use_cache = False
     try:
         model = cls.from_pretrained(directory, config=config, local_files_only=True, dtype=torch.float32,

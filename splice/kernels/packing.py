@@ -21,6 +21,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, n = codes.shape
     width = packed_width(n, bits)
     c = codes.to(torch.int32).reshape(-1, n)
+    if bits in (1, 2, 4):  # whole codes per byte: shift and add, no bit stream
+        per = 8 // bits
+        c = torch.nn.functional.pad(c, (0, width * per - n)).reshape(-1, width, per)
+        packed = (c << torch.arange(0, 8, bits, dtype=torch.int32)).sum(-1)
+        return packed.to(torch.uint8).reshape(*lead, width)
     shifts = torch.arange(bits, dtype=torch.int32)
     stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(c.shape[0], n * bits)
     pad = width * 8 - n * bits
