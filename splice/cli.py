@@ -205,7 +205,7 @@ def _history_table(history: list[dict], output: str | None, title: str):
     table = Table(title=title, title_justify="left")
     for col, just in (("#", "right"), ("pass", "left"), ("seconds", "right"), ("sqnr dB", "right"),
                       ("cosine", "right"), ("kl", "right"), ("weights before → after", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, overflow="fold")
     for i, entry in enumerate(history, 1):
         fid = _first_fidelity(entry, output)
         rep = entry.get("report") or {}
@@ -233,7 +233,7 @@ def cmd_inspect(args, ui: _UI) -> int:
     layers = graph.layers()
     table = Table(title=f"layers ({len(layers)})", title_justify="left")
     for col, just in (("path", "left"), ("op", "left"), ("kind", "left"), ("weight shape", "left"), ("bytes", "right")):
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, overflow="fold")
     for row in layers:
         shape = "×".join(map(str, row["shape"])) if row["shape"] else "—"
         table.add_row(_esc(row["path"] or "(top)"), _esc(row["op"]), _esc(row["kind"]), shape, f"{row['bytes']:,}")

@@ -8,7 +8,9 @@ the forward's keyword arguments and the output's fields (``logits``, ``last_hidd
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 from typing import Any
 
 import torch
@@ -28,7 +30,8 @@ def capture_module(model: torch.nn.Module, example_inputs: Any, dynamic: Any = T
     model.eval()
     shapes = _dynamic_shapes(model, args, kwargs, dynamic)
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # export prints the partial graph on failure
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; all mean "cannot capture"
         raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {_reason(e)}; "
                            "check that example_inputs match forward(), try dynamic=False, or replace "
@@ -103,9 +106,8 @@ def _dynamic_axes(placeholders: list[fx.Node]) -> dict[str, dict[int, str]]:
         for axis, size in enumerate(getattr(val, "shape", ())):
             if isinstance(size, torch.SymInt):
                 key = str(size)
-                if key not in labels:
-                    base = "batch" if axis == 0 else "seq" if axis == 1 else f"{p.name}_{axis}"
-                    labels[key] = base if base not in labels.values() else f"{base}_{len(labels)}"
+                if key not in labels:  # torch.export.Dim.AUTO gives each input its own symbol
+                    labels[key] = "batch" if axis == 0 else "seq" if axis == 1 else f"{p.name}_{axis}"
                 out.setdefault(p.name, {})[axis] = labels[key]
     return out
 

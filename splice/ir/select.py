@@ -83,10 +83,22 @@ class Selector:
         return not any(t.matches(kind, path) for t in neg)
 
 
+def _split_terms(expr: str) -> list[str]:
+    """Split on ``|`` outside brackets, so ``re:.*\\.(q|v)_proj`` stays one term."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(expr):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "|" and depth <= 0:
+            terms.append(expr[start:i])
+            start = i + 1
+    return terms + [expr[start:]]
+
+
 def parse_targets(expr: str) -> Selector:
     """Parse and validate a target expression; raises ValueError naming the bad term."""
     terms = []
-    for raw in expr.split("|"):
+    for raw in _split_terms(expr):
         text = raw.strip()
         negate = text.startswith("!")
         text = text[1:].strip() if negate else text

@@ -133,5 +133,6 @@ def parity(graph: Graph, path: str | os.PathLike, inputs_list: Sequence[Sequence
             r = r.detach().numpy()
             if got[name].shape != r.shape:
                 raise ExportError(f"ONNX output {name} has shape {got[name].shape}, expected {r.shape}")
-            worst = max(worst, float(np.abs(got[name] - r).max()) if r.size else 0.0)
+            diff = float(np.abs(got[name] - r).max()) if r.size else 0.0
+            worst = max(worst, diff if np.isfinite(diff) else float("inf"))
     return worst

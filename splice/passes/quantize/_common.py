@@ -71,7 +71,7 @@ def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quanti
             grid = GroupGrid(cfg.bits, g, cfg.symmetric)
             codes, scale, zero = quantize(node, w.detach().float(), grid)
             deq = grid.dequantize(codes, scale, zero)
-            layers[module_path(node)] = round(_sqnr_db(w.float(), deq), 2)
+            layers[module_path(node)] = round(_sqnr_db(w.detach().float(), deq), 2)
             stored[w_node.target] = _store(graph, w_node.target, grid, codes, scale.to(w.dtype), zero)
             before += w.numel() * w.element_size()
             after += sum(graph.tensor(n.target).numel() * graph.tensor(n.target).element_size()
