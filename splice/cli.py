@@ -283,40 +283,6 @@ def _refuse_existing(path: Path, force: bool) -> None:
         raise SpliceError(f"{path}: already exists; use --force to overwrite")
 
 
-def _calibration_batches(graph, text: str, samples: int, seqlen: int) -> list[tuple]:
-    """Tokenize ``text`` with the model's tokenizer into ``samples`` input tuples."""
-    import torch
-
-    from splice.eval.data import token_batches
-    from splice.frontends.hf import load_tokenizer
-
-    if "input_ids" not in graph.input_names:
-        raise SpliceError(f"--calib: {graph.source.get('name', 'the model')} takes "
-                          f"{', '.join(graph.input_names)}, not token ids; text calibration needs a text model")
-    try:
-        tokenizer = load_tokenizer(graph.source)
-    except SpliceError:
-        raise
-    except Exception as e:
-        raise SpliceError(f"--calib: cannot load the tokenizer of {graph.source.get('path', '?')}: "
-                          f"{_one_line(e)[:200]}") from e
-    batches = []
-    for kw in token_batches(tokenizer, text, samples, seqlen):
-        ids = kw["input_ids"]
-        row = []
-        for name in graph.input_names:
-            if name in kw:
-                row.append(kw[name])
-            elif name == "token_type_ids":
-                row.append(torch.zeros_like(ids))
-            elif name == "position_ids":
-                row.append(torch.arange(ids.shape[1]).expand_as(ids))
-            else:
-                raise SpliceError(f"--calib: cannot build model input '{name}' from text")
-        batches.append(tuple(row))
-    return batches
-
-
 def cmd_run(args, ui: _UI) -> int:
     from splice.passes.manager import Pipeline
     from splice.passes.spec import load_recipe, parse_spec
@@ -335,7 +301,7 @@ def cmd_run(args, ui: _UI) -> int:
         raise ConfigError(f"{needs[0]}: needs calibration data; pass --calib TEXTFILE")
     text = None
     if args.calib:
-        from splice.eval.data import read_text
+        from splice.eval.data import read_text, text_calibration
 
         text = read_text(args.calib)
     out = Path(args.output)
@@ -351,7 +317,7 @@ def cmd_run(args, ui: _UI) -> int:
     calibration = None
     if needs:
         with ui.status("tokenizing calibration text…"), ui.quiet():
-            calibration = _calibration_batches(graph, text, args.calib_samples, args.calib_seqlen)
+            calibration = text_calibration(graph, text, args.calib_samples, args.calib_seqlen)
         ui.print(f"calibration: {len(calibration)} samples × {args.calib_seqlen} tokens from {_esc(args.calib)}")
     elif text is not None:
         ui.print(f"note: --calib ignored, no pass in {_esc(str(pipeline))} needs calibration")
@@ -380,30 +346,6 @@ def cmd_run(args, ui: _UI) -> int:
 # ------------------------------------------------------------------------------ export
 
 
-def _resized_inputs(graph, batch: int, seq: int, seed: int) -> tuple:
-    """The example inputs resized to (batch, seq) on their dynamic axes 0 and 1, with
-    values drawn like the example's (random ids below its max; constant masks kept)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for name, ex in zip(graph.input_names, graph.example_inputs):
-        axes = graph.dynamic.get(name, {})
-        shape = list(ex.shape)
-        if 0 in axes and shape:
-            shape[0] = batch
-        if 1 in axes and len(shape) > 1:
-            shape[1] = seq
-        if ex.is_floating_point():
-            t = torch.randn(shape, generator=gen).to(ex.dtype)
-        elif ex.numel() == 0 or ex.dtype == torch.bool or bool(ex.min() == ex.max()):
-            t = torch.full(shape, ex.reshape(-1)[0].item() if ex.numel() else 0, dtype=ex.dtype)
-        else:
-            t = torch.randint(int(ex.min()), int(ex.max()) + 1, shape, generator=gen).to(ex.dtype)
-        out.append(t)
-    return tuple(out)
-
-
 def _check_inputs(graph, batches=(1, 3), seqs=(5, 17)) -> list[tuple[str, tuple]]:
     """(description, inputs) at every batch × sequence length the graph's dynamic axes allow."""
     has_batch = any(0 in axes for axes in graph.dynamic.values())
@@ -411,7 +353,7 @@ def _check_inputs(graph, batches=(1, 3), seqs=(5, 17)) -> list[tuple[str, tuple]
     seen, out = set(), []
     for b in batches:
         for s in seqs:
-            inputs = _resized_inputs(graph, b, s, seed=len(out))
+            inputs = graph.sample_inputs(b, s, seed=len(out))
             key = tuple(tuple(t.shape) for t in inputs)
             if key not in seen:
                 seen.add(key)

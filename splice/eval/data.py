@@ -103,3 +103,37 @@ def split_text(text: str, held_out_fraction: float) -> tuple[str, str]:
         raise SpliceError(f"text of {len(text)} characters is too short to hold out "
                           f"{held_out_fraction:g} of it")
     return train, held
+
+
+def graph_inputs(graph, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A tokenized batch as the graph's positional inputs (token types zero, positions 0..S-1)."""
+    ids = batch["input_ids"]
+    row = []
+    for name in graph.input_names:
+        if name in batch:
+            row.append(batch[name])
+        elif name == "token_type_ids":
+            row.append(torch.zeros_like(ids))
+        elif name == "position_ids":
+            row.append(torch.arange(ids.shape[1]).expand_as(ids))
+        else:
+            raise SpliceError(f"calibration: cannot build model input '{name}' from text")
+    return tuple(row)
+
+
+def text_calibration(graph, text: str, n_samples: int, seq_len: int, tokenizer=None) -> list[tuple]:
+    """Calibration batches for ``graph`` from ``text``, tokenized by the model's tokenizer."""
+    from splice.frontends.hf import load_tokenizer
+
+    if "input_ids" not in graph.input_names:
+        raise SpliceError(f"calibration: {graph.source.get('name', 'the model')} takes "
+                          f"{', '.join(graph.input_names)}, not token ids; text calibration needs a text model")
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(graph.source)
+        except SpliceError:
+            raise
+        except Exception as e:
+            raise SpliceError(f"calibration: cannot load the tokenizer of {graph.source.get('path', '?')}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+    return [graph_inputs(graph, b) for b in token_batches(tokenizer, text, n_samples, seq_len)]

@@ -67,6 +67,27 @@ class Graph:
             outs = self.gm(*inputs)
         return dict(zip(self.output_names, outs))
 
+    def sample_inputs(self, batch: int, seq: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """The example inputs resized to ``batch``/``seq`` on their dynamic axes 0 and 1, with
+        values drawn like the example's (random ids in its range; constant masks kept)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for name, ex in zip(self.input_names, self.example_inputs):
+            axes = self.dynamic.get(name, {})
+            shape = list(ex.shape)
+            if 0 in axes and shape:
+                shape[0] = batch
+            if 1 in axes and len(shape) > 1:
+                shape[1] = seq
+            if ex.is_floating_point():
+                t = torch.randn(shape, generator=gen).to(ex.dtype)
+            elif ex.numel() == 0 or ex.dtype == torch.bool or bool(ex.min() == ex.max()):
+                t = torch.full(shape, ex.reshape(-1)[0].item() if ex.numel() else 0, dtype=ex.dtype)
+            else:
+                t = torch.randint(int(ex.min()), int(ex.max()) + 1, shape, generator=gen).to(ex.dtype)
+            out.append(t)
+        return tuple(out)
+
     def bind_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         if kwargs:
             missing = [n for n in self.input_names[len(args):] if n not in kwargs]
