@@ -28,8 +28,16 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     return F.linear(x, w, bias)
 
 
+def _check_storage(qweight, scales, bits, group_size):
+    torch._check(qweight.dtype == torch.uint8 and qweight.dim() == 3, lambda: "qweight must be uint8 [N, G, blob]")
+    torch._check(tuple(scales.shape) == tuple(qweight.shape[:2]), lambda: f"scales {tuple(scales.shape)} != {tuple(qweight.shape[:2])}")
+    torch._check(qweight.shape[2] == (group_size * bits + 7) // 8, lambda: "qweight blob width does not match bits/group_size")
+
+
 @qlinear.register_fake
 def _(x, qweight, scales, zeros, bias, bits, group_size):
+    _check_storage(qweight, scales, bits, group_size)
+    torch._check(x.shape[-1] == qweight.shape[1] * group_size, lambda: "qlinear: input features != G * group_size")
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -65,6 +73,7 @@ def qembedding(indices: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 @qembedding.register_fake
 def _(indices, qweight, scales, zeros, bits, group_size):
+    _check_storage(qweight, scales, bits, group_size)
     return scales.new_empty(*indices.shape, qweight.shape[1] * group_size)
 
 

@@ -7,7 +7,7 @@ read by an embedding and the LM head) are quantized once and shared by both ops.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,10 +28,10 @@ QUANTIZED_OPS = (torch.ops.splice.qlinear.default, torch.ops.splice.qembedding.d
 class WeightQuantConfig(PassConfig):
     """Fields every group-wise weight quantizer takes."""
 
-    bits: int = 4  # 2..8
-    group_size: int = 32  # 0 or -1 = one group per output channel
-    symmetric: bool = True
-    targets: str = "linear"
+    bits: int = field(default=4, metadata={"help": "bits per weight, 2..8"})
+    group_size: int = field(default=32, metadata={"help": "weights per scale along the input dim; 0 or -1 = per channel"})
+    symmetric: bool = field(default=True, metadata={"help": "zero point fixed at 2**(bits-1) (no stored zeros)"})
+    targets: str = field(default="linear", metadata={"help": "layers: kinds linear/embedding, path globs, re:, !exclude, joined by |"})
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
