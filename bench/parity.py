@@ -42,7 +42,7 @@ def main() -> None:
                 results.setdefault(name, {})[variant] = splice.parity(g, path, input_grid(zm, g))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"max_abs_diff": results, "batches": [1, 3], "seqs": [5, 17]}, indent=2))
-    print("| model | " + " | ".join(VARIANTS) + " |\n|---" * (len(VARIANTS) + 1) + "|")
+    print("| model | " + " | ".join(VARIANTS) + " |\n" + "|---" * (len(VARIANTS) + 1) + "|")
     for name, row in results.items():
         print(f"| {name} | " + " | ".join(f"{row[v]:.1e}" for v in VARIANTS) + " |")
 
