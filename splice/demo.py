@@ -113,24 +113,24 @@ def encode(tokenizer, graph, sentences: list[str]) -> tuple:
     return tuple(enc[n] for n in graph.input_names)
 
 
-def median_ms(fns: dict[str, Callable[[], Any]], *, warmup: int = 3, min_rounds: int = 10,
-              max_rounds: int = 50, budget_s: float = 8.0) -> dict[str, float]:
-    """Median wall time in ms of each function. The functions take turns (one call each per
-    round), so load from other processes on the machine hits all of them alike: ``warmup``
-    untimed rounds, then at least ``min_rounds`` and at most ``max_rounds`` timed rounds,
-    stopping once ``budget_s`` is spent."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+def median_ms(fns: dict[str, Callable[[], Any]], *, warmup: int = 3, passes: int = 2, min_reps: int = 5,
+              max_reps: int = 25, budget_s: float = 2.0) -> dict[str, float]:
+    """Median wall time in ms of each function, over ``passes`` passes; a pass times each
+    function in turn, in a block of consecutive calls (``warmup`` untimed, then at least
+    ``min_reps`` and at most ``max_reps`` timed, stopping once ``budget_s`` is spent).
+    Blocks rather than alternating calls: ONNX Runtime's worker threads keep spinning for
+    a while after a run and would slow a torch call that follows at once."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+    for _ in range(passes):
         for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-        rounds += 1
+            for _ in range(warmup):
+                fn()
+            start, reps = time.perf_counter(), 0
+            while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+                reps += 1
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
     debug = bool(getattr(args, "debug", False))
     out_console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200, highlight=False)
-    err_console = Console(file=sys.stderr, highlight=False)
+    err_console = Console(file=sys.stderr, width=None if sys.stderr.isatty() else 200, highlight=False)
     step = _Steps(err_console, debug)
 
     model_dir = args.model
@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
 
         ort.set_default_logger_severity(3)
 
-    with step(f"capture {name} (torch.export), load its tokenizer and the HF model"):
+    with step(f"capture {name} (torch.export); load tokenizer and HF model"):
         graph = splice.capture(model_dir)
         tokenizer = load_tokenizer(graph.source)
         hf_model = load_hf_model(model_dir)
@@ -298,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
                   f"{mark(min(cos_int8) >= 0.999)} every ≥0.999")
     out_console.print(table)
     out_console.print(f"cosine: mean-pooled, L2-normalized last_hidden_state vs the torch fp32 model; latency: median "
-                      f"of interleaved runs, threads {args.threads or 'default'} (torch {torch.get_num_threads()})")
+                      f"of 2 passes of consecutive runs, threads {args.threads or 'default'} (torch {torch.get_num_threads()})")
     out_console.print(f"stored weights (graph.nbytes()): fp32 {_fmt_bytes(graph.nbytes())}, {low} "
                       f"{_fmt_bytes(reloaded.nbytes())}, int8 {_fmt_bytes(quant8.nbytes())}")
     out_console.print(f"files in {out}/: {artifact.name}/ (artifact), {fp32_onnx.name}, {low_onnx.name}")

@@ -81,3 +81,23 @@ register_kind(torch.ops.splice.qembedding.default, "embedding")
 
 register_arg_roles(torch.ops.splice.qlinear.default, {1: "qweight", 2: "scale", 3: "zero_point", 4: "bias"})
 register_arg_roles(torch.ops.splice.qembedding.default, {1: "qweight", 2: "scale", 3: "zero_point"})
+
+# -------------------------------------------------------------------------- observe
+
+
+@torch.library.custom_op("splice::observe", mutates_args=())
+def observe(x: torch.Tensor, key: str) -> torch.Tensor:
+    """Identity that feeds ``x`` to the active calibration store (``kernels/observe.py``).
+    Inserted by ``instrument.observe``; removed before export."""
+    from splice.kernels.observe import record
+
+    record(key, x)
+    return x.clone()
+
+
+@observe.register_fake
+def _(x, key):
+    return torch.empty_like(x)
+
+
+observe.register_autograd(lambda ctx, grad: (grad, None))

@@ -1,2 +1,2 @@
 """Every pass family; importing this registers every built-in pass."""
-from splice.passes import quantize  # noqa: F401
+from splice.passes import instrument, quantize  # noqa: F401

@@ -40,7 +40,9 @@ def untranslatable_ops(graph: Graph) -> list[tuple[str, str]]:
 def to_onnx_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
     """Lower ``graph`` to ONNX. ``accuracy_level`` goes to every MatMulNBits (0 exact, 4 int8 compute)."""
     from splice.kernels.onnx import OPSET, TRANSLATIONS
+    from splice.passes.instrument.observe import strip_observers
 
+    graph = strip_observers(graph.copy())
     missing = untranslatable_ops(graph)
     if missing:
         op, by = missing[0]

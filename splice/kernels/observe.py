@@ -1,0 +1,86 @@
+"""Observers: what ``splice::observe`` records while calibration data flows through a graph.
+
+An instrumented graph carries ``observe(x, key)`` nodes (identity ops). While a
+:class:`StatsStore` is active (``with store.recording():``) each call folds ``x`` into the
+accumulators registered for ``key``; outside a recording the op does nothing. Kinds:
+
+* ``hessian``  — ``sum XᵀX`` over the rows of ``x`` (flattened to ``[rows, K]``) and the row count
+  (GPTQ's ``H = 2 XᵀX / n``);
+* ``act``      — per-channel ``sum |x|`` and ``max |x|`` and the row count (AWQ, SmoothQuant);
+* ``inputs``   — up to ``max_rows`` rows of ``x``, sampled evenly, for search-based methods.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+_ACTIVE: list["StatsStore"] = []
+KINDS = ("hessian", "act", "inputs")
+
+
+@dataclass
+class LayerStats:
+    rows: int = 0
+    xtx: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
+    samples: list[torch.Tensor] = field(default_factory=list)
+
+    def hessian(self) -> torch.Tensor:
+        return 2 * self.xtx / max(self.rows, 1)
+
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+    def inputs(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0)
+
+
+@dataclass
+class StatsStore:
+    """Accumulators by observer key; ``kinds`` says what to gather for each key."""
+
+    kinds: dict[str, tuple[str, ...]]
+    max_rows: int = 4096
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def recording(self, keys: set[str] | None = None):
+        """Record observer calls (only ``keys`` if given) while the block runs."""
+        self._only = keys
+        _ACTIVE.append(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.remove(self)
+
+    def update(self, key: str, x: torch.Tensor) -> None:
+        kinds = self.kinds.get(key)
+        if not kinds or (self._only is not None and key not in self._only):
+            return
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        s = self.stats.setdefault(key, LayerStats())
+        s.rows += rows.shape[0]
+        if "hessian" in kinds:
+            xtx = rows.T @ rows
+            s.xtx = xtx if s.xtx is None else s.xtx + xtx
+        if "act" in kinds:
+            a = rows.abs()
+            s.abs_sum = a.sum(0) if s.abs_sum is None else s.abs_sum + a.sum(0)
+            s.abs_max = a.amax(0) if s.abs_max is None else torch.maximum(s.abs_max, a.amax(0))
+        if "inputs" in kinds:
+            have = sum(t.shape[0] for t in s.samples)
+            if have < self.max_rows:
+                step = max(1, rows.shape[0] // max(1, (self.max_rows - have)))
+                s.samples.append(rows[::step][: self.max_rows - have].clone())
+
+    def pop(self, key: str) -> LayerStats:
+        """Take a key's statistics out (bounded memory: consumers pop what they used)."""
+        return self.stats.pop(key, LayerStats())
+
+
+def record(key: str, x: torch.Tensor) -> None:
+    for store in _ACTIVE:
+        store.update(key, x)
