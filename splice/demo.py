@@ -207,7 +207,8 @@ def main(args: argparse.Namespace) -> int:
     int8_spec = f"quantize.rtn:bits=8,group_size={args.group_size},symmetric=false,targets=linear|embedding"
     from splice.passes.spec import parse_spec
 
-    parse_spec(low_spec), parse_spec(int8_spec)  # bad --bits / --group-size fail before any work
+    for spec in (low_spec, int8_spec):  # bad --bits / --group-size fail before any work
+        parse_spec(spec)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="splice-demo-"))
     if out.exists() and not out.is_dir():
         raise SpliceError(f"{out}: exists and is not a directory")
