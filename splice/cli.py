@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
-import logging
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from splice.errors import ConfigError, SpliceError, VerifyError
+from splice.quiet import quiet
 
 PROG = "splice"
 DEFAULT_ATOL = 1e-4
@@ -69,23 +67,12 @@ class _UI:
 
     @contextlib.contextmanager
     def quiet(self, redirect: bool = True):
-        """Silence library output: warnings and library loggers, and (``redirect``) whatever
-        is printed to ``sys.stderr`` (torch.export's graph dumps, HF progress bars)."""
+        """Silence library output (and, with ``redirect``, anything printed to stderr)."""
         if self.debug:
             yield
             return
-        loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir", "transformers")]
-        levels = [lg.level for lg in loggers]
-        try:
-            for lg in loggers:
-                lg.setLevel(logging.CRITICAL)
-            sink = contextlib.redirect_stderr(io.StringIO()) if redirect else contextlib.nullcontext()
-            with warnings.catch_warnings(), sink:
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+        with quiet(stderr=redirect):
+            yield
 
 
 def _esc(text: Any) -> str:

