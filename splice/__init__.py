@@ -10,7 +10,11 @@ from splice.ir.graph import Graph
 from splice.passes.base import PassConfig, PassContext, PassResult, list_passes, register_pass
 from splice.passes.manager import Pipeline, run_pass
 from splice.runtime.onnx import export_onnx, parity
+from splice.adapters_api import (activate_adapter, adapter_parameters, deactivate_adapter, list_adapters,
+                                 set_adapter_weight)
+from splice.peft_io import load_peft, save_peft
 
 __version__ = "0.1.0"
 __all__ = ["capture", "load", "Graph", "Pipeline", "run_pass", "export_onnx", "parity", "list_passes",
-           "register_pass", "PassConfig", "PassContext", "PassResult", "SpliceError"]
+           "register_pass", "PassConfig", "PassContext", "PassResult", "SpliceError", "load_peft", "save_peft",
+           "list_adapters", "set_adapter_weight", "activate_adapter", "deactivate_adapter", "adapter_parameters"]

@@ -4,6 +4,7 @@
     splice inspect MODEL|ARTIFACT                 layers, sizes, op counts, pass history
     splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib FILE] -o OUT [--force]
     splice export ARTIFACT --onnx FILE [--check] [--force]
+    splice eval MODEL|ARTIFACT --ppl FILE [--seq-len N] [--stride N] [--max-tokens N] [--ref MODEL [--layers]]
     splice demo ...                               the end-to-end demo (splice/demo.py)
 
 Bad input (a :class:`~splice.errors.SpliceError`) prints one line ``splice: error: ...`` on
@@ -280,9 +281,12 @@ def cmd_run(args, ui: _UI) -> int:
         steps += load_recipe(args.recipe)
     for spec in args.passes or []:
         steps.append(parse_spec(spec))
-    if not steps:
+    if not steps and not args.peft:
         raise UsageError("run: no passes given; use -p PASS[:key=value,...] or --recipe FILE (see `splice passes`)")
     pipeline = Pipeline(steps)
+    for peft_dir in args.peft or []:
+        if not (Path(peft_dir) / "adapter_config.json").is_file():
+            raise SpliceError(f"--peft {peft_dir}: not a PEFT adapter directory (no adapter_config.json)")
     needs = [info.name for info, _ in steps if info.needs_calibration]
     if needs and not args.calib:
         raise ConfigError(f"{needs[0]}: needs calibration data; pass --calib TEXTFILE")
@@ -301,6 +305,13 @@ def cmd_run(args, ui: _UI) -> int:
     graph, cap_s = _capture(args.model, ui)
     ui.print(f"captured {_esc(graph.source.get('name', args.model))}: {graph.num_params():,} params, "
              f"{len(graph.layers())} layers in {cap_s:.1f} s")
+    for peft_dir in args.peft or []:
+        import splice
+
+        with ui.status(f"loading PEFT adapter {peft_dir}…"), ui.quiet():
+            name = "default" if len(args.peft) == 1 else Path(peft_dir).resolve().name
+            graph = splice.load_peft(graph, peft_dir, name=name)
+        ui.print(f"attached PEFT adapter {_esc(peft_dir)}")
     calibration = None
     if needs:
         with ui.status("tokenizing calibration text…"), ui.quiet():
@@ -408,6 +419,80 @@ def _quiet_ort() -> None:
         pass
 
 
+# -------------------------------------------------------------------------------- eval
+
+
+def _ppl_line(label: str, r: dict, seconds: float) -> str:
+    return (f"{label}perplexity {r['ppl']:.4f}  (nll {r['nll']:.4f} nats/token over {r['tokens']:,} tokens; "
+            f"{r['windows']} windows of {r['seq_len']}, stride {r['stride']}; {seconds:.1f} s)")
+
+
+def cmd_eval(args, ui: _UI) -> int:
+    from splice.eval.data import read_text
+    from splice.eval.perplexity import check_logits, layer_sqnr, perplexity, tokenize
+
+    # 1. everything that needs no model
+    stride = args.stride or args.seq_len
+    if stride > args.seq_len:
+        raise UsageError(f"eval: --stride {stride} is larger than --seq-len {args.seq_len} (tokens would be skipped)")
+    if args.layers and not args.ref:
+        raise UsageError("eval: --layers compares against a reference model; add --ref MODEL")
+    text = read_text(args.ppl)
+    for path in [args.model] + ([args.ref] if args.ref else []):
+        if not Path(path).exists():
+            raise SpliceError(f"{path}: no such file or directory")
+
+    # 2. load, tokenize (the evaluated model's tokenizer), evaluate
+    graph, cap_s = _capture(args.model, ui)
+    check_logits(graph)
+    ref = None
+    if args.ref:
+        ref, _ = _capture(args.ref, ui)
+        check_logits(ref)
+    with ui.status("tokenizing…"), ui.quiet():
+        ids = tokenize(graph, text)
+    if args.max_tokens:
+        ids = ids[:, :args.max_tokens]
+    if ids.shape[1] < args.seq_len:
+        raise SpliceError(f"{args.ppl}: text too short: {ids.shape[1]:,} tokens, need at least {args.seq_len} for "
+                          f"one window (--seq-len {args.seq_len})" + (f" after --max-tokens {args.max_tokens}"
+                                                                      if args.max_tokens else ""))
+    ui.print(f"[bold]{_esc(graph.source.get('name', args.model))}[/bold]  (loaded in {cap_s:.1f} s; "
+             f"{_esc(args.ppl)}: {ids.shape[1]:,} tokens)")
+    results = []
+    for label, g in [("", graph)] + ([("reference ", ref)] if ref is not None else []):
+        start = time.perf_counter()
+        with ui.quiet(redirect=not ui.interactive):
+            r = perplexity(g, ids, seq_len=args.seq_len, stride=stride, progress=ui.interactive)
+        ui.print(_ppl_line(label, r, time.perf_counter() - start))
+        results.append(r)
+    if ref is not None:
+        d = results[0]["ppl"] - results[1]["ppl"]
+        ui.print(f"vs reference: {d:+.4f} ({100 * d / results[1]['ppl']:+.2f}%)")
+    if args.layers:
+        from rich.table import Table
+
+        n = min(args.layer_samples, ids.shape[1] // args.seq_len)
+        samples = [ids[:, i * args.seq_len:(i + 1) * args.seq_len] for i in range(n)]
+        with ui.status("comparing layers…"), ui.quiet():
+            rows = layer_sqnr(ref, graph, [{"input_ids": s} for s in samples])
+        table = Table(title=f"per-layer output SQNR vs {_esc(args.ref)} ({n} × {args.seq_len} tokens)",
+                      title_justify="left")
+        for col, just in (("layer", "left"), ("op", "left"), ("sqnr dB", "right"), ("cosine", "right"),
+                          ("max abs", "right")):
+            table.add_column(col, justify=just, overflow="fold")
+        for row in rows:
+            table.add_row(_esc(row["path"]), _esc(row["op_test"]), _fmt_num(row["sqnr_db"], ".2f"),
+                          _fmt_num(row["cosine"], ".5f"), _fmt_num(row["max_abs"], ".3g"))
+        ui.print(table)
+        finite = [r["sqnr_db"] for r in rows if math.isfinite(r["sqnr_db"])]
+        if finite:
+            worst = min(rows, key=lambda r: r["sqnr_db"])
+            ui.print(f"worst layer: {_esc(worst['path'])} at {worst['sqnr_db']:.2f} dB; "
+                     f"mean {sum(finite) / len(finite):.2f} dB over {len(finite)} changed layers")
+    return 0
+
+
 # -------------------------------------------------------------------------------- demo
 
 
@@ -477,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a pass, 'name:key=value,...' (repeatable; see `splice passes NAME`)")
     p.add_argument("--recipe", metavar="FILE", help="YAML recipe with a 'passes' list")
     p.add_argument("--calib", metavar="TEXTFILE", help="calibration text, for passes that need it")
+    p.add_argument("--peft", action="append", metavar="DIR",
+                   help="attach a PEFT adapter directory to the base before the passes (repeatable)")
     p.add_argument("--calib-samples", type=_positive_int, default=16, metavar="N",
                    help="calibration samples (default 16)")
     p.add_argument("--calib-seqlen", type=_positive_int, default=256, metavar="N",
@@ -494,12 +581,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"--check tolerance (default {DEFAULT_ATOL:g})")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
+    p = sub.add_parser("eval", parents=[common], help="perplexity of a model on a text file",
+                       description="Perplexity of MODEL (HF directory, .gguf, .pt2 or artifact) on a text file, "
+                                   "tokenized by the model's tokenizer: windows of --seq-len tokens every --stride "
+                                   "tokens, each scoring only tokens no earlier window scored (the Hugging Face "
+                                   "perplexity guide). With --ref also the reference's perplexity, and with "
+                                   "--layers the output SQNR of every linear layer against it.",
+                       epilog="example: splice eval llama-int4 --ppl wiki.txt --ref ./llama --layers")
+    p.add_argument("model", metavar="MODEL|ARTIFACT")
+    p.add_argument("--ppl", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
+    p.add_argument("--seq-len", type=_positive_int, default=512, metavar="N", help="tokens per window (default 512)")
+    p.add_argument("--stride", type=_positive_int, default=None, metavar="N",
+                   help="tokens between window starts (default: --seq-len, disjoint windows)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N", help="evaluate the first N tokens only")
+    p.add_argument("--ref", metavar="MODEL", help="reference model (e.g. the unquantized one) to compare with")
+    p.add_argument("--layers", action="store_true", help="per-layer output SQNR against --ref")
+    p.add_argument("--layer-samples", type=_positive_int, default=4, metavar="N",
+                   help="--seq-len windows used by --layers (default 4)")
+
     sub.add_parser("demo", parents=[common], add_help=False, help="the end-to-end demo (`splice demo --help`)",
                    description="The end-to-end demo; its options come from splice/demo.py.")
     return parser
 
 
-_COMMANDS = {"passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run, "export": cmd_export}
+_COMMANDS = {"passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run, "export": cmd_export,
+             "eval": cmd_eval}
 
 
 def _error(msg: str) -> None:

@@ -255,11 +255,10 @@ def set_attr(mod: torch.nn.Module, target: str, value: torch.Tensor, *, trainabl
         mod = child
     if hasattr(mod, leaf):
         delattr(mod, leaf)
-    if value.is_floating_point() and isinstance(value, torch.nn.Parameter):
-        value.requires_grad_(trainable)
-        mod.register_parameter(leaf, value)
-    elif value.is_floating_point():
-        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=trainable))
+    if isinstance(value, torch.nn.Parameter) and value.requires_grad == trainable:
+        mod.register_parameter(leaf, value)  # shared as is
+    elif value.is_floating_point():  # a new Parameter over the same storage: never flip a shared flag
+        mod.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=trainable))
     else:
         mod.register_buffer(leaf, value)
 

@@ -117,3 +117,22 @@ TRANSLATIONS = {
     torch.ops.splice.qlinear.default: qlinear,
     torch.ops.splice.qembedding.default: qembedding,
 }
+
+
+def lora_delta(x, A, B, scale):
+    """``Gemm(Gemm(x₂, A, transB) · scale, B, transB)`` on ``x`` flattened to 2-D: A and B stay
+    initializers under their stored names, in PEFT layout (no transposes for the optimizer to fold)."""
+    k, n = A.shape[1], B.shape[0]
+    flat = op.CastLike(op.Reshape(x, _const(np.array([-1, k], np.int64))), A)  # A, B, scale: one dtype
+    h = op.Mul(op.Gemm(flat, A, transB=1), scale)
+    y = op.CastLike(op.Gemm(h, B, transB=1), x)
+    return op.Reshape(y, op.Concat(op.Shape(x, end=-1), _const(np.array([n], np.int64)), axis=0))
+
+
+def folded_adapter(base, tensors, spec: str):
+    """Nothing reads a fold record; export keeps a constant that the optimizer removes."""
+    return op.Constant(value_float=0.0)
+
+
+TRANSLATIONS[torch.ops.splice.lora_delta.default] = lora_delta
+TRANSLATIONS[torch.ops.splice.folded_adapter.default] = folded_adapter

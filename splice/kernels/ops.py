@@ -101,3 +101,67 @@ def _(x, key):
 
 
 observe.register_autograd(lambda ctx, grad: (grad, None))
+
+# ----------------------------------------------------------------------- lora_delta
+
+
+@torch.library.custom_op("splice::lora_delta", mutates_args=())
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LoRA's update beside a base layer: ``(x @ Aᵀ · scale) @ Bᵀ`` (https://arxiv.org/abs/2106.09685).
+
+    A: ``[r, in]``, B: ``[out, r]`` (PEFT's ``lora_A``/``lora_B`` weights), scale: a 0-d tensor, so
+    an adapter's weight changes (or it is switched off with 0) without changing the graph.
+    """
+    h = F.linear(x.to(A.dtype), A) * scale.to(A.dtype)  # computed in the adapter's dtype, as PEFT does
+    return F.linear(h, B.to(A.dtype)).to(x.dtype)
+
+
+@lora_delta.register_fake
+def _(x, A, B, scale):
+    torch._check(A.dim() == 2 and B.dim() == 2 and scale.dim() == 0, lambda: "lora_delta: A, B must be 2-D, scale 0-d")
+    torch._check(x.shape[-1] == A.shape[1], lambda: f"lora_delta: input features {x.shape[-1]} != A's {A.shape[1]}")
+    torch._check(B.shape[1] == A.shape[0], lambda: f"lora_delta: B rank {B.shape[1]} != A rank {A.shape[0]}")
+    return x.new_empty(*x.shape[:-1], B.shape[0])
+
+
+def _lora_setup(ctx, inputs, output):
+    x, A, B, scale = inputs
+    ctx.save_for_backward(x, A, B, scale)
+
+
+def _lora_backward(ctx, grad):
+    x, A, B, scale = ctx.saved_tensors
+    s = scale.to(A.dtype)
+    g = grad.to(A.dtype)
+    dh = (g @ B.to(A.dtype)) * s                             # [..., r]
+    dx = (dh @ A).to(x.dtype) if ctx.needs_input_grad[0] else None
+    flat = x.reshape(-1, x.shape[-1]).to(A.dtype)
+    dA = dh.reshape(-1, dh.shape[-1]).T @ flat if ctx.needs_input_grad[1] else None
+    dB = None
+    if ctx.needs_input_grad[2]:
+        h = (flat @ A.T) * s
+        dB = (g.reshape(-1, g.shape[-1]).T @ h).to(B.dtype)
+    return dx, dA, dB, None
+
+
+lora_delta.register_autograd(_lora_backward, setup_context=_lora_setup)
+register_arg_roles(torch.ops.splice.lora_delta.default, {1: "adapter", 2: "adapter", 3: "adapter_scale"})
+
+# -------------------------------------------------------------------- folded_adapter
+
+
+@torch.library.custom_op("splice::folded_adapter", mutates_args=())
+def folded_adapter(base: torch.Tensor, tensors: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """A record, not a computation: ``adapter.fold`` keeps here what ``adapter.unfold`` needs (the
+    adapter's tensors, the base tensors re-quantization replaced, ``spec`` as JSON), beside the
+    base op whose output is ``base``. Returns a 0-d zero that nothing reads; fx keeps the node
+    because it is marked side-effectful, and ONNX export drops it with its tensors."""
+    return base.new_zeros(())
+
+
+@folded_adapter.register_fake
+def _(base, tensors, spec):
+    return base.new_zeros(())
+
+
+torch.fx.node.has_side_effect(torch.ops.splice.folded_adapter.default)

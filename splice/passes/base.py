@@ -112,6 +112,7 @@ class PassInfo:
     reference: str
     needs_calibration: bool
     version: int
+    requires: tuple[str, ...] = ()  # passes a graph needs first (adapter.fold needs an adapter)
 
     @property
     def summary(self) -> str:
@@ -143,7 +144,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, config_cls: type[PassConfig], *, reference: str,
-                  needs_calibration: bool = False, version: int = 1):
+                  needs_calibration: bool = False, version: int = 1, requires: tuple[str, ...] = ()):
     """Register ``fn`` as pass ``name``; a duplicate name is an error."""
 
     def deco(fn):
@@ -151,7 +152,7 @@ def register_pass(name: str, config_cls: type[PassConfig], *, reference: str,
             raise RuntimeError(f"pass {name!r} is registered twice")
         if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
             raise TypeError(f"{name}: config must be a frozen dataclass")
-        _REGISTRY[name] = PassInfo(name, config_cls, fn, reference, needs_calibration, version)
+        _REGISTRY[name] = PassInfo(name, config_cls, fn, reference, needs_calibration, version, tuple(requires))
         return fn
 
     return deco

@@ -77,12 +77,15 @@ def _label_dynamic_dims(model: onnx.ModelProto, graph: Graph) -> None:
 
 
 def export_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None,
-                force: bool = True, accuracy_level: int = 0) -> Path:
-    """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external)."""
+                force: bool = True, accuracy_level: int = 0, adapter_inputs: bool = False) -> Path:
+    """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external).
+    ``adapter_inputs``: adapter tensors become graph inputs with defaults (``splice.adapters_api``)."""
     path = Path(path)
     if path.exists() and not force:
         raise SpliceError(f"{path}: already exists; use --force to overwrite")
-    model = to_onnx_model(graph, accuracy_level)
+    if adapter_inputs:
+        from splice.adapters_api import adapter_inputs_model
+    model = adapter_inputs_model(graph, accuracy_level) if adapter_inputs else to_onnx_model(graph, accuracy_level)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in graph.tensors().values()) > EXTERNAL_DATA_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,219 @@
+"""The adapter framework every adapter pass shares.
+
+An adapter is a named set of tensors beside a targeted layer. The layer's own op (the *base*:
+``aten.linear`` or ``splice::qlinear``, so adapters compose with quantization QLoRA-style) stays;
+a *delta op* reads the layer's input and its output is added to the base's::
+
+    y = linear(x, W, b)                       # or splice::qlinear(x, q, s, z, b, bits, g)
+    d = splice::lora_delta(x, A, B, scale)    # one delta op per adapter
+    out = aten.add(y, d)                      # several adapters chain: add(add(y, d1), d2)
+
+Tensors are stored as ``<module path>.adapters.<name>.<key>`` (``...q_proj.adapters.default.A``);
+the trainable ones (role ``adapter``) are created with ``requires_grad`` so a training loop picks
+them up, everything else stays frozen. ``scale`` is a 0-d tensor: changing an adapter's weight or
+switching it off rewrites that tensor, never the graph. The per-adapter hyperparameters (rank,
+alpha, dropout, weight, active …) are JSON in the delta node's ``meta["custom"]`` (kept by save/load).
+
+A *method* (``Method``) names its delta op, the order of its tensors and how to turn them into a
+dense ``[out, in]`` update for folding. Base ops are handled by ``passes/adapters/_base.py``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from splice.errors import ConfigError
+from splice.ir.graph import Graph
+from splice.ir.select import module_path, validate_targets
+from splice.kernels import ops  # noqa: F401  (registers splice::lora_delta / splice::folded_adapter)
+from splice.passes.base import PassConfig
+
+ADD = torch.ops.aten.add.Tensor
+FOLDED = torch.ops.splice.folded_adapter.default
+META_KEY = "splice_adapter"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TENSOR = re.compile(r"^(?P<path>.+)\.adapters\.(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.[^.]+$")
+
+
+def check_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"name must be an identifier (letters, digits, _), got {name!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig(PassConfig):
+    """Fields every adapter pass takes."""
+
+    name: str = field(default="default", metadata={"help": "adapter name; adapters with different names share a layer"})
+    targets: str = field(default="linear|!lm_head", metadata={
+        "help": "layers: kind linear, path globs (q_proj|v_proj), re:, !exclude; default all linear but lm_head"})
+
+    def __post_init__(self):
+        check_name(self.name)
+        validate_targets(self.targets)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter kind: its delta op ``op(x, *tensors[keys])`` and its dense ``[out, in]`` update."""
+
+    name: str
+    op: Any
+    keys: tuple[str, ...]
+    trainable: tuple[str, ...]
+    delta_weight: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+METHODS: dict[Any, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.op] = method
+    return method
+
+
+def method_named(name: str) -> Method:
+    return next(m for m in METHODS.values() if m.name == name)
+
+
+def layer_path(node: fx.Node) -> str:
+    return module_path(node) or node.name
+
+
+def read_meta(node: fx.Node) -> dict[str, Any]:
+    return json.loads(node.meta.get("custom", {}).get(META_KEY, "{}"))
+
+
+def write_meta(node: fx.Node, meta: dict[str, Any]) -> None:
+    """Replace (never mutate: copies share meta dicts) the node's adapter metadata."""
+    node.meta["custom"] = {**node.meta.get("custom", {}), META_KEY: json.dumps(meta, sort_keys=True)}
+
+
+@dataclass
+class Site:
+    """One (unfolded) adapter on one base op."""
+
+    name: str
+    path: str
+    method: Method
+    delta: fx.Node
+    add: fx.Node
+    base: fx.Node
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return read_meta(self.delta)
+
+    def nodes(self) -> dict[str, fx.Node]:
+        return dict(zip(self.method.keys, self.delta.args[1:]))
+
+    def tensors(self, graph: Graph) -> dict[str, torch.Tensor]:
+        return {k: graph.tensor(n.target) for k, n in self.nodes().items()}
+
+
+def _is_delta(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in METHODS
+
+
+def chain_base(node: fx.Node) -> fx.Node:
+    """Walk back from an adapter ``add`` (or the base itself) to the base op."""
+    while node.target == ADD and _is_delta(node.args[1]):
+        node = node.args[0]
+    return node
+
+
+def chain_end(base: fx.Node) -> fx.Node:
+    """The last ``add`` of the adapters on ``base`` (``base`` itself when it has none)."""
+    node = base
+    while True:
+        nxt = next((u for u in node.users if u.target == ADD and u.args[0] is node and _is_delta(u.args[1])), None)
+        if nxt is None:
+            return node
+        node = nxt
+
+
+def sites(graph: Graph) -> list[Site]:
+    """Every unfolded adapter of ``graph``, in graph order."""
+    out = []
+    for node in graph.gm.graph.nodes:
+        if not _is_delta(node):
+            continue
+        add = next(u for u in node.users if u.target == ADD)
+        m = _TENSOR.match(node.args[1].target)
+        out.append(Site(m["name"], m["path"], METHODS[node.target], node, add, chain_base(add.args[0])))
+    return out
+
+
+@dataclass
+class Record:
+    """A fold record (``splice::folded_adapter``): what ``adapter.unfold`` restores."""
+
+    node: fx.Node
+    spec: dict[str, Any]
+
+    @property
+    def base(self) -> fx.Node:
+        return chain_base(self.node.args[0])
+
+    def adapter_nodes(self) -> list[tuple[dict[str, Any], dict[str, fx.Node]]]:
+        """(adapter entry of the spec, key -> tensor node) per folded adapter."""
+        args, i, out = list(self.node.args[1]), 0, []
+        for entry in self.spec["adapters"]:
+            keys = method_named(entry["method"]).keys
+            out.append((entry, dict(zip(keys, args[i:i + len(keys)]))))
+            i += len(keys)
+        return out
+
+    def originals(self) -> dict[str, fx.Node]:
+        args = list(self.node.args[1])
+        return dict(zip(self.spec["originals"], args[len(args) - len(self.spec["originals"]):]))
+
+
+def records(graph: Graph) -> list[Record]:
+    return [Record(n, json.loads(n.args[2])) for n in graph.gm.graph.nodes if n.target == FOLDED]
+
+
+def taken_names(graph: Graph) -> set[tuple[str, str]]:
+    """(layer path, adapter name) of every adapter, unfolded or folded."""
+    names = {(s.path, s.name) for s in sites(graph)}
+    names |= {(r.spec["path"], a["name"]) for r in records(graph) for a in r.spec["adapters"]}
+    return names
+
+
+def attach(graph: Graph, base: fx.Node, name: str, method: Method,
+           tensors: dict[str, torch.Tensor | fx.Node], meta: dict[str, Any]) -> dict[str, fx.Node]:
+    """Add adapter ``name`` beside ``base`` (in place on the pass's copy). Tensors given as
+    values are stored under ``<path>.adapters.<name>.<key>``; nodes are reused (shared)."""
+    path = layer_path(base)
+    nodes = {k: t if isinstance(t, fx.Node) else
+             graph.add_tensor(f"{path}.adapters.{name}.{k}", t, trainable=k in method.trainable)
+             for k, t in tensors.items()}
+    end = chain_end(base)
+    fxg = graph.gm.graph
+    with fxg.inserting_after(end):
+        delta = fxg.call_function(method.op, (base.args[0], *[nodes[k] for k in method.keys]))
+    with fxg.inserting_after(delta):
+        add = fxg.call_function(ADD, (end, delta))
+    for n in (delta, add):
+        n.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
+    write_meta(delta, {"method": method.name, **meta})
+    end.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add and u.target != FOLDED)
+    return nodes
+
+
+def detach(graph: Graph, site: Site) -> None:
+    """Remove the delta op and its add (its tensors go when nothing reads them)."""
+    site.add.replace_all_uses_with(site.add.args[0])
+    graph.gm.graph.erase_node(site.add)
+    graph.gm.graph.erase_node(site.delta)
+
+
+def unknown_adapter(who: str, name: str, graph: Graph) -> ConfigError:
+    have = sorted({n for _, n in taken_names(graph)})
+    return ConfigError(f"{who}: no adapter named '{name}' in the graph (adapters: {', '.join(have) or 'none'})")
