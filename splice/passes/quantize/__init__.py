@@ -1,2 +1,2 @@
 """Quantization passes (weight-only and weight+activation)."""
-from splice.passes.quantize import gptq, rtn  # noqa: F401
+from splice.passes.quantize import awq, gptq, rtn  # noqa: F401

@@ -1,5 +1,6 @@
 """Calibrated weight quantization: gather each layer's input statistics on calibration data,
-then let a method solve each layer, optionally block by block.
+then let a method solve each layer (``solve_layers``, GPTQ) or each set of layers reading one
+input tensor (``solve_groups``, AWQ), optionally block by block.
 
 Sequential mode (``sequential=True``, as llm-compressor's sequential pipeline): blocks run in
 graph order; each block's statistics are gathered on activations produced by the blocks
@@ -9,7 +10,7 @@ a time. Otherwise the whole graph runs once and every layer is solved from those
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -17,56 +18,104 @@ from tqdm import tqdm
 
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
+from splice.ir.select import module_path
 from splice.kernels.observe import LayerStats, StatsStore
 from splice.kernels.quant import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize._common import WeightQuantConfig, resolve_group
-from splice.ir.select import module_path
 
 # (node, float weight [N, K], its input statistics, grid) -> (codes [N, K], scale [N, G], zero [N, G])
 SolveFn = Callable[[fx.Node, torch.Tensor, LayerStats, GroupGrid], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (layers reading one input tensor, their float weights, that input's statistics)
+#   -> the float weights the rest of calibration should see (e.g. dequantized), one per layer
+GroupSolveFn = Callable[[list[fx.Node], list[torch.Tensor], LayerStats], list[torch.Tensor]]
 
 
-def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, calibration: list[tuple],
-                 kinds: tuple[str, ...], solve: SolveFn, *, sequential: bool, pass_name: str,
-                 progress: bool = False) -> dict[str, Solution]:
-    """Solutions keyed by weight target for the linear ``nodes`` of ``graph`` (untouched)."""
+def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], kinds: tuple[str, ...],
+                 solve_group: GroupSolveFn, *, sequential: bool, pass_name: str, progress: bool = False) -> None:
+    """Call ``solve_group`` once per set of ``nodes`` (linears of ``graph``, left untouched) that
+    read the same input tensor (q/k/v, gate/up), in graph order, with that input's statistics.
+    ``solve_group`` receives the nodes of a private working copy; their weights there are
+    replaced by what it returns, so later blocks calibrate on the solved layers' outputs."""
     work = graph.copy()
     by_name = {n.name: n for n in work.gm.graph.nodes}
     targets = [by_name[n.name] for n in nodes]
     keys = insert_observers(work, targets)
     store = StatsStore({k: kinds for k in keys.values()})
-    solutions: dict[str, Solution] = {}
+    groups: dict[str, list[fx.Node]] = {}
+    for node in work.gm.graph.nodes:
+        if node in keys:
+            groups.setdefault(keys[node], []).append(node)
+    # a group belongs to the block of its first layer; blocks in graph order
+    by_block = blocks(work.gm, [members[0] for members in groups.values()])
+    block_keys = {block: [keys[m] for m in firsts] for block, firsts in by_block.items()}
 
-    def solve_block(members: list[fx.Node]) -> None:
-        taken: dict[str, LayerStats] = {}
-        for node in members:
-            stats = taken.setdefault(keys[node], store.pop(keys[node]))
-            w_target = node.args[1].target
-            if w_target in solutions:
-                continue
-            w = work.tensor(w_target).detach().float()
-            grid = GroupGrid(cfg.bits, resolve_group(cfg, w.shape[1], module_path(node), pass_name), cfg.symmetric)
-            codes, scale, zero = solve(node, w, stats, grid)
-            solutions[w_target] = (codes, scale, zero)
-            set_attr(work.gm, w_target, grid.dequantize(codes, scale, zero).to(w.dtype))
+    def solve_block(block_key_list: list[str]) -> None:
+        for key in block_key_list:
+            members = groups[key]
+            stats = store.pop(key)
+            weights = [work.tensor(m.args[1].target).detach().float() for m in members]
+            for node, new in zip(members, solve_group(members, weights, stats)):
+                old = work.tensor(node.args[1].target)
+                set_attr(work.gm, node.args[1].target, new.to(old.dtype))
 
-    groups = blocks(work.gm, targets)
     if sequential:
         runner = SegmentRunner(work.gm, calibration)
-        for block, members in tqdm(groups.items(), desc=pass_name, disable=not progress):
+        observers = sorted(runner.nodes.index(m.args[0]) for members in groups.values() for m in members[:1])
+        last = next(reversed(block_keys), None)
+        for block, block_key_list in tqdm(block_keys.items(), desc=pass_name, disable=not progress):
+            members = [m for key in block_key_list for m in groups[key]]
             end = max(block_end(work.gm, block), *(runner.nodes.index(m) for m in members))
             snap = runner.snapshot()
-            with store.recording():
+            with store.recording():  # statistics need the block only up to its last observer
+                runner.run_to(max(i for i in observers if i <= end))
+            solve_block(block_key_list)
+            if block != last:  # the next blocks' inputs, through this block's solved layers
+                runner.restore(snap)
                 runner.run_to(end)
-            solve_block(members)
-            runner.restore(snap)
-            runner.run_to(end)
     else:
         with store.recording(), torch.no_grad():
             for sample in calibration:
                 work.gm(*sample)
-        for members in groups.values():
-            solve_block(members)
+        for block_key_list in block_keys.values():
+            solve_block(block_key_list)
+
+
+def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, calibration: list[tuple],
+                 kinds: tuple[str, ...], solve: SolveFn, *, sequential: bool, pass_name: str,
+                 progress: bool = False) -> dict[str, Solution]:
+    """Solutions keyed by weight target for the linear ``nodes`` of ``graph`` (untouched),
+    each layer solved on its own by ``solve``."""
+    solutions: dict[str, Solution] = {}
+
+    def solve_each(members, weights, stats):
+        out = []
+        for node, w in zip(members, weights):
+            w_target = node.args[1].target
+            if w_target in solutions:  # a weight read by several layers is solved once
+                out.append(w)
+                continue
+            grid = GroupGrid(cfg.bits, resolve_group(cfg, w.shape[1], module_path(node), pass_name), cfg.symmetric)
+            codes, scale, zero = solve(node, w, stats, grid)
+            solutions[w_target] = (codes, scale, zero)
+            out.append(grid.dequantize(codes, scale, zero))
+        return out
+
+    solve_groups(graph, nodes, calibration, kinds, solve_each, sequential=sequential,
+                 pass_name=pass_name, progress=progress)
     return solutions
+
+
+def solution_lookup(solutions: dict[str, Solution]):
+    """``quantize_layers``' quantize function: the solution for the node's weight, or round to
+    nearest for weights no method solved (embeddings)."""
+
+    def lookup(node: fx.Node, w: torch.Tensor, grid: GroupGrid) -> Solution:
+        target = (node.args[0] if node.target == torch.ops.aten.embedding.default else node.args[1]).target
+        if target in solutions:
+            return solutions[target]
+        scale, zero = grid.params(w)
+        return grid.quantize(w, scale, zero), scale, zero
+
+    return lookup
