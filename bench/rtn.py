@@ -28,16 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import interleaved_latency, machine_info, paired_ratio, smollm2_gguf, versions, write_json  # noqa: E402
 
-FP32, ORTQ, SPLICE, SPLICE_EMB = "ort fp32", "ort MatMulNBitsQuantizer int4 g32", "splice int4 g32", "splice int4 g32 +emb"
+FP32, ORTQ = "ort fp32", "ort MatMulNBitsQuantizer int4 g32"
+SPLICE, SPLICE_EMB, SPLICE_NOHEAD = "splice int4 g32", "splice int4 g32 +emb", "splice int4 g32 -lm_head"
 SPLICE_ONNX = {  # exported and timed
     SPLICE: "quantize.rtn:bits=4,group_size=32,symmetric=true,targets=linear",
     SPLICE_EMB: "quantize.rtn:bits=4,group_size=32,symmetric=true,targets=linear|embedding",
+    # like for like with MatMulNBitsQuantizer, which leaves the tied LM head (MatMul on a Transpose) fp32
+    SPLICE_NOHEAD: "quantize.rtn:bits=4,group_size=32,symmetric=true,targets=linear|!lm_head",
 }
 SPLICE_TORCH_ONLY = {  # fidelity only (torch reference ops); the 4-bit g32 rows are on the weights' own grid
     "splice int3 g32": "quantize.rtn:bits=3,group_size=32,symmetric=true,targets=linear",
     "splice int3 g32 +emb": "quantize.rtn:bits=3,group_size=32,symmetric=true,targets=linear|embedding",
     "splice int4 per-channel": "quantize.rtn:bits=4,group_size=0,symmetric=true,targets=linear",
     "splice int4 g64": "quantize.rtn:bits=4,group_size=64,symmetric=true,targets=linear",  # 576 = 9*64
+    "splice int4 g32 asym": "quantize.rtn:bits=4,group_size=32,symmetric=false,targets=linear",
 }
 TARGETS = {"decode_vs_ortq": 1.05, "decode_vs_fp32": 0.6, "emb_file_vs_fp32": 0.25}
 
@@ -48,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (same for every session)")
     ap.add_argument("--repeats", type=int, default=20, help="timed 1x1-token runs per round and model")
     ap.add_argument("--long-repeats", type=int, default=2, help="timed long-batch runs per round and model")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     ap.add_argument("--long", default="4x128", help="the longer batch, BATCHxTOKENS")
     ap.add_argument("--fid-samples", type=int, default=8, help="GPL-3 windows for fidelity")
     ap.add_argument("--fid-seq", type=int, default=128, help="tokens per fidelity window")
@@ -105,6 +109,8 @@ def ort_quantize(fp32_path: Path, out_path: Path) -> float:
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    for stale in (out_path, out_path.with_name(out_path.name + ".data")):
+        stale.unlink(missing_ok=True)  # onnx appends external data to an existing .data file
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     start = time.perf_counter()
     cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=4,
@@ -231,7 +237,8 @@ def main(argv=None) -> int:
         fid_torch = {"fp32 torch": {"ppl": perplexity(ref, ids)}}
 
         paths = {FP32: workdir / "fp32.onnx", ORTQ: workdir / "ortq_int4_g32.onnx",
-                 SPLICE: workdir / "splice_int4_g32.onnx", SPLICE_EMB: workdir / "splice_int4_g32_emb.onnx"}
+                 SPLICE: workdir / "splice_int4_g32.onnx", SPLICE_EMB: workdir / "splice_int4_g32_emb.onnx",
+                 SPLICE_NOHEAD: workdir / "splice_int4_g32_nohead.onnx"}
         log("export fp32 ONNX")
         t = time.perf_counter()
         export_onnx(graph, paths[FP32], external_data=True)

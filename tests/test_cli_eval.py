@@ -3,10 +3,8 @@
 The tiny zoo HF directories carry no tokenizer, so most tests patch
 ``splice.frontends.hf.load_tokenizer`` to the byte tokenizer (vocab 256 = the zoo's).
 """
-import os
 
 import pytest
-import torch
 
 import splice
 from splice import cli

