@@ -57,14 +57,20 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def gpl3(smollm2):
-    """(input_ids [4, 128], attention_mask, fp32 reference logits)."""
+def gpl3_ids(smollm2):
+    """4 GPL-3 windows of 128 tokens: input_ids [4, 128]."""
     from splice.eval.data import builtin_text, token_batches
     from splice.frontends.hf import load_tokenizer
 
     (batch,) = token_batches(load_tokenizer(smollm2.source), builtin_text("gpl3"), 4, 128, seed=0, batch_size=4)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    return ids, mask, smollm2.run(ids, mask)["logits"]
+    return batch["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def gpl3(smollm2, gpl3_ids):
+    """(input_ids [4, 128], attention_mask, fp32 reference logits)."""
+    mask = torch.ones_like(gpl3_ids)
+    return gpl3_ids, mask, smollm2.run(gpl3_ids, mask)["logits"]
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +134,11 @@ def test_rtn_fidelity_floor(smollm2, gpl3, spec):
 
 
 @pytest.mark.ci
-def test_int4_emb_fidelity_and_bytes(smollm2, gpl3, int4_emb):
-    """CI smoke on the real model: int4 g32 linear+embedding keeps the text's top-1 mostly,
-    and stores at most 0.17x the fp32 bytes (4-bit codes + fp32 scales per 32)."""
-    m = _fidelity(int4_emb, gpl3)
-    assert m["kl"] <= 1.4 and m["top1"] >= 0.4 and m["cosine"] >= 0.7, m
+def test_int4_emb_fidelity_and_bytes(smollm2, gpl3_ids, int4_emb):
+    """CI smoke on the real model (capture, RTN, two short windows; no ONNX export): int4 g32
+    linear+embedding keeps fidelity above a floor (measured KL 0.63, top-1 0.49, cosine 0.88)
+    and stores at most 0.17x the fp32 bytes (4-bit codes + an fp32 scale per 32)."""
+    ids = gpl3_ids[:2, :64]
+    m = _fidelity(int4_emb, (ids, torch.ones_like(ids), smollm2.run(ids, torch.ones_like(ids))["logits"]))
+    assert m["kl"] <= 1.3 and m["top1"] >= 0.4 and m["cosine"] >= 0.7, m
     assert int4_emb.nbytes() <= 0.17 * smollm2.nbytes()

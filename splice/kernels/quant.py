@@ -3,7 +3,8 @@
 Weights ``W[N, K]`` are split along K into groups of ``group_size``; each (row, group) has a
 float scale and an integer zero point; codes are unsigned ``0..2**bits-1`` and
 ``W ~= (code - zero) * scale``. Symmetric grids fix ``zero = 2**(bits-1)`` (as GPTQ does) and
-store no zero points.
+store no zero points; their scale is signed so the group's largest-magnitude weight lands
+exactly on the grid's end (ORT's MatMulNBitsQuantizer does the same).
 """
 from __future__ import annotations
 
@@ -28,16 +29,17 @@ class GroupGrid:
         """Min/max scales and zero points, each ``[N, K // group_size]`` (zeros as int32)."""
         n, k = w.shape
         g = w.float().reshape(n, k // self.group_size, self.group_size)
-        if self.symmetric:
-            amax = g.abs().amax(-1)
-            scale = 2 * amax / self.maxq
-            zero = torch.full_like(scale, (self.maxq + 1) // 2, dtype=torch.int32)
+        if self.symmetric:  # the largest-magnitude weight maps exactly to code 0 (as ORT's quantizer):
+            half = (self.maxq + 1) // 2  # signed scale, so the full range -2^(b-1)..2^(b-1)-1 is used
+            extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            scale = extreme / -half
+            zero = torch.full_like(scale, half, dtype=torch.int32)
         else:
             lo = g.amin(-1).clamp(max=0)
             hi = g.amax(-1).clamp(min=0)
             scale = (hi - lo) / self.maxq
             zero = torch.round(-lo / torch.where(scale > 0, scale, 1)).clamp(0, self.maxq).to(torch.int32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = torch.where(scale != 0, scale, torch.ones_like(scale))
         return scale, zero
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
