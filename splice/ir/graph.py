@@ -123,8 +123,8 @@ class Graph:
         return {n.target: get_attr(self.gm, n.target) for n in self.gm.graph.nodes if n.op == "get_attr"}
 
     def add_tensor(self, target: str, value: torch.Tensor, *, trainable: bool = False) -> fx.Node:
-        """Store ``value`` under a fresh dotted name near ``target`` and return a get_attr
-        node for it (inserted before the first user of nothing: callers move it if needed)."""
+        """Store ``value`` under ``target`` (or ``target_1``… if taken) and return a new
+        ``get_attr`` node for it, placed right after the graph's inputs."""
         name = _unique_target(self.gm, target)
         set_attr(self.gm, name, value, trainable=trainable)
         first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")

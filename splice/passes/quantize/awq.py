@@ -75,13 +75,13 @@ def _fake_quant(w: torch.Tensor, grid: GroupGrid) -> torch.Tensor:
     n, k = w.shape
     scale, zero = grid.params(w)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1).to(scale.dtype)
-    q = torch.clamp(torch.round(w.reshape(n, -1, grid.group_size) / s) + z, 0, grid.maxq)
-    return ((q - z) * s).reshape(n, k)
+    q = w.reshape(n, -1, grid.group_size) / s
+    return q.round_().add_(z).clamp_(0, grid.maxq).sub_(z).mul_(s).reshape(n, k)
 
 
 def _output_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per row of ``delta`` [N, K]: ``δ H δᵀ`` = mean squared output error over the inputs."""
-    return ((delta @ h) * delta).sum(-1)
+    return (delta @ h).mul_(delta).sum(-1)
 
 
 def search_scale(w: torch.Tensor, x_mean: torch.Tensor, h: torch.Tensor, grid: GroupGrid, steps: int,
@@ -89,7 +89,7 @@ def search_scale(w: torch.Tensor, x_mean: torch.Tensor, h: torch.Tensor, grid: G
     """Best ``(α, s)`` for the (row-concatenated) group weight ``w`` [N, K], and the output
     error per row of round-to-nearest and of the best scaling. ``α`` and ``s`` are None when
     no scaling beats plain round-to-nearest."""
-    rtn = _output_error(_fake_quant(w, grid) - w, h)
+    rtn = _output_error(_fake_quant(w, grid).sub_(w), h)
     alpha, best_s, best = None, None, rtn
     if duo:
         n, k = w.shape
@@ -100,7 +100,7 @@ def search_scale(w: torch.Tensor, x_mean: torch.Tensor, h: torch.Tensor, grid: G
         s = x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4) if duo else x_mean.pow(a)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = _output_error(_fake_quant(w * s, grid) / s - w, h)
+        err = _output_error(_fake_quant(w * s, grid).div_(s).sub_(w), h)
         if err.sum() < best.sum():
             alpha, best_s, best = a, s, err
     return alpha, best_s, rtn, best
