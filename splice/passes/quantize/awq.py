@@ -2,10 +2,11 @@
 
 As AutoAWQ / llm-compressor run it: linears that read the same input tensor (q/k/v, gate/up,
 a lone o_proj/down_proj) form a group; on calibration data, for ``α`` in ``0, 1/grid, …``
-the input channels are scaled by ``s = mean|x|^α`` (``duo_scaling``: ``÷ mean|ŵ|^(1-α)``,
-normalized so ``max·min = 1``), ``W·diag(s)`` is quantized on the group grid, and the ``α``
-with the least output error ``Σ‖(Q(W·s)/s − W) xᵀ‖²`` over all the group's layers wins
-(``α = 0`` is round-to-nearest, so the search never does worse than RTN on calibration data).
+the input channels are scaled by ``s = mean|x|^α`` (``duo_scaling``, AutoAWQ's default:
+``÷ mean|ŵ|^(1-α)``; normalized so ``max·min = 1``), ``W·diag(s)`` is quantized on the group
+grid, and the ``α`` with the least output error ``Σ‖(Q(W·s)/s − W) xᵀ‖²`` over all the group's
+layers wins. ``s = 1`` (round-to-nearest) is the first candidate, so the search never does
+worse than RTN on the calibration data.
 Then (``clip``, AutoAWQ's auto_clip) each layer's per-group clipping range is shrunk in 5%
 steps down to half where that lowers the group's partial output error (not for layers
 feeding attention scores: q/k). Errors are computed exactly over every calibration token
@@ -57,7 +58,7 @@ class AWQConfig(WeightQuantConfig):
     symmetric: bool = field(default=False, metadata={"help": "zero point fixed at 2**(bits-1) (AWQ uses asymmetric grids)"})
     grid: int = field(default=20, metadata={"help": "number of α steps searched in [0, 1)"})
     clip: bool = field(default=True, metadata={"help": "search per-group weight clipping (AutoAWQ auto_clip)"})
-    duo_scaling: bool = field(default=True, metadata={"help": "s = mean|x|^α / mean|w|^(1-α) instead of mean|x|^α"})
+    duo_scaling: bool = field(default=False, metadata={"help": "s = mean|x|^α / mean|ŵ|^(1-α) (AutoAWQ's default) instead of mean|x|^α"})
     sequential: bool = field(default=True, metadata={"help": "calibrate block by block on quantized outputs"})
 
     def __post_init__(self):
