@@ -8,7 +8,8 @@ from splice.errors import ConfigError
 from splice.ir.select import module_path
 from splice.kernels.quant import GroupGrid
 from splice.passes.base import get_pass
-from splice.passes.quantize.awq import _fake_quant, input_groups, migrate_scales, search_clip, search_scale
+from splice.passes.quantize._smooth import input_groups, migrate_scales
+from splice.passes.quantize.awq import _fake_quant, search_clip, search_scale
 from zoo_graphs import captured, input_grid
 
 aten = torch.ops.aten
@@ -25,7 +26,7 @@ def _migrated(name, seed=0):
     groups = input_groups(list(work.nodes("linear")))
     gen = torch.Generator().manual_seed(seed)
     scales = [torch.exp(torch.randn(m[0].args[0].meta["val"].shape[-1], generator=gen)) for m in groups]
-    sites = migrate_scales(work, groups, scales)
+    sites = migrate_scales(work, groups, scales, tag="awq")
     return zm, g, work.finalize(), {module_path(m[0]): site for m, site in zip(groups, sites)}
 
 
@@ -86,7 +87,7 @@ def test_shared_norm_weight_is_not_folded():
     shared_ref = work.run(*g.example_inputs)["logits"]
     groups = input_groups(list(work.nodes("linear")))
     scales = [torch.linspace(0.5, 2.0, m[0].args[0].meta["val"].shape[-1]) for m in groups]
-    sites = migrate_scales(work, groups, scales)
+    sites = migrate_scales(work, groups, scales, tag="awq")
     by_path = {module_path(m[0]): site for m, site in zip(groups, sites)}
     assert by_path["model.layers.0.self_attn.q_proj"] == by_path["model.layers.1.self_attn.q_proj"] == "mul"
     torch.testing.assert_close(work.finalize().run(*g.example_inputs)["logits"], shared_ref, atol=1e-5, rtol=1e-4)
