@@ -104,8 +104,9 @@ def _edit_config(path, **changes):
 
 @pytest.mark.parametrize("change,message", [
     ({"peft_type": "FOO"}, "peft_type 'FOO' is not supported"),
-    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-    ({"use_dora": True}, "DoRA"),
+    ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
+    ({"lora_bias": True}, "lora_bias is not supported"),
+    ({"use_qalora": True}, "QA-LoRA"),
 ])
 def test_unsupported_peft_configs(tmp_path, change, message):
     _, g = captured("llama")
