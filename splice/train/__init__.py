@@ -1,7 +1,9 @@
 """Training a graph's trainable tensors (adapters, QAT parameters): ``splice.train``.
 
-Hooks for methods that act during training live in ``splice.train.hooks``.
+Modules: ``loop`` (the loop, ``TrainConfig``), ``losses``, ``data`` (formats, batching),
+``checkpoint`` (save/resume), ``hooks`` (how AdaLoRA, SORSA, QAT plug in).
 """
 from splice.train.hooks import TrainHook, register_train_hook
+from splice.train.loop import TrainConfig, train, trainable_targets
 
-__all__ = ["TrainHook", "register_train_hook"]
+__all__ = ["TrainConfig", "TrainHook", "register_train_hook", "train", "trainable_targets"]

@@ -1,0 +1,63 @@
+"""Training losses over a graph's named outputs.
+
+* ``causal_lm``: next-token cross-entropy on ``logits`` [B, S, V] (position p predicts token
+  p+1; padding is not scored), as ``transformers``' ``ForCausalLMLoss`` (fp32 logits, mean over tokens).
+* ``embedding``: in-batch-negatives contrastive loss on mean-pooled ``last_hidden_state``
+  (sentence-transformers' ``MultipleNegativesRankingLoss``: cosine similarities × 20, the
+  positive of anchor i is the target of row i, every other positive a negative).
+* ``classification``: cross-entropy of ``logits`` [B, C] against integer labels.
+
+``check_graph(graph, loss)`` says, before any data is read, whether the graph has what the
+loss needs (inputs ``input_ids``; the output named above).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from splice.errors import SpliceError
+
+LOSSES = ("causal_lm", "embedding", "classification")
+_OUTPUT = {"causal_lm": "logits", "embedding": "last_hidden_state", "classification": "logits"}
+EMBEDDING_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
+
+
+def check_graph(graph, loss: str) -> None:
+    name = graph.source.get("name") or "the model"
+    if "input_ids" not in graph.input_names:
+        raise SpliceError(f"train: loss={loss} needs a text model taking input_ids; {name} takes "
+                          f"{', '.join(graph.input_names)}")
+    if _OUTPUT[loss] not in graph.output_names:
+        raise SpliceError(f"train: loss={loss} needs a '{_OUTPUT[loss]}' output; {name} has "
+                          f"{', '.join(graph.output_names) or 'none'}")
+
+
+def causal_lm(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = outputs["logits"][:, :-1].float()
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def embedding(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    emb = F.normalize(mean_pool(outputs["last_hidden_state"].float(), batch["attention_mask"]), dim=-1)
+    anchors, positives = emb.chunk(2)
+    scores = anchors @ positives.T * EMBEDDING_SCALE
+    return F.cross_entropy(scores, torch.arange(len(anchors)))
+
+
+def classification(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = outputs["logits"].float()
+    if logits.dim() != 2:
+        raise SpliceError(f"train: loss=classification needs logits [batch, classes], got shape {tuple(logits.shape)}")
+    top = int(batch["labels"].max())
+    if top >= logits.shape[1]:
+        raise SpliceError(f"train: label {top} out of range for a model with {logits.shape[1]} classes")
+    return F.cross_entropy(logits, batch["labels"])
+
+
+LOSS_FNS = {"causal_lm": causal_lm, "embedding": embedding, "classification": classification}
