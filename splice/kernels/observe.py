@@ -7,17 +7,22 @@ accumulators registered for ``key``; outside a recording the op does nothing. Ki
 * ``hessian``  — ``sum XᵀX`` over the rows of ``x`` (flattened to ``[rows, K]``) and the row count
   (GPTQ's ``H = 2 XᵀX / n``);
 * ``act``      — per-channel ``sum |x|`` and ``max |x|`` and the row count (AWQ, SmoothQuant);
-* ``inputs``   — up to ``max_rows`` rows of ``x``, sampled evenly, for search-based methods.
+* ``inputs``   — up to ``max_rows`` rows of ``x``, sampled evenly, for search-based methods;
+* ``rows``     — every row of ``x``, in call order (a float model's inputs, kept for ``asym``);
+* ``asym``     — ``sum (X_ref − X)ᵀ X`` where ``X_ref`` is the matching call's rows in the
+  ``reference`` store (kind ``rows``, filled first by the float model): GPTAQ's asymmetric term
+  (https://arxiv.org/abs/2504.02692), 0 when the quantized and float inputs agree.
 """
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 _ACTIVE: list["StatsStore"] = []
-KINDS = ("hessian", "act", "inputs")
+KINDS = ("hessian", "act", "inputs", "rows", "asym")
 
 
 @dataclass
@@ -27,9 +32,15 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     samples: list[torch.Tensor] = field(default_factory=list)
+    dxtx: torch.Tensor | None = None
+    queue: deque = field(default_factory=deque)
 
     def hessian(self) -> torch.Tensor:
         return 2 * self.xtx / max(self.rows, 1)
+
+    def asymmetry(self) -> torch.Tensor:
+        """``2 (X_ref − X)ᵀ X / n``, on the Hessian's scale."""
+        return 2 * self.dxtx / max(self.rows, 1)
 
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.rows, 1)
@@ -44,6 +55,7 @@ class StatsStore:
 
     kinds: dict[str, tuple[str, ...]]
     max_rows: int = 4096
+    reference: "StatsStore | None" = None
     stats: dict[str, LayerStats] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -75,6 +87,11 @@ class StatsStore:
             if have < self.max_rows:
                 step = max(1, rows.shape[0] // max(1, (self.max_rows - have)))
                 s.samples.append(rows[::step][: self.max_rows - have].clone())
+        if "rows" in kinds:
+            s.queue.append(rows.clone())
+        if "asym" in kinds:
+            dx = self.reference.stats[key].queue.popleft() - rows
+            s.dxtx = dx.T @ rows if s.dxtx is None else s.dxtx + dx.T @ rows
 
     def pop(self, key: str) -> LayerStats:
         """Take a key's statistics out (bounded memory: consumers pop what they used)."""

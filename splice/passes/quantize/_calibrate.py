@@ -7,6 +7,8 @@ graph order; each block's statistics are gathered on activations produced by the
 before it *already quantized*, the block's layers are solved, then the block is re-run with its
 quantized weights to produce the next block's inputs. Only one block's statistics are alive at
 a time. Otherwise the whole graph runs once and every layer is solved from those statistics.
+Observer kind ``asym`` (GPTAQ) also runs the float graph block by block beside the quantized
+copy, so each layer sees how its quantized-model inputs differ from the float model's.
 """
 from __future__ import annotations
 
@@ -32,6 +34,24 @@ Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 GroupSolveFn = Callable[[list[fx.Node], list[torch.Tensor], LayerStats], list[torch.Tensor]]
 
 
+class _FloatReference:
+    """The float graph, observed like the working copy and advanced with it block by block;
+    its store holds the rows each observer saw there until the working copy's ``asym``
+    statistics consume them."""
+
+    def __init__(self, graph: Graph, nodes: list[fx.Node], calibration: list[tuple]):
+        work = graph.copy()
+        by_name = {n.name: n for n in work.gm.graph.nodes}
+        keys = insert_observers(work, [by_name[n.name] for n in nodes])
+        self.store = StatsStore({k: ("rows",) for k in keys.values()})
+        self.runner = SegmentRunner(work.gm, calibration)
+
+    def advance(self, observed_end: int, end: int) -> None:
+        with self.store.recording():
+            self.runner.run_to(observed_end)
+        self.runner.run_to(end)
+
+
 def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], kinds: tuple[str, ...],
                  solve_group: GroupSolveFn, *, sequential: bool, pass_name: str, progress: bool = False) -> None:
     """Call ``solve_group`` once per set of ``nodes`` (linears of ``graph``, left untouched) that
@@ -42,7 +62,9 @@ def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], k
     by_name = {n.name: n for n in work.gm.graph.nodes}
     targets = [by_name[n.name] for n in nodes]
     keys = insert_observers(work, targets)
-    store = StatsStore({k: kinds for k in keys.values()})
+    reference = _FloatReference(graph, nodes, calibration) if "asym" in kinds and sequential else None
+    store = StatsStore({k: kinds if reference else tuple(x for x in kinds if x != "asym") for k in keys.values()},
+                       reference=reference and reference.store)
     groups: dict[str, list[fx.Node]] = {}
     for node in work.gm.graph.nodes:
         if node in keys:
@@ -67,9 +89,12 @@ def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], k
         for block, block_key_list in tqdm(block_keys.items(), desc=pass_name, disable=not progress):
             members = [m for key in block_key_list for m in groups[key]]
             end = max(block_end(work.gm, block), *(runner.nodes.index(m) for m in members))
+            observed_end = max(i for i in observers if i <= end)  # statistics need the block only up to here
+            if reference:
+                reference.advance(observed_end, end)
             snap = runner.snapshot()
-            with store.recording():  # statistics need the block only up to its last observer
-                runner.run_to(max(i for i in observers if i <= end))
+            with store.recording():
+                runner.run_to(observed_end)
             solve_block(block_key_list)
             if block != last:  # the next blocks' inputs, through this block's solved layers
                 runner.restore(snap)
@@ -119,3 +144,22 @@ def solution_lookup(solutions: dict[str, Solution]):
         return grid.quantize(w, scale, zero), scale, zero
 
     return lookup
+
+
+def input_hessians(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], *, pass_name: str,
+                   progress: bool = False) -> dict[str, torch.Tensor]:
+    """``H = 2XᵀX/n`` of the input of each linear in ``nodes`` on ``calibration``, the float
+    model run once (not sequential), keyed by weight target; layers that saw no rows are left
+    out. Layers reading one input share one tensor."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def keep(members, weights, stats: LayerStats):
+        if stats.rows:
+            h = stats.hessian()
+            for node in members:
+                hessians[node.args[1].target] = h
+        return weights
+
+    solve_groups(graph, nodes, calibration, ("hessian",), keep, sequential=False, pass_name=pass_name,
+                 progress=progress)
+    return hessians

@@ -8,6 +8,13 @@ diagonal; grids are computed up front per group — "static groups" — so the s
 no reordering index), ``sequential`` (block-by-block calibration, see ``_calibrate.py``).
 A Hessian that is not positive definite is damped further (×10 up to 6 times); the report says
 which layers needed it. Layers that saw no calibration rows fall back to round-to-nearest.
+
+``gptaq`` (GPTAQ, formerly GPTQv2, https://arxiv.org/abs/2504.02692, as its reference code and
+GPTQModel's ``v2=True``): asymmetric calibration. Each layer is fitted to the *float* model's
+output ``W X`` from its quantized-model input ``X̃`` (``min ‖W X − Q X̃‖``): besides ``H = X̃ᵀX̃``
+the float graph runs beside the quantized one (sequential mode) to gather ``ΔXᵀX̃``
+(``ΔX = X − X̃``), and each column update gets the extra term ``w · P[i, i:]`` with
+``P = α · triu₁(ΔXᵀX̃ · Uᵀ) · U``, ``U`` the upper Cholesky factor of ``H⁻¹`` (``α`` = ``gptaq_alpha``).
 """
 from __future__ import annotations
 
@@ -32,9 +39,15 @@ class GPTQConfig(WeightQuantConfig):
     block_size: int = field(default=128, metadata={"help": "columns per lazy update block"})
     act_order: bool = field(default=False, metadata={"help": "quantize columns by decreasing diag(H)"})
     sequential: bool = field(default=True, metadata={"help": "calibrate block by block on quantized outputs"})
+    gptaq: bool = field(default=False, metadata={"help": "GPTAQ: fit quantized-model inputs to the float model's outputs"})
+    gptaq_alpha: float = field(default=0.25, metadata={"help": "weight of GPTAQ's asymmetry term"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.gptaq and not self.sequential:
+            raise ValueError("gptaq needs sequential=true (the quantized and float inputs only differ then)")
+        if not 0 <= self.gptaq_alpha <= 1:
+            raise ValueError(f"gptaq_alpha must be in [0, 1], got {self.gptaq_alpha}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
@@ -55,24 +68,28 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor
     raise RuntimeError("Hessian stays singular after damping")
 
 
-def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfig):
-    """GPTQ on one weight ``[N, K]`` with Hessian ``[K, K]``; returns codes, scale, zero, retries."""
+def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfig, dxtx: torch.Tensor | None = None):
+    """GPTQ on one weight ``[N, K]`` with Hessian ``[K, K]`` (and GPTAQ's ``ΔXᵀX̃`` on the same
+    scale, if given); returns codes, scale, zero, retries."""
     w = w.clone().double()
     h = h.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    dxtx = torch.zeros_like(h) if dxtx is None else dxtx.double().clone()
+    dxtx[:, dead] = 0
     scale, zero = grid.params(w.float())  # static per-group grids (layout needs contiguous groups)
     scale, zero = scale.double(), zero
     n, k = w.shape
     perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, dxtx = w[:, perm], h[perm][:, perm], dxtx[perm][:, perm]
     hinv, retries = inverse_hessian_cholesky(h, cfg.damp)
+    p = cfg.gptaq_alpha * (dxtx @ hinv.T).triu_(diagonal=1) @ hinv
     codes = torch.zeros(n, k, dtype=torch.int32)
     dynamic_groups = not cfg.act_order
     for i1 in range(0, k, cfg.block_size):
         i2 = min(i1 + cfg.block_size, k)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1, p1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2], p[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // grid.group_size
@@ -85,9 +102,9 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
             q = torch.clamp(torch.round(w1[:, i] / scale[:, g]) + zero[:, g], 0, grid.maxq)
             codes[:, col] = q.to(torch.int32)
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0) - w1[:, i:i + 1] * p1[i, i:].unsqueeze(0)
             err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:] - w1 @ p[i1:i2, i2:]
     return codes, scale.float(), zero, retries
 
 
@@ -101,12 +118,14 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
         if stats.rows == 0:
             scale, zero = grid.params(w)
             return grid.quantize(w, scale, zero), scale, zero
-        codes, scale, zero, retries = gptq_layer(w, stats.hessian(), grid, cfg)
+        asym = stats.asymmetry() if cfg.gptaq else None
+        codes, scale, zero, retries = gptq_layer(w, stats.hessian(), grid, cfg, asym)
         if retries:
             damped[module_path(node)] = retries
         return codes, scale, zero
 
-    solutions = solve_layers(graph, nodes, cfg, ctx.calibration, ("hessian",), solve,
+    kinds = ("hessian", "asym") if cfg.gptaq else ("hessian",)
+    solutions = solve_layers(graph, nodes, cfg, ctx.calibration, kinds, solve,
                              sequential=cfg.sequential, pass_name="quantize.gptq", progress=ctx.progress)
 
     def lookup(node, w, grid):
