@@ -5,6 +5,7 @@
     splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib FILE] -o OUT [--force]
     splice export ARTIFACT --onnx FILE [--check] [--force]
     splice eval MODEL|ARTIFACT --ppl FILE [--seq-len N] [--stride N] [--max-tokens N] [--ref MODEL [--layers]]
+    splice train MODEL|ARTIFACT --data FILE [--eval FILE] [-p SPEC ...] --steps N --lr LR -o OUT [--resume]
     splice demo ...                               the end-to-end demo (splice/demo.py)
 
 Bad input (a :class:`~splice.errors.SpliceError`) prints one line ``splice: error: ...`` on
@@ -187,6 +188,19 @@ def _first_fidelity(entry: dict, output: str | None) -> dict:
     return next(iter(fid.values()))
 
 
+def _plan_table(entry: dict):
+    """Per-layer bit widths chosen by a mixed-precision pass (its report's ``plan``)."""
+    from rich.table import Table
+
+    rep = entry["report"]
+    table = Table(title=f"{entry.get('pass')} plan: mean {rep.get('avg_bits', '?')} bits", title_justify="left")
+    table.add_column("layer", overflow="fold")
+    table.add_column("bits", justify="right")
+    for path, bits in rep["plan"].items():
+        table.add_row(_esc(path), str(bits))
+    return table
+
+
 def _history_table(history: list[dict], output: str | None, title: str):
     from rich.table import Table
 
@@ -334,6 +348,9 @@ def cmd_run(args, ui: _UI) -> int:
     new = result.graph
     output = new.output_names[0] if new.output_names else None
     ui.print(_history_table(result.reports, output, f"passes (fidelity of '{output}' vs the captured model)"))
+    for entry in result.reports:  # mixed-precision passes report their per-layer plan
+        if "plan" in (entry.get("report") or {}):
+            ui.print(_plan_table(entry))
     after = new.nbytes()
     ratio = f" ({before / after:.2f}× smaller)" if after and after < before else ""
     ui.print(f"model bytes: {before:,} → {after:,}{ratio}")
@@ -493,6 +510,58 @@ def cmd_eval(args, ui: _UI) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- train
+
+
+def cmd_train(args, ui: _UI) -> int:
+    import splice
+    from splice.eval.data import read_text
+    from splice.passes.manager import Pipeline
+    from splice.passes.spec import parse_spec
+    from splice.train import TrainConfig
+
+    # 1. everything that needs no model: options, pass specs, data files, output path
+    opts = dict(loss=args.loss, steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                seq_len=args.seq_len, warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay,
+                max_grad_norm=args.max_grad_norm, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                seed=args.seed)
+    TrainConfig(**opts)
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("train: --resume needs --checkpoint-dir DIR")
+    pipeline = Pipeline([parse_spec(spec) for spec in args.passes or []])
+    for path in [args.data] + ([args.eval] if args.eval else []):
+        read_text(path)
+    out = Path(args.output)
+    _refuse_existing(out, args.force)
+    if not Path(args.model).exists():
+        raise SpliceError(f"{args.model}: no such file or directory")
+
+    # 2. capture, add adapters, train, save
+    graph, cap_s = _capture(args.model, ui)
+    ui.print(f"captured {_esc(graph.source.get('name', args.model))}: {graph.num_params():,} params in {cap_s:.1f} s")
+    if pipeline.steps:
+        with ui.status(f"running {pipeline}…"), ui.quiet():
+            graph = pipeline.run(graph).graph
+        ui.print(f"passes: {_esc(str(pipeline))}")
+    with ui.quiet(redirect=not ui.interactive):
+        trained, report = splice.train(graph, args.data, eval_data=args.eval, checkpoint_dir=args.checkpoint_dir,
+                                       resume=args.resume, progress=ui.interactive, **opts)
+    with ui.status(f"saving {out}…"), ui.quiet():
+        trained.save(out, force=args.force)
+
+    # 3. summary
+    ui.print(f"trained {report['trainable_params']:,} parameters ({report['trainable_tensors']} tensors) for "
+             f"{report['steps']} steps on {report['examples']:,} examples of {_esc(args.data)} "
+             f"({report['seconds_per_step']} s/step)")
+    ui.print(f"train loss: {report['train_loss_first']:.4f} (first steps) → {report['train_loss_last']:.4f} (last steps)")
+    if report["eval_loss_after"] is not None:
+        before = report["eval_loss_before"]
+        ui.print(f"held-out loss ({_esc(args.eval)}): "
+                 + (f"{before:.4f} → " if before is not None else "") + f"{report['eval_loss_after']:.4f}")
+    ui.print(f"saved artifact: {_esc(out)}")
+    return 0
+
+
 # -------------------------------------------------------------------------------- demo
 
 
@@ -599,13 +668,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-samples", type=_positive_int, default=4, metavar="N",
                    help="--seq-len windows used by --layers (default 4)")
 
+    p = sub.add_parser("train", parents=[common], help="train adapters on a data file and save an artifact",
+                       description="Capture MODEL (or load ARTIFACT), add adapters with -p, train the adapter "
+                                   "tensors (everything else frozen) with AdamW on --data, and save the trained "
+                                   "graph as an artifact OUT. Data: a text file (--loss causal_lm), JSONL "
+                                   '{"anchor", "positive"} pairs (embedding) or {"text", "label"} lines '
+                                   "(classification); see docs/training.md.",
+                       epilog="example: splice train ./smollm2 --data train.txt --eval held.txt "
+                              "-p adapter.lora:rank=8 --steps 200 --lr 1e-3 -o smollm2-lora")
+    p.add_argument("model", metavar="MODEL|ARTIFACT")
+    p.add_argument("--data", required=True, metavar="FILE", help="training data")
+    p.add_argument("--eval", metavar="FILE", help="held-out data, evaluated before, every --eval-every steps and after")
+    p.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
+                   help="a pass run before training, e.g. adapter.lora:rank=8 (repeatable)")
+    p.add_argument("--loss", choices=("causal_lm", "embedding", "classification"), default="causal_lm")
+    p.add_argument("--steps", type=_positive_int, default=100, metavar="N", help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, metavar="N", help="examples per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N", help="micro-batches per step (default 1)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, metavar="N", help="tokens per example (default 256)")
+    p.add_argument("--warmup", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
+    p.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off; default 1)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="write a checkpoint here (resumable with --resume)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
     sub.add_parser("demo", parents=[common], add_help=False, help="the end-to-end demo (`splice demo --help`)",
                    description="The end-to-end demo; its options come from splice/demo.py.")
     return parser
 
 
 _COMMANDS = {"passes": cmd_passes, "inspect": cmd_inspect, "run": cmd_run, "export": cmd_export,
-             "eval": cmd_eval}
+             "eval": cmd_eval, "train": cmd_train}
 
 
 def _error(msg: str) -> None:
