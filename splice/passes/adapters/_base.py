@@ -37,6 +37,11 @@ class BaseOp:
     fold: Callable[[Graph, fx.Node, torch.Tensor], tuple[Originals, dict[str, Any]]]
     restore: Callable[[Graph, fx.Node, Originals, torch.Tensor], None]
     set_weight: Callable[[Graph, list[fx.Node], torch.Tensor], None] | None = None
+    # float bases only, for methods that read the base (DoRA, IA3, SSF): the bias (or None), and
+    # ``replace`` (new weight, new bias or None = keep it; returns the old tensors) / ``unreplace``
+    bias: Callable[[Graph, fx.Node], torch.Tensor | None] | None = None
+    replace: Callable[[Graph, fx.Node, torch.Tensor, torch.Tensor | None], Originals] | None = None
+    unreplace: Callable[[Graph, fx.Node, Originals], None] | None = None
 
 
 BASE_OPS: dict[Any, BaseOp] = {}
@@ -98,7 +103,54 @@ def _linear_set(graph, nodes, w):
     replace_stored(graph, nodes, 1, w.to(old.dtype), "_residual")
 
 
+def _linear_bias(graph, node):
+    return graph.tensor(node.args[2].target).float() if len(node.args) > 2 and node.args[2] is not None else None
+
+
+def _linear_replace(graph, node, w, b):
+    """Point the layer at new tensors (a layer without bias gets one), returning the old ones."""
+    old = {"weight": node.args[1]}
+    if _linear_bias(graph, node) is not None:
+        old["bias"] = node.args[2]
+    args = [node.args[0], graph.add_tensor(old["weight"].target + "_folded", w.to(graph.tensor(old["weight"].target).dtype))]
+    if b is not None:
+        dtype = graph.tensor(old["bias"].target).dtype if "bias" in old else b.dtype
+        args.append(graph.add_tensor(old["bias"].target + "_folded" if "bias" in old else f"{layer_path(node)}.bias", b.to(dtype)))
+    elif "bias" in old:
+        args.append(old["bias"])
+    node.args = tuple(args)
+    return old
+
+
+def _linear_unreplace(graph, node, originals):
+    node.args = (node.args[0], originals["weight"], *([originals["bias"]] if "bias" in originals else []))
+
+
+def float_base(graph: Graph, node: fx.Node, who: str, method: str) -> BaseOp:
+    """The handler of a base whose float weight a method reads (and replaces when folded)."""
+    handler = base_op(node, who)
+    if handler.replace is None:
+        raise ConfigError(f"{who}: layer '{layer_path(node)}' ({node.target}) has no float weight for {method} to read "
+                          "(add the adapter before quantizing)")
+    stored(graph, node, 1, who)
+    return handler
+
+
 register_base_op(aten.linear.default, BaseOp(_linear_shape, lambda g, n: stored(g, n, 1).float(),
+                                             _linear_fold, _linear_restore, _linear_set,
+                                             _linear_bias, _linear_replace, _linear_unreplace))
+
+# ----------------------------------------------------------------------- aten.conv2d
+# The weight ``[O, I/groups, kh, kw]`` is argument 1 like a linear's and folds the same way; an
+# update has the weight's 4-D shape; ``shape`` is the matrix view ``(O, I/groups·kh·kw)``.
+
+
+def _conv_shape(graph, node, who):
+    w = stored(graph, node, 1, who)
+    return w.shape[0], w[0].numel()
+
+
+register_base_op(aten.conv2d.default, BaseOp(_conv_shape, lambda g, n: stored(g, n, 1).float(),
                                              _linear_fold, _linear_restore, _linear_set))
 
 # ---------------------------------------------------------------------- splice::qlinear

@@ -8,6 +8,12 @@ a *delta op* reads the layer's input and its output is added to the base's::
     d = splice::lora_delta(x, A, B, scale)    # one delta op per adapter
     out = aten.add(y, d)                      # several adapters chain: add(add(y, d1), d2)
 
+A method may also read the base's output and its float weight/bias (``Method.reads``): DoRA's
+delta is ``op(x, y, W, b, A, B, m, ...)``, IA3's and SSF's ``op(y, ...)``. Every delta reads the
+*base* output ``y``, not the chain, so adapters stay independent and fold together exactly. Such
+methods fold through ``Method.affine`` (the update as a function of the base ``W``/``b``, bias
+included); the fold then keeps the base's original tensors so unfold restores them exactly.
+
 Tensors are stored as ``<module path>.adapters.<name>.<key>`` (``...q_proj.adapters.default.A``);
 the trainable ones (role ``adapter``) are created with ``requires_grad`` so a training loop picks
 them up, everything else stays frozen. ``scale`` is a 0-d tensor: changing an adapter's weight or
@@ -16,6 +22,8 @@ alpha, dropout, weight, active …) are JSON in the delta node's ``meta["custom"
 
 A *method* (``Method``) names its delta op, the order of its tensors and how to turn them into a
 dense ``[out, in]`` update for folding. Base ops are handled by ``passes/adapters/_base.py``.
+Every method's ``scale`` is the 0-d factor on its whole delta (``meta["scaling"] × weight``, 0
+when inactive), so weighting and switching work the same for all of them.
 """
 from __future__ import annotations
 
@@ -67,7 +75,19 @@ class Method:
     op: Any
     keys: tuple[str, ...]
     trainable: tuple[str, ...]
-    delta_weight: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    delta_weight: Callable[..., torch.Tensor]  # (tensors), or (tensors, (out, in)) when ``shaped``
+    base_args: Callable[[fx.Node], tuple] = lambda base: ()  # non-tensor op args read off the base (conv stride …)
+    shaped: bool = False  # the update depends on the layer's size, not only on the tensors (VeRA, Bone)
+    # base values the op takes before its tensors: "x" (input), "out" (base output), "weight", "bias"
+    reads: tuple[str, ...] = ("x",)
+    # the fold update from the base's float (W [out, in], b [out] or None): (ΔW, Δb or None);
+    # set for methods whose update depends on the base (then ``delta_weight`` is None)
+    affine: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None],
+                     tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def dense(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The dense ``[out, in]`` update of this adapter on a layer of ``shape``."""
+        return self.delta_weight(tensors, shape) if self.shaped else self.delta_weight(tensors)
 
 
 METHODS: dict[Any, Method] = {}
@@ -111,7 +131,7 @@ class Site:
         return read_meta(self.delta)
 
     def nodes(self) -> dict[str, fx.Node]:
-        return dict(zip(self.method.keys, self.delta.args[1:]))
+        return dict(zip(self.method.keys, self.delta.args[len(self.method.reads):]))
 
     def tensors(self, graph: Graph) -> dict[str, torch.Tensor]:
         return {k: graph.tensor(n.target) for k, n in self.nodes().items()}
@@ -145,8 +165,9 @@ def sites(graph: Graph) -> list[Site]:
         if not _is_delta(node):
             continue
         add = next(u for u in node.users if u.target == ADD)
-        m = _TENSOR.match(node.args[1].target)
-        out.append(Site(m["name"], m["path"], METHODS[node.target], node, add, chain_base(add.args[0])))
+        method = METHODS[node.target]
+        m = _TENSOR.match(node.args[len(method.reads)].target)
+        out.append(Site(m["name"], m["path"], method, node, add, chain_base(add.args[0])))
     return out
 
 
@@ -197,14 +218,22 @@ def attach(graph: Graph, base: fx.Node, name: str, method: Method,
     end = chain_end(base)
     fxg = graph.gm.graph
     with fxg.inserting_after(end):
-        delta = fxg.call_function(method.op, (base.args[0], *[nodes[k] for k in method.keys]))
+        delta = fxg.call_function(method.op, (*base_operands(base, method.reads), *[nodes[k] for k in method.keys],
+                                              *method.base_args(base)))
     with fxg.inserting_after(delta):
         add = fxg.call_function(ADD, (end, delta))
     for n in (delta, add):
         n.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
     write_meta(delta, {"method": method.name, **meta})
-    end.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add and u.target != FOLDED)
+    end.replace_all_uses_with(add, delete_user_cb=lambda u: u not in (add, delta) and u.target != FOLDED)
     return nodes
+
+
+def base_operands(base: fx.Node, reads: tuple[str, ...]) -> list:
+    """The base values a delta op reads: input, output, and (``aten.linear`` layout) weight, bias."""
+    values = {"x": base.args[0], "out": base, "weight": base.args[1],
+              "bias": base.args[2] if len(base.args) > 2 else None}
+    return [values[r] for r in reads]
 
 
 def detach(graph: Graph, site: Site) -> None:

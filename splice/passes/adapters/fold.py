@@ -17,6 +17,8 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
+
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.passes.adapters._base import base_op
@@ -73,19 +75,44 @@ def fold(graph: Graph, cfg: FoldConfig, ctx: PassContext) -> PassResult:
         by_base[s.base].append(s)
     layers = {}
     for base, group in by_base.items():
-        dw = sum(s.method.delta_weight(s.tensors(graph)) for s in group)
-        originals, report = base_op(base, who).fold(graph, base, dw)
+        handler = base_op(base, who)
+        shape = handler.shape(graph, base, who)
+        replaced = any(s.method.affine for s in group)
+        if replaced:
+            originals, report = _fold_affine(graph, base, handler, group, shape, who), {}
+        else:
+            dw = sum(s.method.dense(s.tensors(graph), shape) for s in group)
+            originals, report = handler.fold(graph, base, dw)
         layers[layer_path(base)] = {"adapters": [s.name for s in group], **report}
         if cfg.keep:
-            _record(graph, base, group, originals)
+            _record(graph, base, group, originals, replaced)
         for s in group:
             detach(graph, s)
     return PassResult(graph, True, {"folded": len(chosen), "layers": layers})
 
 
-def _record(graph: Graph, base, group, originals) -> None:
+def _fold_affine(graph: Graph, base, handler, group, shape, who: str):
+    """Fold adapters whose update depends on the base (DoRA, IA3, SSF; others in the group add
+    their dense update): ``W' = W + Σ ΔW_i(W, b)``, ``b' = b + Σ Δb_i``, on new tensors, so the
+    originals come back exactly on unfold."""
+    if handler.replace is None:
+        names = ", ".join(s.method.name for s in group if s.method.affine)
+        raise ConfigError(f"{who}: layer '{layer_path(base)}' ({base.target}) cannot fold {names} (no float weight)")
+    w, b = handler.weight(graph, base), handler.bias(graph, base)
+    dw, db = torch.zeros_like(w), None
+    for s in group:
+        t = s.tensors(graph)
+        d, e = s.method.affine(t, w, b) if s.method.affine else (s.method.dense(t, shape), None)
+        dw = dw + d
+        db = e if db is None else db if e is None else db + e
+    return handler.replace(graph, base, w + dw, None if db is None else db if b is None else b + db)
+
+
+def _record(graph: Graph, base, group, originals, replaced: bool) -> None:
     spec = {"path": layer_path(base), "base_op": str(base.target), "originals": list(originals),
             "adapters": [{"name": s.name, "method": s.method.name, "meta": s.meta} for s in group]}
+    if replaced:
+        spec["replaced"] = True  # the base points at new tensors; unfold points it back
     tensors = [n for s in group for n in s.nodes().values()] + list(originals.values())
     after = ([base] + [u for u in base.users if u.target == FOLDED])[-1]  # records stay in fold order
     with graph.gm.graph.inserting_after(after):
@@ -112,16 +139,22 @@ def unfold(graph: Graph, cfg: UnfoldConfig, ctx: PassContext) -> PassResult:
             raise ConfigError(f"{who}: layer '{path}' was rewritten after adapter.fold ({rec.spec['base_op']} -> "
                               f"{base.target}); unfold before that pass")
         later = per_base[base][per_base[base].index(rec) + 1:]
-        if rec.spec["originals"] and any(r not in picked for r in later):
+        kept = [r for r in later if r not in picked]
+        if kept and (rec.spec["originals"] or any(r.spec.get("replaced") for r in kept)):
             names = ", ".join(a["name"] for r in later for a in r.spec["adapters"])
             raise ConfigError(f"{who}: on layer '{path}' unfold '{names}' first (folded later into the same weights)")
         adapters = rec.adapter_nodes()
         for entry, _ in adapters:
             if (path, entry["name"]) in taken:
                 raise ConfigError(f"{who}: layer '{path}' already has an adapter named '{entry['name']}'")
-        dw = sum(method_named(e["method"]).delta_weight({k: graph.tensor(n.target) for k, n in nodes.items()})
-                 for e, nodes in adapters)
-        base_op(base, who).restore(graph, base, rec.originals(), dw)
+        handler = base_op(base, who)
+        if rec.spec.get("replaced"):
+            handler.unreplace(graph, base, rec.originals())
+        else:
+            shape = handler.shape(graph, base, who)
+            dw = sum(method_named(e["method"]).dense({k: graph.tensor(n.target) for k, n in nodes.items()}, shape)
+                     for e, nodes in adapters)
+            handler.restore(graph, base, rec.originals(), dw)
         for entry, nodes in adapters:
             meta = {k: v for k, v in entry["meta"].items() if k != "method"}
             attach(graph, base, entry["name"], method_named(entry["method"]), nodes, meta)

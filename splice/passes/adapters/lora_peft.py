@@ -19,7 +19,12 @@ from torch import fx
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.passes.adapters._common import Method, Site, attach
-from splice.passes.adapters._peft import PeftLoad, base_config, most_common, register_peft_format
+from splice.passes.adapters._peft import (
+    PeftLoad,
+    base_config,
+    most_common,
+    register_peft_format,
+)
 from splice.passes.adapters.lora import LORA, lora_scaling
 
 LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<key>lora_[AB])(?:\.[A-Za-z0-9_]+)?\.weight")
