@@ -25,11 +25,16 @@ def parse_spec(spec: str) -> tuple[PassInfo, PassConfig]:
         raise ConfigError(f"empty pass spec {spec!r}")
     info = get_pass(name.strip())
     options: dict[str, str] = {}
+    last = None
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
+        if not eq and last is not None:  # a list value: quantize.allocate:bits=2,3,4
+            options[last] += "," + item
+            continue
         if not eq or not key.strip():
             raise ConfigError(f"{info.name}: expected key=value, got {item!r}")
-        options[key.strip()] = value.strip()
+        last = key.strip()
+        options[last] = value.strip()
     return info, info.make_config(options)
 
 

@@ -1,2 +1,5 @@
 """Quantization passes (weight-only and weight+activation)."""
-from splice.passes.quantize import awq, gptq, rtn  # noqa: F401
+from splice.passes.quantize import awq, gptq, reconstruct, rtn  # noqa: F401
+from splice.passes.quantize import convert, qat  # noqa: F401
+from splice.passes.quantize import allocate, nonuniform  # noqa: F401
+from splice.passes.quantize import smoothquant, w8a8  # noqa: F401

@@ -21,7 +21,9 @@ from splice.kernels.quant import GroupGrid
 from splice.passes.base import PassConfig
 
 aten = torch.ops.aten
-QUANTIZED_OPS = (torch.ops.splice.qlinear.default, torch.ops.splice.qembedding.default)
+QUANTIZED_OPS = (torch.ops.splice.qlinear.default, torch.ops.splice.qembedding.default,
+                 torch.ops.splice.fake_quant_linear.default, torch.ops.splice.lut_linear.default,
+                 torch.ops.splice.w8a8_linear.default)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,25 +52,31 @@ def resolve_group(cfg: WeightQuantConfig, k: int, path: str, pass_name: str) -> 
     return g
 
 
+def check_not_quantized(node: fx.Node, pass_name: str) -> None:
+    if node.target in QUANTIZED_OPS:
+        raise ConfigError(f"{pass_name}: '{module_path(node)}' is already quantized "
+                          f"(by {node.meta.get('splice_pass', 'an earlier pass')}); quantize the float model")
+
+
 # (node, float weight [N, K], grid) -> integer codes [N, K], scales [N, G], zeros [N, G]
 QuantizeFn = Callable[[fx.Node, torch.Tensor, GroupGrid], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quantize: QuantizeFn) -> dict:
+def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quantize: QuantizeFn,
+                    bits_of: Callable[[str], int] | None = None) -> dict:
     """Rewrite every selected linear/embedding of ``graph`` (in place: the pass's own copy)
-    to its quantized op; returns the report."""
+    to its quantized op; returns the report. ``bits_of(weight target)`` overrides ``cfg.bits``
+    per weight (mixed precision, ``quantize.allocate``)."""
     nodes = select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), pass_name)
     stored: dict[str, tuple[fx.Node, fx.Node, fx.Node | None, int]] = {}
     layers, before, after = {}, 0, 0
     for node in nodes:
-        if node.target in QUANTIZED_OPS:
-            raise ConfigError(f"{pass_name}: '{module_path(node)}' is already quantized "
-                              f"(by {node.meta.get('splice_pass', 'an earlier pass')}); quantize the float model")
+        check_not_quantized(node, pass_name)
         w_node = node.args[0] if node.target == aten.embedding.default else node.args[1]
         w = graph.tensor(w_node.target)
         if w_node.target not in stored:
             g = resolve_group(cfg, w.shape[1], module_path(node), pass_name)
-            grid = GroupGrid(cfg.bits, g, cfg.symmetric)
+            grid = GroupGrid(cfg.bits if bits_of is None else bits_of(w_node.target), g, cfg.symmetric)
             codes, scale, zero = quantize(node, w.detach().float(), grid)
             deq = grid.dequantize(codes, scale, zero)
             layers[module_path(node)] = round(_sqnr_db(w.detach().float(), deq), 2)
@@ -91,16 +99,22 @@ def _store(graph: Graph, target: str, grid: GroupGrid, codes, scale, zero):
 
 
 def _replace(graph: Graph, node: fx.Node, q, s, z, bits: int, group_size: int) -> None:
+    if node.target == aten.embedding.default:
+        replace_node(graph, node, torch.ops.splice.qembedding.default, (node.args[1], q, s, z, bits, group_size))
+    else:
+        bias = node.args[2] if len(node.args) > 2 else None
+        replace_node(graph, node, torch.ops.splice.qlinear.default, (node.args[0], q, s, z, bias, bits, group_size))
+
+
+def replace_node(graph: Graph, node: fx.Node, op, args: tuple) -> fx.Node:
+    """Put ``op(*args)`` in ``node``'s place (keeping its module path) and erase ``node``."""
     fxg = graph.gm.graph
     with fxg.inserting_before(node):
-        if node.target == aten.embedding.default:
-            new = fxg.call_function(torch.ops.splice.qembedding.default, (node.args[1], q, s, z, bits, group_size))
-        else:
-            bias = node.args[2] if len(node.args) > 2 else None
-            new = fxg.call_function(torch.ops.splice.qlinear.default, (node.args[0], q, s, z, bias, bits, group_size))
+        new = fxg.call_function(op, args)
     new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     node.replace_all_uses_with(new)
     fxg.erase_node(node)
+    return new
 
 
 def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
