@@ -671,3 +671,5 @@ register_arg_roles(torch.ops.splice.dora_delta.default,
 register_arg_roles(torch.ops.splice.ia3_delta.default, {1: "adapter", 2: "adapter_scale"})
 register_arg_roles(torch.ops.splice.ia3_ff_delta.default, {2: "adapter", 3: "adapter_scale"})
 register_arg_roles(torch.ops.splice.ssf_delta.default, {1: "adapter", 2: "adapter", 3: "adapter_scale"})
+
+from splice.kernels import triton as _triton_kernels  # noqa: E402,F401  (CUDA kernels of qlinear; Triton loads lazily)
