@@ -31,8 +31,8 @@ LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<key>lora_[AB])(?:\.[A-Za-z0-9_]+)?\.we
 # options of PEFT's LoraConfig that change the computation and that no splice format reads
 UNSUPPORTED = {"lora_bias": "lora_bias", "use_qalora": "QA-LoRA (use_qalora)", "layer_replication": "layer_replication",
                "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters"}
-# Build = (job, node, layer path, {PEFT key: (key, tensor)}, A, B, meta) -> (method, tensors to attach)
-Build = Callable[[PeftLoad, fx.Node, str, dict, torch.Tensor, torch.Tensor, dict], tuple[Method, dict]]
+# Build = (job, node, layer path, {PEFT key: (key, tensor)}, A, B, meta) -> (method, tensors, meta) to attach
+Build = Callable[[PeftLoad, fx.Node, str, dict, torch.Tensor, torch.Tensor, dict], tuple[Method, dict, dict]]
 
 
 def refuse_options(job: PeftLoad) -> None:
@@ -61,14 +61,14 @@ def load_low_rank(job: PeftLoad, pattern: re.Pattern, what: str, build: Build) -
         meta = {"rank": rank, "alpha": alpha, "rslora": rs, "dropout": float(job.config.get("lora_dropout") or 0.0),
                 "init": "peft", "scaling": lora_scaling(alpha, rank, rs), "weight": 1.0, "active": True,
                 "source": str(job.path)}
-        method, tensors = build(job, first, lp, parts, a.float().contiguous(), b.float().contiguous(), meta)
+        method, tensors, meta = build(job, first, lp, parts, a.float().contiguous(), b.float().contiguous(), meta)
         made = attach(job.graph, first, job.name, method, tensors, meta)
         for node in again:
             attach(job.graph, node, job.name, method, made, meta)
 
 
 def _build_lora(job, node, lp, parts, a, b, meta):
-    return LORA, {"A": a, "B": b, "scale": torch.tensor(meta["scaling"], dtype=torch.float32)}
+    return LORA, {"A": a, "B": b, "scale": torch.tensor(meta["scaling"], dtype=torch.float32)}, meta
 
 
 def load_lora(job: PeftLoad) -> None:
