@@ -1,0 +1,106 @@
+"""The injection loop of the factored adapter passes (NOLA, SVFit, SORSA, FLoRA, TeRA).
+
+``inject`` selects the target layers, refuses a name already taken on a layer, builds each layer's
+tensors with the method's ``make(layer)`` (once per module: a module called twice shares them, as
+PEFT does), adds the 0-d ``scale`` tensor from ``meta["scaling"]``, attaches the delta op and
+reports the trainable count. ``FrozenRandom`` gives frozen random tensors generated from
+``(seed, key, shape)`` and stored once per shape, shared by every layer of that shape (NOLA's
+bases, TeRA's core and factors), so stored bytes count each random tensor once.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from splice.errors import ConfigError
+from splice.ir.graph import Graph
+from splice.ir.select import select_nodes
+from splice.passes.adapters._base import BaseOp, base_op
+from splice.passes.adapters._common import AdapterConfig, Method, attach, layer_path, taken_names
+from splice.passes.base import PassResult
+
+
+@dataclass(frozen=True)
+class Layer:
+    node: fx.Node
+    path: str
+    handler: BaseOp
+    out_f: int
+    in_f: int  # fan-in (a conv's in/groups · kh · kw)
+    calls: int  # how many times the module is called in the graph
+
+
+def check_rank(who: str, rank: int, layer: Layer) -> None:
+    if rank > min(layer.out_f, layer.in_f):
+        raise ConfigError(f"{who}: rank {rank} exceeds min(in, out) = {min(layer.out_f, layer.in_f)} of layer "
+                          f"'{layer.path}' ({layer.in_f} -> {layer.out_f})")
+
+
+Tensors = dict[str, torch.Tensor | fx.Node]
+
+
+def inject(graph: Graph, cfg: AdapterConfig, who: str, method: Method, kinds: tuple[str, ...],
+           make: Callable[[Layer], Tensors], meta: dict[str, Any]) -> PassResult:
+    nodes = select_nodes(graph.gm, cfg.targets, kinds, who)
+    taken = taken_names(graph)
+    calls = Counter(layer_path(n) for n in nodes)
+    meta = {**meta, "weight": 1.0, "active": True}
+    made: dict[str, dict[str, fx.Node]] = {}
+    params = 0
+    for node in nodes:
+        path = layer_path(node)
+        if (path, cfg.name) in taken:
+            raise ConfigError(f"{who}: layer '{path}' already has an adapter named '{cfg.name}'; choose another name")
+        handler = base_op(node, who)
+        out_f, in_f = handler.shape(graph, node, who)
+        if path not in made:
+            tensors = make(Layer(node, path, handler, out_f, in_f, calls[path]))
+            tensors["scale"] = torch.tensor(float(meta["scaling"]), dtype=torch.float32)
+            params += sum(t.numel() for k, t in tensors.items() if k in method.trainable)
+            made[path] = attach(graph, node, cfg.name, method, tensors, meta)
+        else:
+            attach(graph, node, cfg.name, method, made[path], meta)
+    report = {"adapter": cfg.name, "layers": len(nodes), "trainable_params": params}
+    return PassResult(graph, True, report)
+
+
+class FrozenRandom:
+    """Frozen random tensors of adapter ``name``, one per ``(key, shape)``, stored as
+    ``adapters.<name>.<key>_<shape>`` and read by every layer that asks for that shape."""
+
+    def __init__(self, graph: Graph, name: str, seed: int):
+        self.graph, self.name, self.seed = graph, name, seed
+        self.nodes: dict[tuple[str, tuple[int, ...]], fx.Node] = {}
+
+    def generator(self, key: str, shape: tuple[int, ...]) -> torch.Generator:
+        """Reproducible from ``(seed, key, shape)`` alone (NOLA's "regenerate from the seed")."""
+        return torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{key}:{shape}".encode()))
+
+    def get(self, key: str, shape: tuple[int, ...], draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor]) -> fx.Node:
+        if (key, shape) not in self.nodes:
+            value = draw(shape, self.generator(key, shape))
+            label = "x".join(map(str, shape))
+            self.nodes[key, shape] = self.graph.add_tensor(f"adapters.{self.name}.{key}_{label}", value)
+        return self.nodes[key, shape]
+
+
+def uniform(bound: float) -> Callable[[tuple[int, ...], torch.Generator], torch.Tensor]:
+    return lambda shape, gen: torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def principal(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD of a float ``[out, in]`` weight: ``U [out, r]``, ``S [r]``, ``Vh [r, in]``."""
+    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    return u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous()
+
+
+def svd_delta_weight(t: dict[str, torch.Tensor], s_key: str) -> torch.Tensor:
+    """``U·diag(S)·Vh · scale`` of an SVD-form adapter (SVFit's ``S`` is ``ds``)."""
+    u, s, vh, scale = (t[k].detach().float() for k in ("U", s_key, "Vh", "scale"))
+    return (u * s) @ vh * scale
