@@ -2,4 +2,4 @@
 from splice.passes.quantize import awq, gptq, reconstruct, rtn  # noqa: F401
 from splice.passes.quantize import convert, qat  # noqa: F401
 from splice.passes.quantize import allocate, nonuniform  # noqa: F401
-from splice.passes.quantize import smoothquant, w8a8  # noqa: F401
+from splice.passes.quantize import rotate, smoothquant, w8a8  # noqa: F401
