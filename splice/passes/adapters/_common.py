@@ -236,6 +236,17 @@ def base_operands(base: fx.Node, reads: tuple[str, ...]) -> list:
     return [values[r] for r in reads]
 
 
+def refresh_reads(base: fx.Node) -> None:
+    """Point the deltas on ``base`` at its current operands (fold/unfold may have given the base
+    new weight or bias tensors; a delta reading them must see what the base computes with)."""
+    node = chain_end(base)
+    while node is not base:
+        delta = node.args[1]
+        reads = METHODS[delta.target].reads
+        delta.args = (*base_operands(base, reads), *delta.args[len(reads):])
+        node = node.args[0]
+
+
 def detach(graph: Graph, site: Site) -> None:
     """Remove the delta op and its add (its tensors go when nothing reads them)."""
     site.add.replace_all_uses_with(site.add.args[0])

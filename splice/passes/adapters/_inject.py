@@ -46,8 +46,9 @@ Tensors = dict[str, torch.Tensor | fx.Node]
 
 
 def inject(graph: Graph, cfg: AdapterConfig, who: str, method: Method, kinds: tuple[str, ...],
-           make: Callable[[Layer], Tensors], meta: dict[str, Any]) -> PassResult:
-    nodes = select_nodes(graph.gm, cfg.targets, kinds, who)
+           make: Callable[[Layer], Tensors], meta: dict[str, Any], nodes: list[fx.Node] | None = None) -> PassResult:
+    """``nodes``: the layers, when the pass chose them itself (IA3 splits its targets); default ``cfg.targets``."""
+    nodes = select_nodes(graph.gm, cfg.targets, kinds, who) if nodes is None else nodes
     taken = taken_names(graph)
     calls = Counter(layer_path(n) for n in nodes)
     meta = {**meta, "weight": 1.0, "active": True}

@@ -27,7 +27,11 @@ from splice.passes.adapters._common import Method, register_method
 from splice.passes.adapters._inject import Layer, check_rank, inject
 from splice.passes.adapters._peft import PeftLoad, register_peft_format
 from splice.passes.adapters.lora import LoraConfig, init_lora, lora_scaling
-from splice.passes.adapters.lora_peft import load_low_rank, refuse_options, save_low_rank
+from splice.passes.adapters.lora_peft import (
+    load_low_rank,
+    refuse_options,
+    save_low_rank,
+)
 from splice.passes.base import PassContext, PassResult, register_pass
 
 KEYS = ("A", "B", "magnitude", "lora_scale", "scale")

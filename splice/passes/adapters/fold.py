@@ -30,6 +30,7 @@ from splice.passes.adapters._common import (
     layer_path,
     method_named,
     records,
+    refresh_reads,
     sites,
     unknown_adapter,
 )
@@ -88,6 +89,7 @@ def fold(graph: Graph, cfg: FoldConfig, ctx: PassContext) -> PassResult:
             _record(graph, base, group, originals, replaced)
         for s in group:
             detach(graph, s)
+        refresh_reads(base)
     return PassResult(graph, True, {"folded": len(chosen), "layers": layers})
 
 
@@ -159,5 +161,6 @@ def unfold(graph: Graph, cfg: UnfoldConfig, ctx: PassContext) -> PassResult:
             meta = {k: v for k, v in entry["meta"].items() if k != "method"}
             attach(graph, base, entry["name"], method_named(entry["method"]), nodes, meta)
             restored.append(f"{path}:{entry['name']}")
+        refresh_reads(base)
         graph.gm.graph.erase_node(rec.node)
     return PassResult(graph, True, {"unfolded": len(restored), "adapters": restored})

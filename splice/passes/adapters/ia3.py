@@ -15,7 +15,7 @@ are not reproduced: name ``targets`` and ``feedforward`` (a targets expression) 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -24,7 +24,13 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes, validate_targets
 from splice.passes.adapters._base import float_base
-from splice.passes.adapters._common import AdapterConfig, Method, attach, layer_path, register_method
+from splice.passes.adapters._common import (
+    AdapterConfig,
+    Method,
+    attach,
+    layer_path,
+    register_method,
+)
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
 from splice.passes.base import PassContext, PassResult, register_pass
@@ -61,18 +67,14 @@ IA3_FF = register_method(Method("ia3_ff", torch.ops.splice.ia3_ff_delta.default,
                                 reads=("x", "weight"), affine=_in_affine))
 
 
-def _exactly(paths) -> str:
-    """A targets expression selecting exactly the layers at ``paths``."""
-    return "re:(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
-
-
 @register_pass("adapter.ia3", IA3Config, reference="https://arxiv.org/abs/2205.05638")
 def ia3(graph: Graph, cfg: IA3Config, ctx: PassContext) -> PassResult:
     who = "adapter.ia3"
-    chosen = {layer_path(n) for n in select_nodes(graph.gm, cfg.targets, ("linear",), who)}
-    ff = {layer_path(n) for n in select_nodes(graph.gm, cfg.feedforward, ("linear",), who)} if cfg.feedforward else set()
-    if ff - chosen:
-        raise ConfigError(f"{who}: feedforward layer '{sorted(ff - chosen)[0]}' is not among the targets "
+    chosen = select_nodes(graph.gm, cfg.targets, ("linear",), who)
+    ff = select_nodes(graph.gm, cfg.feedforward, ("linear",), who) if cfg.feedforward else []
+    stray = [n for n in ff if n not in chosen]
+    if stray:
+        raise ConfigError(f"{who}: feedforward layer '{layer_path(stray[0])}' is not among the targets "
                           "(PEFT: feedforward_modules must be a subset of target_modules)")
     gen = ctx.generator()
 
@@ -88,9 +90,10 @@ def ia3(graph: Graph, cfg: IA3Config, ctx: PassContext) -> PassResult:
 
     meta = {"init": cfg.init, "scaling": 1.0}
     report = {"adapter": cfg.name, "layers": 0, "trainable_params": 0}
-    for method, paths, build in ((IA3, chosen - ff, make(lambda lay: lay.out_f)), (IA3_FF, ff, make_ff)):
-        if paths:
-            part = inject(graph, replace(cfg, targets=_exactly(paths)), who, method, ("linear",), build, meta).report
+    outputs = [n for n in chosen if n not in ff]
+    for method, nodes, build in ((IA3, outputs, make(lambda lay: lay.out_f)), (IA3_FF, ff, make_ff)):
+        if nodes:
+            part = inject(graph, cfg, who, method, ("linear",), build, meta, nodes).report
             report["layers"] += part["layers"]
             report["trainable_params"] += part["trainable_params"]
     report["feedforward_layers"] = len(ff)
@@ -102,11 +105,11 @@ IA3_KEY = re.compile(r"(?P<path>.+)\.(?P<key>ia3_l)(?:\.[A-Za-z0-9_]+)?")
 
 
 def _is_feedforward(config: dict, path: str) -> bool:
-    """PEFT's ``feedforward_modules`` test: a regex (full match) or a list of name suffixes."""
+    """PEFT's ``feedforward_modules`` test: a regex (full match) or a list of name endings."""
     spec = config.get("feedforward_modules") or []
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
-    return any(path == s or path.endswith("." + s) for s in spec)
+    return any(path.endswith(s) for s in spec)
 
 
 def load_ia3(job: PeftLoad) -> None:
