@@ -101,3 +101,45 @@ def interleaved_latency(runs: dict[str, Callable[[], object]], *, rounds: int, r
 def paired_ratio(lat: dict[str, dict], num: str, den: str) -> float:
     """Median over rounds of (num's round median / den's round median): robust to load drifts."""
     return statistics.median(a / b for a, b in zip(lat[num]["round_medians_s"], lat[den]["round_medians_s"]))
+
+
+# ------------------------------------------------------------ SmolLM2 quantization benches
+
+
+def evaluate_lm(graph, ids, row: dict, *, seq_len: int, stride: int, max_tokens: int | None, batch_size: int,
+                onnx_path: Path | None = None, log: Callable[[str], None] = print) -> None:
+    """Fill ``row`` with strided perplexity of ``graph`` on token ids ``ids`` (``perplexity``,
+    ``seconds_perplexity``), its stored bytes, and when ``onnx_path`` is given the exported
+    file's size (``onnx_bytes``, ``seconds_export_onnx``; MatMulNBits ``accuracy_level=4``)."""
+    from splice.eval.perplexity import perplexity
+    from splice.runtime.onnx import export_onnx, onnx_bytes
+
+    t = time.perf_counter()
+    row["perplexity"] = perplexity(graph, ids, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                                   batch_size=batch_size)
+    row["seconds_perplexity"] = time.perf_counter() - t
+    row["graph_bytes"] = graph.nbytes()
+    if onnx_path is not None:
+        t = time.perf_counter()
+        export_onnx(graph, onnx_path, external_data=True, accuracy_level=4)
+        row["seconds_export_onnx"] = time.perf_counter() - t
+        row["onnx_bytes"] = onnx_bytes(onnx_path)
+    log(f"ppl {row['perplexity']['ppl']:.4f}")
+
+
+def ort_latency_1x1(onnx_paths: dict[str, Path], *, threads: int, rounds: int, repeats: int,
+                    reference: str | None = None) -> dict[str, dict]:
+    """ONNX Runtime latency of one token (``input_ids`` [1, 1]) per named model, interleaved
+    (``interleaved_latency``), with each one's ratio to ``reference``'s median when given."""
+    import numpy as np
+
+    from splice.runtime.onnx import session
+
+    sessions = {name: session(p, threads=threads, accuracy_level=4) for name, p in onnx_paths.items()}
+    x = np.array([[42]], dtype=np.int64)
+    feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
+    lat = interleaved_latency({name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()},
+                              rounds=rounds, repeats=repeats)
+    ref = lat.get(reference) if reference else None
+    return {name: {**v, "ratio_vs_" + str(reference): v["median_s"] / ref["median_s"] if ref else None}
+            for name, v in lat.items()}

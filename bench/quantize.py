@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_latency, machine_info, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSES = {"rtn": "quantize.rtn", "gptq": "quantize.gptq", "awq": "quantize.awq"}
@@ -165,8 +165,7 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.data import builtin_text, text_calibration
-    from splice.eval.perplexity import perplexity, tokenize
-    from splice.runtime.onnx import export_onnx, onnx_bytes, session
+    from splice.eval.perplexity import tokenize
 
     registered = {p.name for p in splice.list_passes()}
     missing = [m for m in methods if PASSES[m] not in registered]
@@ -218,21 +217,12 @@ def main(argv=None) -> int:
         result["seconds_tokenize"] = time.perf_counter() - t
 
         def evaluate(name: str, g, row: dict) -> None:
-            log(f"{name}: perplexity")
-            t = time.perf_counter()
-            row["perplexity"] = perplexity(g, ids, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
-                                           batch_size=args.ppl_batch)
-            row["seconds_perplexity"] = time.perf_counter() - t
-            row["graph_bytes"] = g.nbytes()
-            if not args.skip_onnx:
-                log(f"{name}: export ONNX")
-                path = workdir / (name.replace(" ", "_") + ".onnx")
-                t = time.perf_counter()
-                export_onnx(g, path, external_data=True, accuracy_level=4)
-                row["seconds_export_onnx"] = time.perf_counter() - t
-                row["onnx_bytes"] = onnx_bytes(path)
+            log(f"{name}: perplexity" + ("" if args.skip_onnx else ", ONNX"))
+            path = None if args.skip_onnx else workdir / (name.replace(" ", "_") + ".onnx")
+            evaluate_lm(g, ids, row, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+                        batch_size=args.ppl_batch, onnx_path=path, log=lambda m: log(f"{name}: {m}"))
+            if path is not None:
                 onnx_paths[name] = path
-            log(f"{name}: ppl {row['perplexity']['ppl']:.4f}")
 
         rows = result["rows"]
         rows[FP32] = {"method": FP32, "bits": 32, "group_size": None, "spec": None}
@@ -276,17 +266,10 @@ def main(argv=None) -> int:
 
         if not skip_latency and onnx_paths:
             log(f"latency 1x1 over {len(onnx_paths)} ONNX Runtime sessions")
-            import numpy as np
-
-            sessions = {name: session(p, threads=args.threads, accuracy_level=4) for name, p in onnx_paths.items()}
-            x = np.array([[42]], dtype=np.int64)
-            feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
-            runs = {name: (lambda s=s: s.run(None, feeds)) for name, s in sessions.items()}
-            lat = interleaved_latency(runs, rounds=args.rounds, repeats=args.repeats)
-            fp = lat.get(FP32)
+            lat = ort_latency_1x1(onnx_paths, threads=args.threads, rounds=args.rounds, repeats=args.repeats,
+                                  reference=FP32)
             for name, v in lat.items():
-                rows[name]["latency_1x1"] = {**v, "ratio_vs_fp32": v["median_s"] / fp["median_s"] if fp else None}
-            del sessions
+                rows[name]["latency_1x1"] = v
         result["targets"] = targets(rows)
         result["machine"]["loadavg_end"] = list(os.getloadavg())
         result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

