@@ -91,6 +91,12 @@ class FrozenRandom:
         return self.nodes[key, shape]
 
 
+def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """``[rows, cols]`` with random orthonormal columns (QR of a Gaussian), ``cols <= rows``."""
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen))
+    return q.contiguous()
+
+
 def uniform(bound: float) -> Callable[[tuple[int, ...], torch.Generator], torch.Tensor]:
     return lambda shape, gen: torch.empty(shape).uniform_(-bound, bound, generator=gen)
 

@@ -26,7 +26,7 @@ from torch import fx
 from splice.ir.graph import Graph
 from splice.kernels.factored import tucker4
 from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import Layer, check_rank, inject
+from splice.passes.adapters._inject import Layer, check_rank, inject, orthonormal
 from splice.passes.base import PassContext, PassResult, register_pass
 
 _FACTORS = ("U_out", "U_in", "U_h", "U_w")
@@ -68,11 +68,6 @@ FLORA = register_method(Method("flora", torch.ops.splice.flora_conv2d_delta.defa
                                ("core", *_FACTORS), _delta_weight, base_args=conv_args))
 
 
-def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen))
-    return q.contiguous()
-
-
 @register_pass("adapter.flora", FloraConfig, reference="https://arxiv.org/abs/2403.14541")
 def flora(graph: Graph, cfg: FloraConfig, ctx: PassContext) -> PassResult:
     who, gen = "adapter.flora", ctx.generator()
@@ -81,7 +76,7 @@ def flora(graph: Graph, cfg: FloraConfig, ctx: PassContext) -> PassResult:
         check_rank(who, cfg.rank, layer)
         dims = layer.handler.weight(graph, layer.node).shape  # [O, I/groups, kh, kw]
         ranks = [min(cfg.rank, d) for d in dims[:2]] + [min(cfg.kernel_rank or d, d) for d in dims[2:]]
-        factors = {k: _orthonormal(d, r, gen) for k, d, r in zip(_FACTORS, dims, ranks)}
+        factors = {k: orthonormal(d, r, gen) for k, d, r in zip(_FACTORS, dims, ranks)}
         return {"core": torch.zeros(ranks), **factors}
 
     meta = {"rank": cfg.rank, "kernel_rank": cfg.kernel_rank, "alpha": cfg.alpha, "scaling": cfg.alpha / cfg.rank}

@@ -10,9 +10,10 @@ layer's diagonal vectors ``λ = [λ1 λ2 λ3 λ4]`` (``lam``, ``Σ r_n`` numbers
 ``r_n = min(rank, I_n)``, so the matricized update reaches rank ``min(r1·r2, r3·r4)`` from ``Σ r_n``
 parameters (a 576×576 layer at rank 24: full rank 576 from 96 numbers; LoRA needs 1152 per rank).
 
-Init: ``C ~ N(0, 1/Π r_n)``, ``F1, F2 ~ N(0, 1)``, ``F3, F4 ~ N(0, 1/I_n)`` (with ``λ = 1`` the update's
-entries have variance ``1/in``, like a fan-in-scaled weight); ``λ1 = 0``, ``λ2..4 = 1``, so the update
-starts at exactly zero; ``scale = alpha``. The op materializes ``ΔW`` (out×in) per call; ORT folds it
+Init: ``C ~ N(0, 1/Π r_n)``; ``F_n`` random with orthonormal columns, times ``√I_n`` for the two output
+modes (so with ``λ = 1`` the update's entries have variance ``1/in``, like a fan-in-scaled weight, and
+orthonormal factors keep the update as well conditioned as the core); ``λ1 = 0``, ``λ2..4 = 1``, so
+the update starts at exactly zero; ``scale = alpha``. The op materializes ``ΔW`` (out×in) per call; ORT folds it
 at load when unfolded, and folding removes it.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from splice.ir.graph import Graph
 from splice.kernels.factored import tera_update
 from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import FrozenRandom, Layer, check_rank, inject
+from splice.passes.adapters._inject import FrozenRandom, Layer, check_rank, inject, orthonormal
 from splice.passes.base import PassContext, PassResult, register_pass
 
 _FACTORS = ("F1", "F2", "F3", "F4")
@@ -61,10 +62,6 @@ TERA = register_method(Method("tera", torch.ops.splice.tera_delta.default, ("lam
                               ("lam",), _delta_weight))
 
 
-def _normal(std: float):
-    return lambda shape, gen: torch.randn(shape, generator=gen) * std
-
-
 @register_pass("adapter.tera", TeraConfig, reference="https://arxiv.org/abs/2509.03234")
 def tera(graph: Graph, cfg: TeraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.tera"
@@ -74,11 +71,13 @@ def tera(graph: Graph, cfg: TeraConfig, ctx: PassContext) -> PassResult:
         check_rank(who, cfg.rank, layer)
         dims = (*split_dim(layer.out_f), *split_dim(layer.in_f))
         ranks = tuple(min(cfg.rank, d) for d in dims)
-        stds = (1.0, 1.0, 1 / math.sqrt(dims[2]), 1 / math.sqrt(dims[3]))
-        factors = {k: shared.get(k, (d, r), _normal(std)) for k, d, r, std in zip(_FACTORS, dims, ranks, stds)}
+        gains = (math.sqrt(dims[0]), math.sqrt(dims[1]), 1.0, 1.0)
+        factors = {k: shared.get(k, (d, r), lambda shape, gen, g=g: g * orthonormal(*shape, gen))
+                   for k, d, r, g in zip(_FACTORS, dims, ranks, gains)}
         lam = torch.ones(sum(ranks))
         lam[:ranks[0]] = 0
-        return {"lam": lam, "core": shared.get("core", ranks, _normal(1 / math.sqrt(math.prod(ranks)))), **factors}
+        core = shared.get("core", ranks, lambda shape, gen: torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape)))
+        return {"lam": lam, "core": core, **factors}
 
     meta = {"rank": cfg.rank, "alpha": cfg.alpha, "seed": cfg.seed, "scaling": cfg.alpha}
     return inject(graph, cfg, who, TERA, ("linear",), make, meta)
