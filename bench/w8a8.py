@@ -114,9 +114,9 @@ def main(argv=None) -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import splice
-    from splice.runtime.onnx import onnx_bytes
     from splice.eval.data import builtin_text, text_calibration
     from splice.eval.perplexity import tokenize
+    from splice.runtime.onnx import onnx_bytes
 
     torch.manual_seed(0)
     result = {"bench": "w8a8", "command": " ".join(["bench/w8a8.py"] + sys.argv[1:]),

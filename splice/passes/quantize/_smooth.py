@@ -51,7 +51,7 @@ def _val(node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _last(node) -> int | None:
+def last_dim(node) -> int | None:
     v = _val(node)
     return v.shape[-1] if v is not None and v.dim() and isinstance(v.shape[-1], int) else None
 
@@ -61,7 +61,7 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return va is not None and vb is not None and [str(d) for d in va.shape] == [str(d) for d in vb.shape]
 
 
-def _is_last_dim(node: fx.Node, dim) -> bool | None:
+def is_last_dim(node: fx.Node, dim) -> bool | None:
     """Whether ``dim`` is ``node``'s last dim; None when its shape is unknown."""
     v = _val(node)
     if v is None or not isinstance(dim, int) or not v.dim():
@@ -90,7 +90,7 @@ def _absorb(node: fx.Node, users) -> str | None:
         for attr, other in ((a[0], a[1]), (a[1], a[0])):
             t = _val(attr)
             if _sole_reader(node, attr, users) and isinstance(other, fx.Node) and other is not attr \
-                    and t is not None and t.numel() == t.shape[-1] == _last(node):
+                    and t is not None and t.numel() == t.shape[-1] == last_dim(node):
                 return "norm"
     if node.target == aten.layer_norm.default and len(a) > 2 and len(a[1]) == 1 \
             and _sole_reader(node, a[2], users) and (len(a) < 4 or a[3] is None or _sole_reader(node, a[3], users)):
@@ -115,25 +115,25 @@ def _through(node: fx.Node, idx: torch.Tensor):
     if t in (aten.mul.Tensor, aten.div.Tensor) and not isinstance(a[1], fx.Node):
         return [(src, idx, node)]
     if t == aten.mul.Tensor and isinstance(a[1], fx.Node) and a[0] is not a[1]:
-        return [(x, idx, node) for x in a if _last(x) == _last(node)]
+        return [(x, idx, node) for x in a if last_dim(x) == last_dim(node)]
     if t == aten.slice.Tensor:
-        last = _is_last_dim(src, a[1] if len(a) > 1 else 0)
+        last = is_last_dim(src, a[1] if len(a) > 1 else 0)
         if last is False:
             return [(src, idx, node)]
         start, step = (a[2] if len(a) > 2 and a[2] is not None else 0), (a[4] if len(a) > 4 else 1)
-        return [(src, start % _last(src) + idx * step, node)] if last and _last(src) else []
+        return [(src, start % last_dim(src) + idx * step, node)] if last and last_dim(src) else []
     if t == operator.getitem and isinstance(src, fx.Node) and src.target in _SPLITS:
         split_src, size = src.args[0], src.args[1]
-        last = _is_last_dim(split_src, src.args[2] if len(src.args) > 2 else 0)
+        last = is_last_dim(split_src, src.args[2] if len(src.args) > 2 else 0)
         others = [u for u in src.users if u is not node]  # must read other channels
         if not last or any(u.target != operator.getitem or u.args[1] == a[1] for u in others):
             return []
         offset = a[1] * size if isinstance(size, int) else sum(size[:a[1]])
         return [(split_src, idx + offset, src)]
     if t in _RESHAPES:
-        if t == aten.select.int and _is_last_dim(src, a[1]) is not False:
+        if t == aten.select.int and is_last_dim(src, a[1]) is not False:
             return []
-        if _last(src) is not None and _last(src) == _last(node):
+        if last_dim(src) is not None and last_dim(src) == last_dim(node):
             return [(src, idx, node)]
         return _through_attention(node, idx)
     return []
@@ -168,7 +168,7 @@ def _through_attention(node: fx.Node, idx: torch.Tensor):
     if not _is_head_transpose(t) or len(t.users) != 1:
         return []
     h, d = _val(t).shape[2:]
-    if not (isinstance(h, int) and isinstance(d, int) and _last(node) == h * d):
+    if not (isinstance(h, int) and isinstance(d, int) and last_dim(node) == h * d):
         return []
     attn = _skip_same_shape(t.args[0])
     if attn is None or attn.target != SDPA or len(attn.users) != 1 or attn.kwargs.get("enable_gqa", False):
@@ -181,7 +181,7 @@ def _through_attention(node: fx.Node, idx: torch.Tensor):
         return []
     heads = vt.args[0]  # [..., H, D] <- [..., H*D]: channel h*D + d, as on the o side
     if heads.target not in (aten.view.default, aten.reshape.default) or len(heads.users) != 1 \
-            or _last(heads.args[0]) != h * d:
+            or last_dim(heads.args[0]) != h * d:
         return []
     return [(heads.args[0], idx, heads)]
 
@@ -189,7 +189,7 @@ def _through_attention(node: fx.Node, idx: torch.Tensor):
 def plan_fold(members: list[fx.Node], users) -> _Fold | None:
     """Where the group's ``1/s`` can be folded exactly, or None (insert a Mul)."""
     x = members[0].args[0]
-    k = _last(x)
+    k = last_dim(x)
     if k is None:
         return None
 

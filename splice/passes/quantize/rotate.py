@@ -41,7 +41,7 @@ from splice.ir.select import module_path, op_kind
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._common import check_not_quantized
 from splice.passes.quantize._hadamard import rotation
-from splice.passes.quantize._smooth import _is_last_dim, _last
+from splice.passes.quantize._smooth import is_last_dim, last_dim
 
 NAME = "quantize.rotate"
 aten = torch.ops.aten
@@ -92,7 +92,7 @@ def _rms_chain(x: fx.Node, pow_node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if pow_node.args[1] != 2:
         return None
     mean = _single(pow_node, aten.mean.dim)
-    if mean is None or _is_last_dim(x, mean.args[1][0]) is not True or len(mean.args[1]) != 1 \
+    if mean is None or is_last_dim(x, mean.args[1][0]) is not True or len(mean.args[1]) != 1 \
             or not (len(mean.args) > 2 and mean.args[2]):
         return None
     add = _single(mean, aten.add.Tensor)
@@ -109,7 +109,7 @@ def _norm_weight(normed: fx.Node) -> _Norm:
     if len(node.users) == 1:
         mul = next(iter(node.users))
         g = next((a for a in mul.args if isinstance(a, fx.Node) and a.op == "get_attr"), None)
-        if mul.target == aten.mul.Tensor and g is not None and node in mul.args and _last(g) == _last(node) \
+        if mul.target == aten.mul.Tensor and g is not None and node in mul.args and last_dim(g) == last_dim(node) \
                 and g.meta["val"].dim() == 1:
             return _Norm(mul, g)
     return _Norm(node, None)
@@ -124,8 +124,8 @@ def _readers(norm: _Norm) -> None:
             if op_kind(u) == "linear" and u.args[0] is v:
                 check_not_quantized(u, NAME)
                 norm.readers.append(u)
-            elif _is_cast(u) or (u.target in _VIEWS and _last(u) == _last(v)) \
-                    or (u.target in _SLICES and _is_last_dim(v, u.args[1]) is False):
+            elif _is_cast(u) or (u.target in _VIEWS and last_dim(u) == last_dim(v)) \
+                    or (u.target in _SLICES and is_last_dim(v, u.args[1]) is False):
                 frontier.append(u)
             else:
                 raise ConfigError(f"{NAME}: a normalized residual stream is read by {_where(u)}, not a linear; {SUPPORTED}")
@@ -134,7 +134,7 @@ def _readers(norm: _Norm) -> None:
 def _writer(v: fx.Node) -> fx.Node:
     """The linear whose output ``v`` is (through casts and views keeping the last dim)."""
     node = v
-    while _is_cast(node) or (node.target in _VIEWS and _last(node) == _last(node.args[0])):
+    while _is_cast(node) or (node.target in _VIEWS and last_dim(node) == last_dim(node.args[0])):
         node = node.args[0]
     if op_kind(node) != "linear":
         raise ConfigError(f"{NAME}: the residual stream adds the output of {_where(node)}, not of a linear; {SUPPORTED}")
