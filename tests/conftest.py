@@ -29,3 +29,15 @@ def zoo_hf_dir(tmp_path_factory):
 def llama_hf_dir(zoo_hf_dir):
     """The tiny zoo llama (hidden 64, 2 layers, tied embeddings) as an HF directory."""
     return zoo_hf_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    training the tiny zoo models is many small ops, dominated by thread hand-off on a loaded machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

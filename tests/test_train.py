@@ -20,14 +20,7 @@ from tests.zoo_graphs import captured
 TEXT = builtin_text("gpl3")
 TRAIN, HELD_OUT = TEXT[:20000], TEXT[20000:26000]
 FAST = dict(seq_len=64, batch_size=4, tokenizer=ByteTokenizer(), progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
