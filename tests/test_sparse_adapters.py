@@ -247,3 +247,24 @@ def test_same_name_twice_on_a_layer_is_an_error():
     _, g = captured("llama")
     with pytest.raises(ConfigError, match="already has an adapter named 'default'"):
         g.apply("adapter.lora:targets=q_proj", "adapter.sara:targets=q_proj")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("spec", ["adapter.lift:density=0.1", "adapter.s2ft:fraction=0.25"])
+def test_training_changes_only_the_selected_entries(spec):
+    from splice.eval.data import ByteTokenizer, builtin_text
+
+    _, g = captured("llama")
+    start = g.apply(spec)
+    trained, report = splice.train(start, [builtin_text("gpl3")[:4000]], steps=3, lr=1e-2, seq_len=32, batch_size=2,
+                                   tokenizer=ByteTokenizer(), progress=False)
+    assert all(torch.equal(trained.tensor(k), t) for k, t in start.tensors().items()
+               if k not in splice.adapter_parameters(start))  # base and masks untouched
+    folded = trained.apply("adapter.fold")
+    for s in sites(trained):
+        t = s.tensors(trained)
+        selected = t["mask"] if t["mask"].dim() == 2 else t["mask"][None, :].expand(t["values"].shape[0], -1)
+        changed = _update(trained, folded, s.path) != 0
+        assert not changed[~selected].any() and changed.sum() > 0.9 * selected.sum()
