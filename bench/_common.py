@@ -143,3 +143,17 @@ def ort_latency_1x1(onnx_paths: dict[str, Path], *, threads: int, rounds: int, r
     ref = lat.get(reference) if reference else None
     return {name: {**v, "ratio_vs_" + str(reference): v["median_s"] / ref["median_s"] if ref else None}
             for name, v in lat.items()}
+
+
+def add_lm_eval_args(ap) -> None:
+    """The perplexity, calibration and ORT latency options shared by the SmolLM2 benches
+    (defaults: windows of 512, calibration 16 x 256 tokens, 2 threads, 3 x 20 timed runs)."""
+    ap.add_argument("--seq-len", type=int, default=512, help="perplexity window (tokens)")
+    ap.add_argument("--stride", type=int, default=512, help="perplexity stride (tokens)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
+    ap.add_argument("--ppl-batch", type=int, default=4, help="windows per forward (same result, fewer dequantizations)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    ap.add_argument("--repeats", type=int, default=20, help="timed 1x1 runs per round and session")

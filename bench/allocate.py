@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import add_lm_eval_args, evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BEGIN, DOC_END = "<!-- bench/allocate.py: begin generated -->", "<!-- bench/allocate.py: end generated -->"
@@ -51,17 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--avg-bits", type=float, default=3.5)
     ap.add_argument("--candidates", default="2,3,4,8")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
-    ap.add_argument("--ppl-batch", type=int, default=4)
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
+    add_lm_eval_args(ap)
     ap.add_argument("--skip-onnx", action="store_true", help="no ONNX export, ORT inventory or latency")
     ap.add_argument("--fp32-onnx", action="store_true", help="export fp32 too (latency reference; else RTN w3 is)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="bench/results/allocate.json")
     ap.add_argument("--doc", default="docs/bench_allocate.md")
     ap.add_argument("--render-only", action="store_true")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import add_lm_eval_args, evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSES = {"rtn": "quantize.rtn", "gptq": "quantize.gptq", "awq": "quantize.awq"}
@@ -52,15 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--targets", default="linear", help="the passes' targets (default linear: every linear, lm_head too)")
     ap.add_argument("--skip-latency", action="store_true", help="no ORT sessions / latency (ONNX files still written)")
     ap.add_argument("--skip-onnx", action="store_true", help="no ONNX export at all (implies --skip-latency)")
-    ap.add_argument("--seq-len", type=int, default=512, help="perplexity window (tokens)")
-    ap.add_argument("--stride", type=int, default=512, help="perplexity stride (tokens)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
-    ap.add_argument("--ppl-batch", type=int, default=4, help="windows per forward (same result, fewer dequantizations)")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
-    ap.add_argument("--repeats", type=int, default=20, help="timed 1x1 runs per round and session")
+    add_lm_eval_args(ap)
     ap.add_argument("--out", default="bench/results/quantize.json", help="JSON output path")
     ap.add_argument("--doc", default="docs/bench_quantize.md", help="markdown page whose generated section is rewritten")
     ap.add_argument("--no-doc", action="store_true", help="do not touch the doc")

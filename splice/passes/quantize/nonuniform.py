@@ -153,6 +153,7 @@ def nonuniform(graph: Graph, cfg: NonUniformConfig, ctx: PassContext) -> PassRes
     nodes = select_nodes(graph.gm, cfg.targets, ("linear",), PASS)
     for node in nodes:
         check_not_quantized(node, PASS)
+    nodes = [n for n in nodes if n.target == torch.ops.aten.linear.default]  # not adapters' ops
     diag = {}
     if ctx.calibration:
         hessians = input_hessians(graph, nodes, ctx.calibration, pass_name=PASS, progress=ctx.progress)
