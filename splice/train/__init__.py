@@ -4,6 +4,6 @@ Modules: ``loop`` (the loop, ``TrainConfig``), ``losses``, ``data`` (formats, ba
 ``checkpoint`` (save/resume), ``hooks`` (how AdaLoRA, SORSA, QAT plug in).
 """
 from splice.train.hooks import TrainHook, register_train_hook
-from splice.train.loop import TrainConfig, train, trainable_targets
+from splice.train.loop import TrainConfig, register_trainable_role, train, trainable_targets
 
-__all__ = ["TrainConfig", "TrainHook", "register_train_hook", "train", "trainable_targets"]
+__all__ = ["TrainConfig", "TrainHook", "register_train_hook", "register_trainable_role", "train", "trainable_targets"]

@@ -1,9 +1,10 @@
 """``splice.train``: train a graph's trainable tensors (adapters) with AdamW, returning a new Graph.
 
 The captured graph *is* the training module: ``graph.gm`` runs forward and backward like any
-``nn.Module``. Trainable are the tensors with role ``adapter`` (the trainable arguments of
-adapter ops, ``register_arg_roles``) and any tensor a pass stored with ``trainable=True``;
-everything else is frozen (no gradient is computed for it). The input graph is never touched:
+``nn.Module``. Trainable are the adapters' trainable tensors (each adapter ``Method`` names
+them), tensors whose role is ``adapter`` or another role registered with
+``register_trainable_role`` (roles come from ``register_arg_roles``, so they survive save/load)
+and any tensor a pass stored with ``trainable=True``; everything else is frozen (no gradient is computed for it). The input graph is never touched:
 the trainable tensors are cloned into a training copy, and the returned graph holds the trained
 clones next to the input's (shared, unchanged) base tensors, plus a ``train`` history entry.
 
@@ -30,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
+from splice.adapters_api import adapter_parameters
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import graph_inputs
 from splice.ir.graph import Graph, set_attr
@@ -40,7 +42,7 @@ from splice.train.data import Examples, load_examples, model_tokenizer
 from splice.train.hooks import TrainHook, make_hooks
 
 SCHEDULES = ("linear", "cosine", "constant")
-TRAINABLE_ROLES = ("adapter",)
+TRAINABLE_ROLES = {"adapter"}
 _SUMMARY_STEPS = 10  # first/last losses are averaged over this many steps
 
 
@@ -97,11 +99,17 @@ class TrainConfig:
 # ------------------------------------------------------------------- trainable tensors
 
 
+def register_trainable_role(role: str) -> None:
+    """Make tensors of ``role`` (an op argument role, ``register_arg_roles``) trainable."""
+    TRAINABLE_ROLES.add(role)
+
+
 def trainable_targets(graph: Graph) -> list[str]:
-    """Stored names of the tensors training updates: role ``adapter`` or stored trainable."""
+    """Stored names of the tensors training updates (see the module docstring)."""
     roles = graph.param_roles()
-    out = [t for t, v in graph.tensors().items()
-           if v.is_floating_point() and (roles[t] in TRAINABLE_ROLES or getattr(v, "requires_grad", False))]
+    declared = set(adapter_parameters(graph))
+    out = [t for t, v in graph.tensors().items() if v.is_floating_point() and (
+        t in declared or roles[t] in TRAINABLE_ROLES or getattr(v, "requires_grad", False))]
     if not out:
         raise ConfigError("train: no trainable tensors (add an adapter first, e.g. -p adapter.lora:rank=8)")
     return out
