@@ -22,7 +22,13 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.passes.adapters._base import BaseOp, base_op
-from splice.passes.adapters._common import AdapterConfig, Method, attach, layer_path, taken_names
+from splice.passes.adapters._common import (
+    AdapterConfig,
+    Method,
+    attach,
+    layer_path,
+    taken_names,
+)
 from splice.passes.base import PassResult
 
 
@@ -34,6 +40,16 @@ class Layer:
     out_f: int
     in_f: int  # fan-in (a conv's in/groups · kh · kw)
     calls: int  # how many times the module is called in the graph
+
+
+def check_options(cfg, *, at_least_one: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = ()) -> None:
+    """For a config's ``__post_init__``: ValueError naming the first option out of its range."""
+    for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+                            (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"{name} must be {rule}, got {getattr(cfg, name)}")
 
 
 def check_rank(who: str, rank: int, layer: Layer) -> None:

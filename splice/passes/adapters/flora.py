@@ -26,7 +26,13 @@ from torch import fx
 from splice.ir.graph import Graph
 from splice.kernels.factored import tucker4
 from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import Layer, check_rank, inject, orthonormal
+from splice.passes.adapters._inject import (
+    Layer,
+    check_options,
+    check_rank,
+    inject,
+    orthonormal,
+)
 from splice.passes.base import PassContext, PassResult, register_pass
 
 _FACTORS = ("U_out", "U_in", "U_h", "U_w")
@@ -44,12 +50,7 @@ class FloraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.kernel_rank < 0:
-            raise ValueError(f"kernel_rank must be >= 0, got {self.kernel_rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_options(self, at_least_one=("rank",), positive=("alpha",), non_negative=("kernel_rank",))
 
 
 def conv_args(base: fx.Node) -> tuple:

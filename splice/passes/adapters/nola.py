@@ -22,7 +22,14 @@ import torch
 from splice.ir.graph import Graph
 from splice.kernels.factored import nola_factors
 from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import FrozenRandom, Layer, check_rank, inject, uniform
+from splice.passes.adapters._inject import (
+    FrozenRandom,
+    Layer,
+    check_options,
+    check_rank,
+    inject,
+    uniform,
+)
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
@@ -37,12 +44,7 @@ class NolaConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.num_basis < 1:
-            raise ValueError(f"num_basis must be >= 1, got {self.num_basis}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_options(self, at_least_one=("rank", "num_basis"), positive=("alpha",))
 
 
 def _delta_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,14 @@ import torch
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, get_attr
 from splice.passes.adapters._common import AdapterConfig, Method, register_method, sites
-from splice.passes.adapters._inject import Layer, check_rank, inject, principal, svd_delta_weight
+from splice.passes.adapters._inject import (
+    Layer,
+    check_options,
+    check_rank,
+    inject,
+    principal,
+    svd_delta_weight,
+)
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.train.hooks import TrainHook, register_train_hook
 
@@ -34,10 +41,7 @@ class SorsaConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        check_options(self, at_least_one=("rank",), non_negative=("gamma",))
 
 
 SORSA = register_method(Method("sorsa", torch.ops.splice.sorsa_delta.default, ("U", "S", "Vh", "scale"),

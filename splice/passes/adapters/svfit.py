@@ -16,7 +16,14 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import Layer, check_rank, inject, principal, svd_delta_weight
+from splice.passes.adapters._inject import (
+    Layer,
+    check_options,
+    check_rank,
+    inject,
+    principal,
+    svd_delta_weight,
+)
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
@@ -28,8 +35,7 @@ class SvfitConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        check_options(self, at_least_one=("rank",))
 
 
 SVFIT = register_method(Method("svfit", torch.ops.splice.svfit_delta.default, ("U", "ds", "Vh", "scale"), ("ds",),

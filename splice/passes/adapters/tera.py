@@ -26,7 +26,14 @@ import torch
 from splice.ir.graph import Graph
 from splice.kernels.factored import tera_update
 from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import FrozenRandom, Layer, check_rank, inject, orthonormal
+from splice.passes.adapters._inject import (
+    FrozenRandom,
+    Layer,
+    check_options,
+    check_rank,
+    inject,
+    orthonormal,
+)
 from splice.passes.base import PassContext, PassResult, register_pass
 
 _FACTORS = ("F1", "F2", "F3", "F4")
@@ -42,10 +49,7 @@ class TeraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_options(self, at_least_one=("rank",), positive=("alpha",))
 
 
 def split_dim(n: int) -> tuple[int, int]:
