@@ -91,8 +91,10 @@ def ort_inventory(path: Path, threads: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_path, doc_path = ROOT / args.out, ROOT / args.doc
-    if args.render_only:
-        write_doc(json.loads(out_path.read_text()), doc_path)
+    if args.render_only:  # also from a partial JSON (an interrupted run keeps its finished rows)
+        result = json.loads(out_path.read_text())
+        result["targets"] = targets(result["rows"])
+        write_doc(result, doc_path)
         return 0
     gguf = smollm2_gguf()
     if gguf is None:
@@ -151,26 +153,29 @@ def main(argv=None) -> int:
             result["rows"][name]["latency_1x1"] = v
         result["latency_reference"] = reference
     result["machine"]["loadavg_end"] = list(os.getloadavg())
-    result["targets"] = targets(result["rows"], args)
+    result["targets"] = targets(result["rows"])
     write_json(out_path, result)
     write_doc(result, doc_path)
     log(f"wrote {out_path}")
     return 0
 
 
-def targets(rows: dict, args) -> dict:
-    ppl = {k: r["perplexity"]["ppl"] for k, r in rows.items()}
-    g = args.group
-    alloc, r3, r4 = ppl[f"allocate avg{args.avg_bits:g} g{g}"], ppl[f"rtn w3 g{g}"], ppl[f"rtn w4 g{g}"]
-    return {
-        "allocate_beats_rtn3": {"what": "ppl allocate < ppl RTN w3", "value": alloc, "limit": r3, "met": alloc < r3},
-        "allocate_gap_to_rtn4": {"what": "(ppl allocate - ppl RTN w4) / (ppl RTN w3 - ppl RTN w4): 0 = as good as "
-                                         "4-bit, 1 = as bad as 3-bit", "value": (alloc - r4) / (r3 - r4)},
-        "power_beats_rtn3": {"what": "ppl power w3 < ppl RTN w3", "value": ppl[f"power w3 g{g}"], "limit": r3,
-                             "met": ppl[f"power w3 g{g}"] < r3},
-        "kmeans_beats_rtn3": {"what": "ppl kmeans w3 < ppl RTN w3", "value": ppl["kmeans w3 per-channel"],
-                              "limit": r3, "met": ppl["kmeans w3 per-channel"] < r3},
-    }
+def targets(rows: dict) -> dict:
+    """The issue's comparisons, from whichever rows exist (rows found by name prefix)."""
+    ppl = {k.split(" ")[0] + (" " + k.split(" ")[1] if k.startswith("rtn") else ""): r["perplexity"]["ppl"]
+           for k, r in rows.items() if "perplexity" in r}
+    out = {}
+    r3, r4 = ppl.get("rtn w3"), ppl.get("rtn w4")
+    if r3 is None:
+        return out
+    for key in ("allocate", "power", "kmeans"):
+        if key in ppl:
+            out[f"{key}_beats_rtn3"] = {"what": f"ppl {key} < ppl RTN w3", "value": ppl[key], "limit": r3,
+                                        "met": ppl[key] < r3}
+    if "allocate" in ppl and r4 is not None:
+        out["allocate_gap_to_rtn4"] = {"what": "(ppl allocate - ppl RTN w4) / (ppl RTN w3 - ppl RTN w4): 0 = as good "
+                                               "as 4-bit, 1 = as bad as 3-bit", "value": (ppl["allocate"] - r4) / (r3 - r4)}
+    return out
 
 
 def render(r: dict) -> str:
@@ -195,7 +200,7 @@ def render(r: dict) -> str:
             f"{row['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in row else "—",
             f"{ort['session_rss_bytes'] / 1e6:.0f}" if ort else "—",
             f"{lat['median_s'] * 1e3:.2f}" if lat else "—",
-            f"{lat['ratio_vs_' + r['latency_reference']]:.2f}" if lat else "—",
+            f"{lat['ratio_vs_' + r.get('latency_reference', FP32)]:.2f}" if lat else "—",
             f"{row['seconds_apply']:.0f} |" if "seconds_apply" in row else "— |"]))
     lines.append("")
     for key, t in r.get("targets", {}).items():
