@@ -78,20 +78,17 @@ def ia3(graph: Graph, cfg: IA3Config, ctx: PassContext) -> PassResult:
                           "(PEFT: feedforward_modules must be a subset of target_modules)")
     gen = ctx.generator()
 
-    def make(size_of):
-        def build(layer: Layer) -> dict:
-            n = size_of(layer)
-            return {"l": torch.randn(n, generator=gen) if cfg.init == "random" else torch.ones(n)}
-        return build
+    def vector(n: int) -> dict:
+        return {"l": torch.randn(n, generator=gen) if cfg.init == "random" else torch.ones(n)}
 
     def make_ff(layer: Layer) -> dict:
         float_base(graph, layer.node, who, "IA3 (feedforward)")
-        return make(lambda lay: lay.in_f)(layer)
+        return vector(layer.in_f)
 
     meta = {"init": cfg.init, "scaling": 1.0}
     report = {"adapter": cfg.name, "layers": 0, "trainable_params": 0}
     outputs = [n for n in chosen if n not in ff]
-    for method, nodes, build in ((IA3, outputs, make(lambda lay: lay.out_f)), (IA3_FF, ff, make_ff)):
+    for method, nodes, build in ((IA3, outputs, lambda layer: vector(layer.out_f)), (IA3_FF, ff, make_ff)):
         if nodes:
             part = inject(graph, cfg, who, method, ("linear",), build, meta, nodes).report
             report["layers"] += part["layers"]
