@@ -316,7 +316,7 @@ def bone_delta(x, block, scale):
     return _as_nd(op.Mul(op.Gemm(summed, block), scale), x, out_f)
 
 
-def bone_bat_delta(x, block, weight, scale):
+def bone_bat_delta(x, weight, block, scale):
     """Bat's ``ΔW = W_ij B_i + B_i`` on r×r blocks of the weight initializer, then ``Gemm``."""
     out_f, in_f = weight.shape
     r = block.shape[-1]

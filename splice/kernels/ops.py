@@ -13,7 +13,7 @@ from splice.ir.graph import register_arg_roles
 from splice.ir.select import register_kind
 from splice.kernels import adapter_math, base_deltas
 from splice.kernels.factored import autograd_by_recompute, nola_factors, tera_update, tucker4
-from splice.kernels.fake_quant import fake_quantize, lsq_grads
+from splice.kernels.fake_quant import fake_quantize, fake_quantize_for_backward
 from splice.kernels.lut import lut_dequantize
 from splice.kernels.quant import dequantize_packed
 from splice.kernels.w8a8 import w8a8_matmul
@@ -202,13 +202,14 @@ def _fql_setup(ctx, inputs, output):
 
 def _fql_backward(ctx, grad):
     x, weight, scales, zeros = ctx.saved_tensors
-    wq = fake_quantize(weight, scales, zeros, ctx.bits, ctx.group_size)
+    wq, inside, d_scale = fake_quantize_for_backward(weight, scales, zeros, ctx.bits, ctx.group_size)
     g2 = grad.reshape(-1, grad.shape[-1])
     dx = (grad @ wq.to(grad.dtype)) if ctx.needs_input_grad[0] else None
     dw = ds = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        grad_wq = g2.T.float() @ x.reshape(-1, x.shape[-1]).float()
-        dw, ds = lsq_grads(grad_wq, weight, scales, zeros, ctx.bits, ctx.group_size)
+        grad_wq = (g2.T.float() @ x.reshape(-1, x.shape[-1]).float()).reshape(d_scale.shape)
+        dw = torch.where(inside, grad_wq, 0.0).reshape(weight.shape).to(weight.dtype)  # straight-through
+        ds = (grad_wq * d_scale).sum(-1).to(scales.dtype)  # LSQ
     db = g2.sum(0) if ctx.needs_input_grad[4] else None
     return dx, dw, ds, None, db, None, None
 
@@ -538,14 +539,14 @@ def _(x, block, scale):
 
 
 @torch.library.custom_op("splice::bone_bat_delta", mutates_args=())
-def bone_bat_delta(x: torch.Tensor, block: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def bone_bat_delta(x: torch.Tensor, weight: torch.Tensor, block: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """MiSS's Bat variant: ``x @ ΔWᵀ · scale`` with ``ΔW_ij = W_ij B_i + B_i`` on ``r×r`` blocks of
     the base weight ``W [out, in]`` (read, not trained) and ``block [out/r, r, r]``."""
-    return adapter_math.bat_forward(x, block, weight, scale)
+    return adapter_math.bat_forward(x, weight, block, scale)
 
 
 @bone_bat_delta.register_fake
-def _(x, block, weight, scale):
+def _(x, weight, block, scale):
     torch._check(block.dim() == 3 and block.shape[1] == block.shape[2], lambda: "bone_bat_delta: block must be [out/r, r, r]")
     torch._check(weight.shape[0] == block.shape[0] * block.shape[1] and weight.shape[1] % block.shape[2] == 0,
                  lambda: "bone_bat_delta: weight is not a grid of r x r blocks matching block")
@@ -576,7 +577,7 @@ autograd_by_recompute(adalora_delta, adapter_math.adalora_forward)
 register_arg_roles(torch.ops.splice.vera_delta.default,
                    {1: "adapter", 2: "adapter", 3: "adapter_frozen", 4: "adapter_frozen", 5: "adapter_scale"})
 register_arg_roles(torch.ops.splice.bone_delta.default, {1: "adapter", 2: "adapter_scale"})
-register_arg_roles(torch.ops.splice.bone_bat_delta.default, {1: "adapter", 2: "weight", 3: "adapter_scale"})
+register_arg_roles(torch.ops.splice.bone_bat_delta.default, {1: "weight", 2: "adapter", 3: "adapter_scale"})
 register_arg_roles(torch.ops.splice.adalora_delta.default, {1: "adapter", 2: "adapter", 3: "adapter", 4: "adapter_scale"})
 
 # ---------------------------------------------------------------------- w8a8_linear
