@@ -182,6 +182,22 @@ def test_tera_rank_is_high_at_vector_parameter_counts():
     assert len(shared) == 5  # core + 4 factors, one set for both q_proj layers
 
 
+@pytest.mark.parametrize("spec", ["adapter.svfit:rank=4", "adapter.nola:rank=4,num_basis=8", "adapter.tera:rank=8"])
+def test_on_a_quantized_base(spec):
+    """QLoRA-style: the adapter sits beside splice::qlinear (SVFit reads the dequantized weight);
+    folding re-quantizes, unfolding restores the packed tensors exactly."""
+    _, g = captured("llama")
+    q = g.apply("quantize.rtn:bits=4,group_size=32")
+    out = q.apply(f"{spec},targets=q_proj|v_proj")
+    assert _max_diff(out, q, g.example_inputs) == 0.0
+    trained = _perturb(out)
+    folded = trained.apply("adapter.fold")
+    layer = folded.history[-1]["report"]["layers"]["model.layers.0.self_attn.q_proj"]
+    assert layer["requant_sqnr_db"] > 10
+    back = folded.apply("adapter.unfold")
+    assert all(torch.equal(back.tensor(k), t) for k, t in trained.tensors().items())
+
+
 # ------------------------------------------------------------------------------- bad input
 
 
