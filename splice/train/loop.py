@@ -171,7 +171,8 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
-    def step(self, step: int) -> dict[str, float]:
+    def backward(self, step: int) -> tuple[float, float]:
+        """Forward and backward over the step's micro-batches: (task loss, regularizer), means."""
         cfg, fn = self.cfg, losses.LOSS_FNS[self.cfg.loss]
         task, reg_total = 0.0, 0.0
         for micro in range(cfg.grad_accum):
@@ -182,6 +183,12 @@ class _Run:
             ((loss if reg is None else loss + reg) / cfg.grad_accum).backward()
             task += float(loss.detach()) / cfg.grad_accum
             reg_total += 0.0 if reg is None else float(reg.detach()) / cfg.grad_accum
+        return task, reg_total
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step (0-based ``step``); returns its history record."""
+        cfg = self.cfg
+        task, reg_total = self.backward(step)
         for h in self.hooks:
             h.after_backward(step, cfg.steps)
         if cfg.max_grad_norm > 0:
