@@ -24,6 +24,7 @@ PEFT calls ``update_and_allocate(step)`` after ``optimizer.step()``; the hook do
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,8 +32,19 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig, Method, Site, read_meta, register_method, sites, write_meta
+from splice.passes.adapters._common import (
+    AdapterConfig,
+    Method,
+    Site,
+    attach,
+    read_meta,
+    register_method,
+    sites,
+    write_meta,
+)
 from splice.passes.adapters._inject import Layer, check_rank, inject
+from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
+from splice.passes.adapters.lora_peft import refuse_options
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.train.hooks import TrainHook, register_train_hook
 
@@ -88,6 +100,7 @@ def _delta_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return b @ (a * e) * scale
 
 
+SCHEDULE = ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "total_step")
 ADALORA = register_method(Method("adalora", torch.ops.splice.adalora_delta.default, ("A", "E", "B", "scale"),
                                  ("A", "E", "B"), _delta_weight))
 
@@ -105,8 +118,7 @@ def adalora(graph: Graph, cfg: AdaLoraConfig, ctx: PassContext) -> PassResult:
         e = torch.randn(r, 1, generator=gen) if cfg.init == "random" else torch.zeros(r, 1)
         return {"A": a, "E": e, "B": b}
 
-    schedule = {k: getattr(cfg, k) for k in ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2",
-                                             "orth_reg_weight", "total_step")}
+    schedule = {k: getattr(cfg, k) for k in SCHEDULE}
     meta = {"rank": r, "init_r": r, "alpha": cfg.alpha, "dropout": cfg.dropout, "init": cfg.init,
             "scaling": adalora_scaling(cfg.alpha, r), **schedule}
     return inject(graph, cfg, who, ADALORA, ("linear",), make, meta)
@@ -231,3 +243,74 @@ def adalora_hook(graph: Graph) -> AdaLoraHook | None:
     if not by_name:
         return None
     return AdaLoraHook([RankAllocator(graph, list(layers.values())) for layers in by_name.values()])
+
+
+# ------------------------------------------------------------------------ PEFT mapping
+# ``<path>.lora_A`` [r, in], ``.lora_E`` [r, 1], ``.lora_B`` [out, r] (no ``.weight``); with
+# ``rank_pattern`` ({"<path>.lora_E": [kept…]}) the tensors hold the kept triplets only.
+ADALORA_KEY = re.compile(r"(?P<path>.+)\.(?P<key>lora_[AEB])")
+_PEFT_SCHEDULE = {"delta_t": "deltaT"}  # splice option -> PEFT option where the names differ
+
+
+def load_adalora(job: PeftLoad) -> None:
+    refuse_options(job)
+    cfg = job.config
+    init_r = int(cfg.get("init_r", 12))
+    alpha = float(cfg.get("lora_alpha", 8)) if float(cfg.get("lora_alpha", 8)) > 0 else float(init_r)
+    patterns = cfg.get("rank_pattern") or {}
+    schedule = {k: cfg.get(_PEFT_SCHEDULE.get(k, k)) or 0 for k in SCHEDULE}
+    for mod, parts in job.modules(ADALORA_KEY, "AdaLoRA lora_A/E/B").items():
+        for k in ("lora_A", "lora_E", "lora_B"):
+            if k not in parts:
+                raise job.error(f"'{mod}' has {k} missing")
+        (ka, a), (ke, e), (kb, b) = parts["lora_A"], parts["lora_E"], parts["lora_B"]
+        first, *again = job.layers(mod, ka)
+        out_f, in_f = job.shape(first)
+        lp = job.claim(first)
+        pattern = patterns.get(f"{mod}.lora_E")
+        r = sum(pattern) if pattern else init_r
+        for key, value, want in ((ka, a, (r, in_f)), (ke, e, (r, 1)), (kb, b, (out_f, r))):
+            if tuple(value.shape) != want:
+                raise ConfigError(f"load_peft: {key} has shape {list(value.shape)}, expected {list(want)} for '{lp}'")
+        meta = {"rank": r, "init_r": init_r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout") or 0.0),
+                "init": "peft", "scaling": adalora_scaling(alpha, init_r), "weight": 1.0, "active": True,
+                "source": str(job.path), **schedule, **({"rank_pattern": pattern} if pattern else {})}
+        tensors = {"A": a.float().contiguous(), "E": e.float().contiguous(), "B": b.float().contiguous(),
+                   "scale": torch.tensor(meta["scaling"], dtype=torch.float32)}
+        for node in (first, *again):
+            tensors = attach(job.graph, node, job.name, ADALORA, tensors, meta)
+
+
+def _kept(site: Site, t: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[bool] | None]:
+    """The tensors PEFT stores (pruned to the kept triplets) and the layer's rank pattern."""
+    pattern = site.meta.get("rank_pattern")
+    if pattern and len(pattern) == t["A"].shape[0] and not all(pattern):
+        keep = torch.tensor(pattern)
+        return {"A": t["A"][keep], "E": t["E"][keep], "B": t["B"][:, keep]}, pattern
+    return t, pattern if pattern and sum(pattern) == t["A"].shape[0] and not all(pattern) else None
+
+
+def save_adalora(graph: Graph, chosen: list[Site]) -> tuple[dict, dict]:
+    """``lora_alpha`` carries the adapter's weight; masked triplets are pruned as PEFT saves them."""
+    metas = [s.meta for s in chosen]
+    if len({(m["init_r"], m["alpha"] * m.get("weight", 1.0)) for m in metas}) > 1:
+        raise ConfigError(f"save_peft: AdaLoRA adapter '{chosen[0].name}' has layers with different init_r or alpha; "
+                          "PEFT's AdaLoraConfig has one of each")
+    weights, patterns = {}, {}
+    for s in chosen:
+        t, pattern = _kept(s, s.tensors(graph))
+        for k in ("A", "E", "B"):
+            weights[f"base_model.model.{s.path}.lora_{k}"] = t[k].detach().contiguous()
+        if pattern:
+            patterns[f"{s.path}.lora_E"] = list(pattern)
+    m = metas[0]
+    schedule = {_PEFT_SCHEDULE.get(k, k): m[k] for k in SCHEDULE}
+    schedule["total_step"] = max(m["total_step"], m["tinit"] + m["tfinal"] + 1)  # PEFT needs a valid schedule
+    config = {**base_config("ADALORA", graph, [s.path for s in chosen]), **schedule, "init_r": m["init_r"],
+              "lora_alpha": m["alpha"] * m.get("weight", 1.0), "lora_dropout": m.get("dropout", 0.0), "bias": "none",
+              "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "rank_pattern": patterns or None}
+    return config, weights
+
+
+register_peft_format("ADALORA", load=load_adalora, save=save_adalora, methods=("adalora",))

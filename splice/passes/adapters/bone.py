@@ -19,6 +19,7 @@ for Bat. PEFT's ``mini`` variant is not supported. ``rank`` is at most the layer
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,8 +29,10 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.kernels.adapter_math import bat_update
 from splice.passes.adapters._base import float_base
-from splice.passes.adapters._common import AdapterConfig, Method, register_method, sites
+from splice.passes.adapters._common import AdapterConfig, Method, attach, register_method, sites
 from splice.passes.adapters._inject import Layer, inject
+from splice.passes.adapters._peft import PeftLoad, base_config, most_common, register_peft_format
+from splice.passes.adapters.lora_peft import refuse_options
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
@@ -105,3 +108,48 @@ def bone(graph: Graph, cfg: BoneConfig, ctx: PassContext) -> PassResult:
 
     meta = {"rank": r, "variant": cfg.variant, "init": cfg.init, "dropout": cfg.dropout, "scaling": 1.0}
     return inject(graph, cfg, who, BAT if cfg.variant == "bat" else BONE, ("linear",), make, meta)
+
+
+# ------------------------------------------------------------------------ PEFT mapping
+# ``<path>.miss_block``: ``[r, out]`` (``init_weights`` true/false) or ``[out/r, r, r]`` ("bat").
+MISS_KEY = re.compile(r"(?P<path>.+)\.(?P<key>miss_block)")
+
+
+def load_miss(job: PeftLoad) -> None:
+    refuse_options(job)
+    variant = "bat" if job.config.get("init_weights") == "bat" else "balance"
+    if job.config.get("init_weights") == "mini":
+        raise job.error("init_weights=mini (MiSS mini) is not supported yet")
+    for mod, parts in job.modules(MISS_KEY, "MiSS miss_block").items():
+        key, block = parts["miss_block"]
+        first, *again = job.layers(mod, key)
+        out_f, in_f = job.shape(first)
+        lp = job.claim(first)
+        r = block.shape[-1] if variant == "bat" else block.shape[0]
+        if tuple(block.shape) != block_shape(variant, r, out_f) or r > in_f or (variant == "bat" and in_f % r):
+            want = f"[{out_f}/r, r, r] with r dividing {in_f}" if variant == "bat" else f"[r, {out_f}] with r <= {in_f}"
+            raise ConfigError(f"load_peft: {key} has shape {list(block.shape)}, expected {want} for '{lp}'")
+        if variant == "bat":
+            float_base(job.graph, first, "load_peft", "Bat")
+        meta = {"rank": r, "variant": variant, "init": "peft", "dropout": float(job.config.get("miss_dropout") or 0.0),
+                "scaling": 1.0, "weight": 1.0, "active": True, "source": str(job.path)}
+        tensors = {"block": block.float().contiguous(), "scale": torch.tensor(1.0)}
+        for node in (first, *again):
+            tensors = attach(job.graph, node, job.name, BAT if variant == "bat" else BONE, tensors, meta)
+
+
+def save_miss(graph: Graph, chosen: list) -> tuple[dict, dict]:
+    """The block carries the adapter's weight (the update is linear in it); one rank and one variant."""
+    ranks = {s.meta["rank"] for s in chosen}
+    if len(ranks) > 1 or len({s.method for s in chosen}) > 1:
+        raise ConfigError(f"save_peft: MiSS adapter '{chosen[0].name}' mixes ranks {sorted(ranks)} or balance/bat "
+                          "across layers; PEFT's MissConfig has one r and one init_weights")
+    weights = {f"base_model.model.{s.path}.miss_block": (s.tensors(graph)["block"] * s.tensors(graph)["scale"])
+               .detach().contiguous() for s in chosen}
+    config = {**base_config("MISS", graph, [s.path for s in chosen]), "r": ranks.pop(), "mini_r": 1, "bias": "none",
+              "init_weights": "bat" if chosen[0].method is BAT else True, "exclude_modules": None,
+              "miss_dropout": most_common(s.meta.get("dropout", 0.0) for s in chosen)}
+    return config, weights
+
+
+register_peft_format("MISS", load=load_miss, save=save_miss, methods=("bone", "bone_bat"))

@@ -15,16 +15,20 @@ layers) and the layers may differ in shape. PEFT shares one pair between all VeR
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._common import AdapterConfig, Method, attach, register_method
 from splice.passes.adapters._inject import Layer, inject
+from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
+from splice.passes.adapters.lora_peft import refuse_options
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
@@ -96,3 +100,70 @@ def vera(graph: Graph, cfg: VeraConfig, ctx: PassContext) -> PassResult:
     meta = {"rank": cfg.rank, "d_initial": cfg.d_initial, "projection_prng_key": cfg.projection_prng_key,
             "dropout": cfg.dropout, "init": cfg.init, "scaling": 1.0}
     return inject(graph, cfg, who, VERA, ("linear",), make, meta)
+
+
+# ------------------------------------------------------------------------ PEFT mapping
+# ``<path>.vera_lambda_d`` [r], ``<path>.vera_lambda_b`` [out]; ``base_model.vera_A`` / ``vera_B``
+# (absent with ``save_projection=False``: regenerated from ``projection_prng_key``, as PEFT does).
+VERA_KEY = re.compile(r"(?P<path>.+)\.(?P<key>vera_lambda_[bd]|vera_[AB])")
+
+
+def _check(key: str, value: torch.Tensor, ok: bool, want: str, lp: str) -> None:
+    if not ok:
+        raise ConfigError(f"load_peft: {key} has shape {list(value.shape)}, expected {want} for '{lp}'")
+
+
+def load_vera(job: PeftLoad) -> None:
+    refuse_options(job)
+    modules = job.modules(VERA_KEY, "VeRA lambda/projection")
+    shared = modules.pop("base_model", {})
+    layers = {mod: job.layers(mod, parts.get("vera_lambda_b", next(iter(parts.values())))[0])
+              for mod, parts in modules.items()}
+    r = int(job.config.get("r", 256))
+    if "vera_A" in shared:
+        a, b = (shared[k][1].float().contiguous() for k in ("vera_A", "vera_B"))
+    else:
+        shapes = [job.shape(nodes[0]) for nodes in layers.values()]
+        a, b = projections(r, max(s[0] for s in shapes), max(s[1] for s in shapes), int(job.config.get("projection_prng_key", 0)))
+    r = a.shape[0]
+    nodes = {"vera_A": job.graph.add_tensor(f"adapters.{job.name}.vera_A", a),
+             "vera_B": job.graph.add_tensor(f"adapters.{job.name}.vera_B", b)}
+    meta = {"rank": r, "d_initial": float(job.config.get("d_initial", 0.1)), "init": "peft", "scaling": 1.0,
+            "projection_prng_key": int(job.config.get("projection_prng_key", 0)), "weight": 1.0, "active": True,
+            "dropout": float(job.config.get("vera_dropout") or 0.0), "source": str(job.path)}
+    for mod, parts in modules.items():
+        for key in ("vera_lambda_b", "vera_lambda_d"):
+            if key not in parts:
+                raise job.error(f"'{mod}' has {key} missing")
+        (kb, lam_b), (kd, lam_d) = parts["vera_lambda_b"], parts["vera_lambda_d"]
+        first, *again = layers[mod]
+        out_f, in_f = job.shape(first)
+        lp = job.claim(first)
+        _check(kb, lam_b, tuple(lam_b.shape) == (out_f,) and out_f <= b.shape[0], f"[{out_f}] (<= vera_B rows)", lp)
+        _check(kd, lam_d, tuple(lam_d.shape) == (r,) and in_f <= a.shape[1], f"[{r}] (vera_A rank)", lp)
+        tensors = {"lambda_d": lam_d.float().contiguous(), "lambda_b": lam_b.float().contiguous(), **nodes,
+                   "scale": torch.tensor(1.0)}
+        for node in (first, *again):
+            tensors = attach(job.graph, node, job.name, VERA, tensors, meta)
+
+
+def save_vera(graph: Graph, chosen: list) -> tuple[dict, dict]:
+    """``lambda_b`` carries the adapter's weight; the shared pair is cut to the saved layers' largest size
+    (PEFT sizes it from the targeted layers)."""
+    weights, shapes = {}, []
+    for s in chosen:
+        t = s.tensors(graph)
+        weights[f"base_model.model.{s.path}.vera_lambda_d"] = t["lambda_d"].detach().contiguous()
+        weights[f"base_model.model.{s.path}.vera_lambda_b"] = (t["lambda_b"] * t["scale"]).detach().contiguous()
+        shapes.append(base_op(s.base, "save_peft").shape(graph, s.base, "save_peft"))
+    t, meta = chosen[0].tensors(graph), chosen[0].meta
+    weights["base_model.vera_A"] = t["vera_A"][:, :max(i for _, i in shapes)].detach().contiguous()
+    weights["base_model.vera_B"] = t["vera_B"][:max(o for o, _ in shapes)].detach().contiguous()
+    config = {**base_config("VERA", graph, [s.path for s in chosen]), "r": t["vera_A"].shape[0],
+              "projection_prng_key": meta.get("projection_prng_key", 0), "save_projection": True,
+              "vera_dropout": meta.get("dropout", 0.0), "d_initial": meta.get("d_initial", 0.1),
+              "fan_in_fan_out": False, "bias": "none", "init_weights": True}
+    return config, weights
+
+
+register_peft_format("VERA", load=load_vera, save=save_vera, methods=("vera",))
