@@ -3,9 +3,11 @@
 LSQ (Esser et al., https://arxiv.org/abs/1902.08153): a latent float weight ``w[N, K]`` is
 rounded onto its group grid (``kernels/quant.py``: scales ``[N, G]``, integer zero points, packed
 like ``splice::qlinear``'s or ``None`` for symmetric grids) and dequantized,
-``fq(w) = (clamp(round(w/s) + z, 0, maxq) - z) * s``, with the very ``GroupGrid.quantize`` /
-``dequantize`` calls ``quantize.convert`` and ``splice::qlinear`` use, so QAT's forward and the
-converted model's agree exactly.
+``fq(w) = (clamp(round(w/s) + z, 0, maxq) - z) * s``: elementwise the same float operations as
+``GroupGrid.quantize`` / ``dequantize`` (which ``splice::qlinear`` runs after ``quantize.convert``),
+so QAT's forward and the converted model's agree exactly. Computed on ``[N, G, group_size]``
+views with broadcast scales (no ``[N, K]`` copies of scales or zeros): QAT touches every weight
+several times per step.
 
 Gradients (LSQ): the weight gets the straight-through estimate, passed where the code is not
 clamped and zero where it is; the scale gets ``round(w/s) - w/s`` per unclamped weight and
@@ -21,36 +23,38 @@ import torch
 from splice.kernels.quant import GroupGrid
 
 
-def _grid_codes(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                group_size: int) -> tuple[GroupGrid, torch.Tensor]:
+def _rounded(weight, scales, zeros, bits: int, group_size: int):
+    """Per group (``[N, G, group_size]`` views, scales and zeros broadcast): ``w/s``, its rounding,
+    the codes before clamping, the scales and the zeros (as floats: small integers are exact)."""
+    n, k = weight.shape
     grid = GroupGrid(bits, group_size, zeros is None)
-    return grid, grid.unpack_zeros(zeros, scales.shape[1], weight)
+    zero = grid.unpack_zeros(zeros, scales.shape[1], weight).unsqueeze(-1).float()
+    s = scales.unsqueeze(-1)
+    ratio = weight.float().reshape(n, k // group_size, group_size) / s
+    rounded = torch.round(ratio)
+    return ratio, rounded, rounded + zero, s, zero, grid.maxq
 
 
 def quantize_codes(weight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
-    """Integer codes ``[N, K]`` of ``weight`` on its grid (what ``quantize.convert`` packs)."""
-    grid, zero = _grid_codes(weight, scales, zeros, bits, group_size)
-    return grid.quantize(weight, scales, zero)
+    """Integer codes ``[N, K]`` of ``weight`` on its grid (what ``quantize.convert`` packs;
+    equal to ``GroupGrid.quantize``)."""
+    _, _, unclamped, _, _, maxq = _rounded(weight, scales, zeros, bits, group_size)
+    return unclamped.clamp(0, maxq).to(torch.int32).reshape(weight.shape)
 
 
 def fake_quantize(weight, scales, zeros, bits: int, group_size: int) -> torch.Tensor:
-    """``fq(weight)``: the dequantized weight ``[N, K]`` in the scales' dtype."""
-    grid, zero = _grid_codes(weight, scales, zeros, bits, group_size)
-    return grid.dequantize(grid.quantize(weight, scales, zero), scales, zero)
+    """``fq(weight)``: the dequantized weight ``[N, K]`` in the scales' dtype (equal to
+    ``GroupGrid.dequantize`` of ``quantize_codes``)."""
+    _, _, unclamped, s, zero, maxq = _rounded(weight, scales, zeros, bits, group_size)
+    return ((unclamped.clamp(0, maxq) - zero).to(scales.dtype) * s).reshape(weight.shape)
 
 
-def lsq_grads(grad_wq: torch.Tensor, weight, scales, zeros, bits: int,
-              group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the weight (STE) and of the scales (LSQ) from ``dL/dfq(w)`` ``[N, K]``."""
-    grid, zero = _grid_codes(weight, scales, zeros, bits, group_size)
-    n, k = weight.shape
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    z = zero.repeat_interleave(group_size, dim=1)
-    ratio = weight.float() / s
-    unclamped = torch.round(ratio) + z
-    inside = (unclamped >= 0) & (unclamped <= grid.maxq)
-    g = grad_wq.float()
-    grad_w = torch.where(inside, g, 0.0)
-    d_scale = torch.where(inside, torch.round(ratio) - ratio, unclamped.clamp(0, grid.maxq) - z)
-    grad_s = (g * d_scale).reshape(n, k // group_size, group_size).sum(-1)
-    return grad_w.to(weight.dtype), grad_s.to(scales.dtype)
+def fake_quantize_for_backward(weight, scales, zeros, bits: int, group_size: int):
+    """``fq(weight)`` ``[N, K]`` plus what its gradients need, per group ``[N, G, group_size]``:
+    the STE mask (code not clamped) and ``d fq / d s`` (LSQ: ``round(w/s) - w/s`` inside,
+    ``code - z`` where clamped)."""
+    ratio, rounded, unclamped, s, zero, maxq = _rounded(weight, scales, zeros, bits, group_size)
+    inside = (unclamped >= 0) & (unclamped <= maxq)
+    centred = unclamped.clamp(0, maxq) - zero
+    d_scale = torch.where(inside, rounded - ratio, centred)
+    return (centred.to(scales.dtype) * s).reshape(weight.shape), inside, d_scale
