@@ -17,6 +17,7 @@ pass here (and ``adapter.extract``) runs over its targeted layers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.kernels.ops import scatter_mask
 from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import Method, attach, layer_path, register_method, taken_names
+from splice.passes.adapters._common import AdapterConfig, Method, attach, layer_path, register_method, taken_names
 
 Built = tuple[Method, dict[str, torch.Tensor], dict[str, Any]]  # method, tensors, layer report
 
@@ -63,6 +64,28 @@ ROWS = register_method(Method("rows", torch.ops.splice.row_delta.default, _SPARS
 COLS = register_method(Method("cols", torch.ops.splice.col_delta.default, _SPARSE_KEYS, ("values",), _col_weight))
 DSEE = register_method(Method("dsee", torch.ops.splice.dsee_delta.default, ("A", "B", "values", "mask", "scale"),
                               ("A", "B", "values"), _dsee_weight))
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True, kw_only=True)
+class DensityConfig(AdapterConfig):
+    density: float = field(default=0.05, metadata={"help": "fraction of each layer's entries trained (0, 1]"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_fraction("density", self.density)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankDensityConfig(DensityConfig):
+    rank: int = field(default=8, metadata={"help": "rank of the approximation W_r the mask comes from (DSEE: also of B A)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
 
 
 # ---------------------------------------------------------------------------- masks

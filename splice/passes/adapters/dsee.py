@@ -13,25 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig
-from splice.passes.adapters._sparse import DSEE, attach_per_layer, check_fraction, check_rank, count, low_rank, \
+from splice.passes.adapters._sparse import DSEE, RankDensityConfig, attach_per_layer, check_rank, count, low_rank, \
     sparse_update, top_k_mask
 from splice.passes.adapters.lora import init_lora
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
-class DseeConfig(AdapterConfig):
+class DseeConfig(RankDensityConfig):
     """DSEE: a LoRA update plus a sparse update on the largest residual entries of each weight."""
 
-    rank: int = field(default=8, metadata={"help": "rank of the low-rank part (and of W_r for the sparse support)"})
     density: float = field(default=0.01, metadata={"help": "fraction of each layer's entries in the sparse part"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        check_fraction("density", self.density)
 
 
 def residual_mask(w, rank: int, k: int):

@@ -10,27 +10,17 @@ the folded model to refresh it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig
-from splice.passes.adapters._sparse import SPARSE, attach_per_layer, check_fraction, check_rank, count, low_rank, \
+from splice.passes.adapters._sparse import SPARSE, RankDensityConfig, attach_per_layer, check_rank, count, low_rank, \
     sparse_update, top_k_mask
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
-class LiftConfig(AdapterConfig):
-    """LIFT: train the top entries of a low-rank approximation of each weight."""
-
-    rank: int = field(default=8, metadata={"help": "rank of the approximation W_r that ranks the entries"})
-    density: float = field(default=0.05, metadata={"help": "fraction of each layer's entries trained (0, 1]"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        check_fraction("density", self.density)
+class LiftConfig(RankDensityConfig):
+    """LIFT: train the top entries of a low-rank approximation of each weight (rank, density)."""
 
 
 def principal_mask(w, rank: int, k: int):

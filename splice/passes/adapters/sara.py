@@ -13,21 +13,18 @@ from dataclasses import dataclass, field
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig
-from splice.passes.adapters._sparse import SPARSE, attach_per_layer, check_fraction, count, sparse_update, top_k_mask
+from splice.passes.adapters._sparse import SPARSE, DensityConfig, attach_per_layer, count, sparse_update, top_k_mask
 from splice.passes.base import PassContext, PassResult, register_pass
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaraConfig(AdapterConfig):
+class SaraConfig(DensityConfig):
     """SaRA: train the weights of smallest magnitude (below a threshold or percentile)."""
 
-    density: float = field(default=0.05, metadata={"help": "fraction of each layer's smallest |w| trained"})
     threshold: float = field(default=0.0, metadata={"help": "> 0: train every |w| below it (overrides density)"})
 
     def __post_init__(self):
         super().__post_init__()
-        check_fraction("density", self.density)
         if self.threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold}")
 
