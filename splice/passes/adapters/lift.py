@@ -35,5 +35,5 @@ def lift(graph: Graph, cfg: LiftConfig, ctx: PassContext) -> PassResult:
         mask = principal_mask(w, cfg.rank, count(cfg.density, w.numel()))
         return SPARSE, sparse_update(mask), {"trainable": int(mask.sum())}
 
-    meta = {"rank": cfg.rank, "density": cfg.density}
+    meta = {"approx_rank": cfg.rank, "density": cfg.density}
     return PassResult(graph, True, attach_per_layer(graph, cfg, "adapter.lift", build, meta))
