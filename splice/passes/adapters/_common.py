@@ -54,6 +54,14 @@ def check_name(name: str) -> None:
         raise ValueError(f"name must be an identifier (letters, digits, _), got {name!r}")
 
 
+def check_rank_dropout(rank: int, dropout: float) -> None:
+    """The ``__post_init__`` checks of adapter configs that have a rank and an input dropout."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdapterConfig(PassConfig):
     """Fields every adapter pass takes."""

@@ -37,6 +37,7 @@ from splice.passes.adapters._common import (
     Method,
     Site,
     attach,
+    check_rank_dropout,
     read_meta,
     register_method,
     sites,
@@ -71,6 +72,7 @@ class AdaLoraConfig(AdapterConfig):
         super().__post_init__()
         if not 1 <= self.target_r <= self.init_r:
             raise ValueError(f"need 1 <= target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}")
+        check_rank_dropout(self.init_r, self.dropout)
         if self.delta_t < 1:
             raise ValueError(f"delta_t must be >= 1, got {self.delta_t}")
         for name in ("beta1", "beta2"):
@@ -78,8 +80,8 @@ class AdaLoraConfig(AdapterConfig):
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        if min(self.tinit, self.tfinal, self.total_step) < 0 or not 0 <= self.dropout < 1:
-            raise ValueError("tinit, tfinal, total_step must be >= 0 and dropout in [0, 1)")
+        if min(self.tinit, self.tfinal, self.total_step) < 0:
+            raise ValueError("tinit, tfinal and total_step must be >= 0")
         if self.total_step:
             check_schedule(self.tinit, self.tfinal, self.total_step)
 

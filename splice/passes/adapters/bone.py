@@ -29,7 +29,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.kernels.adapter_math import bat_update
 from splice.passes.adapters._base import float_base
-from splice.passes.adapters._common import AdapterConfig, Method, attach, register_method, sites
+from splice.passes.adapters._common import AdapterConfig, Method, attach, check_rank_dropout, register_method, sites
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, most_common, register_peft_format
 from splice.passes.adapters.lora_peft import refuse_options
@@ -47,10 +47,7 @@ class BoneConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_rank_dropout(self.rank, self.dropout)
 
 
 def balance_update(block: torch.Tensor, in_f: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import AdapterConfig, Method, attach, register_method
+from splice.passes.adapters._common import AdapterConfig, Method, attach, check_rank_dropout, register_method
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
 from splice.passes.adapters.lora_peft import refuse_options
@@ -45,10 +45,7 @@ class VeraConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_rank_dropout(self.rank, self.dropout)
 
 
 def _delta_weight(t: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
