@@ -1,11 +1,14 @@
-"""The injection loop of the factored adapter passes (NOLA, SVFit, SORSA, FLoRA, TeRA).
+"""The injection loop shared by adapter passes that build per-layer tensors (NOLA, SVFit, SORSA,
+FLoRA, TeRA, VeRA …), and the helpers they share.
 
 ``inject`` selects the target layers, refuses a name already taken on a layer, builds each layer's
 tensors with the method's ``make(layer)`` (once per module: a module called twice shares them, as
 PEFT does), adds the 0-d ``scale`` tensor from ``meta["scaling"]``, attaches the delta op and
 reports the trainable count. ``FrozenRandom`` gives frozen random tensors generated from
 ``(seed, key, shape)`` and stored once per shape, shared by every layer of that shape (NOLA's
-bases, TeRA's core and factors), so stored bytes count each random tensor once.
+bases, TeRA's core and factors), so stored bytes count each random tensor once. Also: option
+range checks for configs, the rank check, top-r SVD and the SVD-form dense update, random
+orthonormal and uniform draws.
 """
 from __future__ import annotations
 
