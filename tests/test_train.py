@@ -292,3 +292,8 @@ def test_cli_bad_options(capsys, llama_hf_dir, text_files, tmp_path):
                  "--resume needs --checkpoint-dir", rc=2, absent=[out])
     assert_error(capsys, ["train", llama_hf_dir, "--data", text_files[0], "--lr", -1, "-o", out],
                  "lr must be > 0", absent=[out])
+
+
+def test_cli_help(capsys):
+    rc, out, _ = run_cli(capsys, "train", "--help")
+    assert rc == 0 and "usage: splice train" in out and "--checkpoint-dir" in out
