@@ -2,7 +2,7 @@
 contract on SmolLM2-135M.
 
 1. One SmolLM2-sized layer: a 576x576 linear (and, for FLoRA, a 576->576 3x3 conv and a 1x1 conv),
-   each method at its defaults (and TeRA at rank 24) next to LoRA r=8: trainable numbers, frozen
+   each method at its defaults (and TeRA at rank 24) next to LoRA r=8 (linear only): trainable numbers, frozen
    adapter numbers stored (shared random tensors counted once), and the matrix rank of the update
    after setting the trainable tensors to random values (float64, numerical rank).
 2. SmolLM2-135M-Instruct (GGUF, fp32), default targets: trainable count, adapter bytes, pass time,
@@ -30,7 +30,7 @@ from splice.passes.adapters._common import sites  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "adapters_factored.json"
 LINEAR_SPECS = ["adapter.lora:rank=8", "adapter.nola", "adapter.svfit", "adapter.sorsa", "adapter.tera",
                 "adapter.tera:rank=24"]
-CONV_SPECS = ["adapter.lora:rank=8", "adapter.flora"]
+CONV_SPECS = ["adapter.flora"]  # splice's LoRA is linear-only; PEFT's conv LoRA count is r·(I·kh·kw + O)
 
 
 class _Layers(torch.nn.Module):
