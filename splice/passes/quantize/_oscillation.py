@@ -34,16 +34,17 @@ _OP = torch.ops.splice.fake_quant_linear.default
 class _Layer:
     """One fake-quantized weight: its trainable tensors and oscillation statistics."""
 
-    def __init__(self, graph: Graph, node):
+    def __init__(self, graph: Graph, node, *, track: bool = False):
         _, w, s, z, _, self.bits, self.group_size = node.args
         self.weight, self.scales = graph.tensor(w.target), graph.tensor(s.target)
         self.zeros = None if z is None else graph.tensor(z.target)
-        self.codes = self._codes()
-        self.direction = torch.zeros_like(self.codes, dtype=torch.int8)
-        self.frequency = torch.zeros_like(self.weight, dtype=torch.float32)
-        self.ema_codes = self.codes.float()
-        self.frozen = torch.zeros_like(self.weight, dtype=torch.bool)
-        self.frozen_value = torch.zeros_like(self.weight)
+        if track:  # oscillation statistics, only when freezing is on
+            self.codes = self._codes()
+            self.direction = torch.zeros_like(self.codes, dtype=torch.int8)
+            self.frequency = torch.zeros_like(self.weight, dtype=torch.float32)
+            self.ema_codes = self.codes.float()
+            self.frozen = torch.zeros_like(self.weight, dtype=torch.bool)
+            self.frozen_value = torch.zeros_like(self.weight)
 
     def _codes(self) -> torch.Tensor:
         return quantize_codes(self.weight.detach(), self.scales.detach(), self.zeros, self.bits, self.group_size)
@@ -118,4 +119,4 @@ def oscillation_hook(graph: Graph) -> OscillationHook | None:
     if not nodes or not (dampen or threshold):
         return None
     unique = {n.args[1].target: n for n in nodes}  # tied weights once
-    return OscillationHook([_Layer(graph, n) for n in unique.values()], dampen, threshold)
+    return OscillationHook([_Layer(graph, n, track=threshold > 0) for n in unique.values()], dampen, threshold)
