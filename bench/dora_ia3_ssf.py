@@ -10,7 +10,8 @@ For SmolLM2-135M (GGUF, fp32) and all-MiniLM-L6-v2 (HF dir, BertModel):
   weight error after fold -> unfold, and ONNX Runtime parity folded and unfolded (max abs diff
   and max abs diff / max |output|, since SmolLM2's fp32 export alone differs by ~1e-4 on logits).
 
-    python bench/dora_ia3_ssf.py [--models minilm]   # writes bench/results/dora_ia3_ssf.json
+    python bench/dora_ia3_ssf.py [--models minilm] [--no-onnx] [--out FILE]
+    # default output bench/results/dora_ia3_ssf.json
 
 Rows are written as they finish (a row from an earlier run of another model is kept).
 """
@@ -107,14 +108,14 @@ def peft_parity(path: Path, graph, method: str, setup: dict, inputs, tmp: Path) 
     return row, loaded
 
 
-def fold_and_export(graph, inputs, tmp: Path, label: str) -> dict:
+def fold_and_export(graph, inputs, tmp: Path, label: str, onnx: bool) -> dict:
     folded = graph.apply("adapter.fold")
     back = folded.apply("adapter.unfold")
     row = {"max_abs_diff_folded_vs_unfolded": max(float((_first(folded.run(*x)) - _first(graph.run(*x))).abs().max())
                                                   for x in inputs),
            "max_weight_err_after_unfold": max(float((back.tensor(k) - t).detach().abs().max())
                                               for k, t in graph.tensors().items())}
-    for name, g in (("unfolded", graph), ("folded", folded)):
+    for name, g in (("unfolded", graph), ("folded", folded)) if onnx else ():
         onnx_path = splice.export_onnx(g, tmp / f"{label}_{name}.onnx", force=True)
         diff = splice.parity(g, onnx_path, inputs)
         scale = max(float(_first(g.run(*x)).abs().max()) for x in inputs)
@@ -126,10 +127,12 @@ def fold_and_export(graph, inputs, tmp: Path, label: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,minilm")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX exports (slow for SmolLM2 on a busy machine)")
     args = ap.parse_args()
     results: dict = {"machine": machine_info(), "versions": versions("torch", "peft", "transformers", "onnxruntime"),
                      "note": "2-core machine shared with other jobs; times are not benchmarks",
-                     "models": json.loads(OUT.read_text())["models"] if OUT.exists() else {}}
+                     "models": json.loads(args.out.read_text())["models"] if args.out.exists() else {}}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for model, path in _paths().items():
@@ -140,13 +143,14 @@ def main() -> None:
             rows = results["models"][model] = {}
             for method in ("dora", "ia3"):
                 rows[method], loaded = peft_parity(path, graph, method, SETUPS[model], inputs, tmp)
-                rows[method] |= fold_and_export(loaded, inputs, tmp, f"{model}_{method}")
-                write_json(OUT, results)
+                rows[method] |= fold_and_export(loaded, inputs, tmp, f"{model}_{method}", not args.no_onnx)
+                write_json(args.out, results)
             ssf = graph.apply("adapter.ssf")
             rows["ssf"] = {"zero_init_max_abs_diff": max(float((_first(ssf.run(*x)) - _first(graph.run(*x))).abs().max())
                                                          for x in inputs)}
-            rows["ssf"] |= fold_and_export(graph.apply("adapter.ssf:init=random"), inputs, tmp, f"{model}_ssf")
-            write_json(OUT, results)
+            rows["ssf"] |= fold_and_export(graph.apply("adapter.ssf:init=random"), inputs, tmp, f"{model}_ssf",
+                                           not args.no_onnx)
+            write_json(args.out, results)
 
 
 if __name__ == "__main__":
