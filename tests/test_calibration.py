@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import splice
+from splice.ir.graph import set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
 from splice.kernels.observe import StatsStore
 from splice.kernels.quant import GroupGrid
@@ -45,6 +46,24 @@ def test_segment_runner_matches_full_forward():
     out = next(n for n in g.gm.graph.nodes if n.op == "output").args[0][0]
     for env, sample in zip(runner.envs, samples):
         torch.testing.assert_close(env[out], g.run(*sample)["logits"])
+
+
+def test_segment_runner_runs_later_blocks_on_weights_changed_mid_run():
+    """Sequential calibration changes a block's weights after the run started (get_attr
+    values were fetched at the top of the graph): later segments must use the new ones."""
+    zm, g = captured("llama")
+    work = g.copy()
+    samples = _calib(zm, work, n=1)
+    runner = SegmentRunner(work.gm, samples)
+    by_block = blocks(work.gm, list(work.nodes("linear")))
+    first, second = list(by_block)[:2]
+    runner.run_to(block_end(work.gm, first))
+    target = by_block[second][-1].args[1].target  # the second block's down_proj
+    set_attr(work.gm, target, torch.zeros_like(work.tensor(target)))
+    runner.run_to(len(runner.nodes) - 1)
+    out = next(n for n in work.gm.graph.nodes if n.op == "output").args[0][0]
+    torch.testing.assert_close(runner.envs[0][out], work.run(*samples[0])["logits"])
+    assert not torch.allclose(runner.envs[0][out], g.run(*samples[0])["logits"])
 
 
 def test_gptq_reduces_layer_output_error_against_rtn():

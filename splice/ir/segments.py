@@ -5,6 +5,8 @@ block boundary for every calibration sample, computed with the blocks before it 
 quantized. ``SegmentRunner`` keeps, per sample, only the values still needed by nodes not yet
 run, so memory is one boundary's worth of activations rather than a whole forward's.
 ``blocks`` groups nodes into repeated blocks by module path (``model.layers.3``).
+``replay`` re-runs a segment from a saved boundary with chosen weights substituted, gradients
+on: block-wise reconstruction trains through it.
 """
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ def block_end(gm: fx.GraphModule, block: str) -> int:
     return last
 
 
+class _Substituting(fx.Interpreter):
+    """Reads ``get_attr`` targets from ``weights`` first (tensors that may carry gradients)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def get_attr(self, target, args, kwargs):
+        return self.weights[target] if target in self.weights else super().get_attr(target, args, kwargs)
+
+
 class SegmentRunner:
     """Execute ``gm``'s nodes in order over ``samples`` (tuples of inputs), stopping at
     chosen node indices; values nothing later reads are freed as soon as possible."""
@@ -57,8 +70,9 @@ class SegmentRunner:
                          for n in self.nodes}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.envs = [dict(zip(placeholders, sample)) for sample in samples]
+        self.attrs = [n for n in self.nodes if n.op == "get_attr"]
         self.pos = 0
-        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        self.interp = _Substituting(gm)
 
     def snapshot(self) -> tuple[int, list[dict]]:
         return self.pos, [dict(env) for env in self.envs]
@@ -67,12 +81,40 @@ class SegmentRunner:
         self.pos, envs = snap
         self.envs = [dict(env) for env in envs]
 
+    def live_after(self, end: int) -> list[int]:
+        """Indices of the nodes up to ``end`` whose values later nodes (or the output) read."""
+        return [i for i, n in enumerate(self.nodes[:end + 1]) if self.last_use[n] > end]
+
+    def replay(self, sample: int, end: int, read: list[int],
+               weights: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The values of nodes ``read`` after running ``pos..end`` for one sample from the
+        current boundary, with ``weights`` (get_attr target -> tensor) substituted; the
+        runner's state is unchanged. Runs under the caller's grad mode."""
+        env = dict(self.envs[sample])
+        self.interp.env, self.interp.weights = env, weights or {}
+        self._refresh_attrs(env)
+        try:
+            for node in self.nodes[self.pos:end + 1]:
+                if node.op != "placeholder":
+                    env[node] = self.interp.run_node(node)
+        finally:
+            self.interp.weights = {}
+        return [env[self.nodes[i]] for i in read]
+
+    def _refresh_attrs(self, env: dict) -> None:
+        """Re-read the stored tensors an env already holds: ``get_attr`` nodes usually sit at
+        the top of the graph, so their values were fetched before a method changed them."""
+        for node in self.attrs:
+            if node in env:
+                env[node] = self.interp.get_attr(node.target, (), {})
+
     @torch.no_grad()
     def run_to(self, end: int) -> None:
-        """Run nodes ``pos..end`` (inclusive) for every sample."""
+        """Run nodes ``pos..end`` (inclusive) for every sample, on the weights stored now."""
         segment = self.nodes[self.pos:end + 1]
         for env in self.envs:
             self.interp.env = env
+            self._refresh_attrs(env)
             for i, node in enumerate(segment, self.pos):
                 if node.op != "placeholder":
                     env[node] = self.interp.run_node(node)
