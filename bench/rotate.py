@@ -27,6 +27,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=DEFAULT_SPECS, help="';'-separated quantizer specs, each run with and without rotate")
     ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens evaluated")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 and fp32-rotated rows")
     ap.add_argument("--out", default="bench/results/rotate.json")
     return ap.parse_args(argv)
 
@@ -61,8 +62,9 @@ def main(argv=None) -> int:
         result["rows"][name] = row
         log(f"{name}: {row}")
 
-    measure("fp32", graph)
-    measure("fp32 rotated", rotated)
+    if not args.no_fp32:
+        measure("fp32", graph)
+        measure("fp32 rotated", rotated)
     for spec in [s for s in args.specs.split(";") if s]:
         measure(spec, graph.apply(spec))
         measure(f"rotate -> {spec}", rotated.apply(spec))
