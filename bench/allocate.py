@@ -54,6 +54,10 @@ def parse_args(argv=None):
     add_lm_eval_args(ap)
     ap.add_argument("--skip-onnx", action="store_true", help="no ONNX export, ORT inventory or latency")
     ap.add_argument("--fp32-onnx", action="store_true", help="export fp32 too (latency reference; else RTN w3 is)")
+    ap.add_argument("--rows", help="run only the rows whose name contains one of these comma-separated words")
+    ap.add_argument("--merge", help="a JSON of another run whose rows this run keeps (read at the end; rows with "
+                                    "an ONNX file in --workdir are timed with this run's)")
+    ap.add_argument("--workdir", help="where ONNX files go (default: a new temp dir)")
     ap.add_argument("--out", default="bench/results/allocate.json")
     ap.add_argument("--doc", default="docs/bench_allocate.md")
     ap.add_argument("--render-only", action="store_true")
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     plan = rows_for(args.group, args.avg_bits, args.candidates, args.fp32_onnx)
+    if args.rows:
+        plan = {k: v for k, v in plan.items() if any(w in k for w in args.rows.split(","))}
     reference = FP32 if args.fp32_onnx else f"rtn w3 g{args.group}"
     result = {"bench": "allocate", "command": " ".join(["bench/allocate.py"] + sys.argv[1:]),
               "model": {"name": gguf.name, "note": "weights dequantized from GGUF Q4_1 (4-bit, group 32)"},
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
                            "perplexity": {"text": "gpl3", "seq_len": args.seq_len, "stride": args.stride,
                                           "max_tokens": args.max_tokens}},
               "rows": {}}
-    workdir = Path(tempfile.mkdtemp(prefix="splice-bench-allocate-"))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="splice-bench-allocate-"))
     onnx_paths = {}
     log(f"capture {gguf}")
     graph = splice.capture(gguf)
@@ -146,6 +152,14 @@ def main(argv=None) -> int:
         result["rows"][name] = row
         write_json(out_path, result)
         del g
+    if args.merge:  # read at the end: another run may still be writing it
+        merged = json.loads(Path(args.merge).read_text())
+        result["rows"] = {**merged["rows"], **result["rows"]}
+        result["merged_from"] = merged["command"]
+        for name, row in merged["rows"].items():
+            path = workdir / (name.replace(" ", "_") + ".onnx")
+            if "ort" in row and path.exists():
+                onnx_paths[name] = path
     if onnx_paths:
         log(f"latency 1x1 over {len(onnx_paths)} sessions")
         for name, v in ort_latency_1x1(onnx_paths, threads=args.threads, rounds=args.rounds, repeats=args.repeats,
