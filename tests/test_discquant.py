@@ -1,0 +1,47 @@
+"""quantize.discquant: rounding directions chosen by projected gradient descent on the
+model's KL to the float model; codes stay on round-to-nearest's grid (each weight rounds to
+one of its two neighbours) and the result beats round-to-nearest on held-out outputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import splice
+from splice.kernels.quant import dequantize_packed
+from zoo_graphs import captured
+
+
+def _calib(zm, g, n=4, seq=32, seed=0):
+    return [tuple(zm.make_inputs(2, seq, seed=seed + s)[k] for k in g.input_names) for s in range(n)]
+
+
+def _kl(g, q, samples):
+    return sum(float(F.kl_div(F.log_softmax(q.run(*x)["logits"], -1).flatten(0, -2),
+                              F.log_softmax(g.run(*x)["logits"], -1).flatten(0, -2),
+                              log_target=True, reduction="batchmean")) for x in samples) / len(samples)
+
+
+def test_discquant_beats_round_to_nearest_with_neighbouring_codes():
+    zm, g = captured("llama")
+    calib, test = _calib(zm, g), _calib(zm, g, n=2, seed=100)
+    rtn = g.apply("quantize.rtn:bits=3,group_size=16")
+    q = g.apply("quantize.discquant:bits=3,group_size=16,steps=60", calibration=calib)
+    assert _kl(g, q, test) < 0.95 * _kl(g, rtn, test)
+    report = q.history[-1]["report"]
+    assert report["integral_fraction_before_final_rounding"] > 0.9  # the linear term reached a vertex
+    # every weight sits on one of its two grid neighbours, on RTN's scales
+    target = "model.layers.0.mlp.down_proj"
+    w = g.tensor(target + ".weight")
+    a, b = (dict(x.gm.named_buffers()) | dict(x.gm.named_parameters()) for x in (q, rtn))
+    assert torch.equal(a[target + ".scales"], b[target + ".scales"])
+    deq = dequantize_packed(a[target + ".qweight"], a[target + ".scales"], None, 3, 16)
+    step = a[target + ".scales"].abs().repeat_interleave(16, 1)
+    assert ((deq - w).abs() <= step * (1 + 1e-4)).all()
+    assert not torch.equal(a[target + ".qweight"], b[target + ".qweight"])
+
+
+def test_bad_options():
+    zm, g = captured("llama")
+    with pytest.raises(splice.SpliceError, match="quantize.discquant: needs calibration data"):
+        g.apply("quantize.discquant")
+    with pytest.raises(splice.SpliceError, match="lr must be > 0 and reg >= 0"):
+        g.apply("quantize.discquant:reg=-1", calibration=_calib(zm, g, n=1))
