@@ -1,4 +1,4 @@
-"""Weight-only quantizers side by side on SmolLM2-135M-Instruct: RTN, GPTQ and AWQ (when registered).
+"""Weight-only quantizers side by side on SmolLM2-135M-Instruct: RTN, GPTQ, AWQ, GPTAQ, reconstruct, DiscQuant.
 
 In one run: capture the model (fp32); calibrate on Python's help topics (``builtin_text("pydoc")``,
 16 random windows x 256 tokens, the model's tokenizer); for every method x bits x group size run
@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_lm_eval_args, evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PASSES = {"rtn": "quantize.rtn", "gptq": "quantize.gptq", "awq": "quantize.awq"}
+# method -> (pass, extra options)
+PASSES = {"rtn": ("quantize.rtn", ""), "gptq": ("quantize.gptq", ""), "awq": ("quantize.awq", ""),
+          "gptaq": ("quantize.gptq", ",gptaq=true"), "reconstruct": ("quantize.reconstruct", ""),
+          "discquant": ("quantize.discquant", "")}
 FP32 = "fp32"
 DOC_BEGIN, DOC_END = "<!-- bench/quantize.py: begin generated -->", "<!-- bench/quantize.py: end generated -->"
 GPTQ_LIMIT_S = 600.0
@@ -45,7 +48,7 @@ GPTQ_LIMIT_S = 600.0
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="rtn,gptq,awq", help="comma list of rtn,gptq,awq (awq skipped if not registered)")
+    ap.add_argument("--methods", default="rtn,gptq,awq", help="comma list of " + ",".join(PASSES) + " (unregistered ones are skipped)")
     ap.add_argument("--bits", default="3,4", help="comma list of bit widths")
     ap.add_argument("--groups", default="64,32", help="comma list of group sizes (0 = per channel)")
     ap.add_argument("--asymmetric", action="store_true", help="asymmetric grids (symmetric=false) instead of symmetric")
@@ -160,9 +163,9 @@ def main(argv=None) -> int:
     from splice.eval.perplexity import tokenize
 
     registered = {p.name for p in splice.list_passes()}
-    missing = [m for m in methods if PASSES[m] not in registered]
+    missing = [m for m in methods if PASSES[m][0] not in registered]
     for m in missing:
-        log(f"{PASSES[m]} is not registered in this build; skipping {m}")
+        log(f"{PASSES[m][0]} is not registered in this build; skipping {m}")
     methods = [m for m in methods if m not in missing]
 
     torch.manual_seed(0)
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
                                                                        "rounds": args.rounds,
                                                                        "repeats": args.repeats,
                                                                        "accuracy_level": 4},
-                                 "methods_requested": args.methods, "methods_unregistered": [PASSES[m] for m in missing]},
+                                 "methods_requested": args.methods, "methods_unregistered": [PASSES[m][0] for m in missing]},
                     "rows": {}}
     if previous:
         if any(previous.get("settings", {}).get(k) != result["settings"][k] for k in ("perplexity", "symmetric")) or \
@@ -223,8 +226,8 @@ def main(argv=None) -> int:
             for bits in bits_list:
                 for group in groups:
                     name = row_name(method, bits, group)
-                    spec = f"{PASSES[method]}:bits={bits},group_size={group}" + \
-                        (",symmetric=false" if args.asymmetric else "") + \
+                    spec = f"{PASSES[method][0]}:bits={bits},group_size={group}{PASSES[method][1]}" + \
+                        f",symmetric={'false' if args.asymmetric else 'true'}" + \
                         (f",targets={args.targets}" if args.targets != "linear" else "")
                     log(f"{name}: {spec}")
                     row = {"method": method, "bits": bits, "group_size": group, "spec": spec}
