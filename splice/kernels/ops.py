@@ -46,19 +46,24 @@ def _(x, qweight, scales, zeros, bias, bits, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-def _qlinear_setup(ctx, inputs, output):
-    x, qweight, scales, zeros, bias, bits, group_size = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
-    ctx.bits, ctx.group_size = bits, group_size
+def frozen_weight_autograd(op, weight) -> None:
+    """Autograd for ``op(x, a, b, c, bias, bits, group_size) = x @ W(a, b, c)ᵀ + bias`` whose stored
+    tensors do not train (packed low-bit weights): the gradient reaches ``x`` only, through
+    ``W = weight(a, b, c, bits, group_size)`` rebuilt in the backward pass."""
+
+    def setup(ctx, inputs, output):
+        x, a, b, c, bias, bits, group_size = inputs
+        ctx.save_for_backward(a, b, c)
+        ctx.bits, ctx.group_size = bits, group_size
+
+    def backward(ctx, grad):
+        w = weight(*ctx.saved_tensors, ctx.bits, ctx.group_size).to(grad.dtype)
+        return grad @ w, None, None, None, None, None, None
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _qlinear_backward(ctx, grad):
-    qweight, scales, zeros = ctx.saved_tensors
-    w = dequantize_packed(qweight, scales, zeros, ctx.bits, ctx.group_size).to(grad.dtype)
-    return grad @ w, None, None, None, None, None, None
-
-
-qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+frozen_weight_autograd(qlinear, dequantize_packed)
 register_kind(torch.ops.splice.qlinear.default, "linear")
 
 # ------------------------------------------------------------------------ qembedding
@@ -246,19 +251,7 @@ def _(x, qweight, lut, scales, bias, bits, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
-def _lut_linear_setup(ctx, inputs, output):
-    x, qweight, lut, scales, bias, bits, group_size = inputs
-    ctx.save_for_backward(qweight, lut, scales)
-    ctx.bits, ctx.group_size = bits, group_size
-
-
-def _lut_linear_backward(ctx, grad):
-    qweight, lut, scales = ctx.saved_tensors
-    w = lut_dequantize(qweight, lut, scales, ctx.bits, ctx.group_size).to(grad.dtype)
-    return grad @ w, None, None, None, None, None, None
-
-
-lut_linear.register_autograd(_lut_linear_backward, setup_context=_lut_linear_setup)
+frozen_weight_autograd(lut_linear, lut_dequantize)
 register_kind(torch.ops.splice.lut_linear.default, "linear")
 register_arg_roles(torch.ops.splice.lut_linear.default, {1: "qweight", 2: "lut", 3: "scale", 4: "bias"})
 
