@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels are tested through Triton's CPU interpreter; it must be on before anything
+# (torch included) imports triton. Set TRITON_INTERPRET=0 on a GPU machine to run them for real.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -1,9 +1,6 @@
 """The Triton ``splice::qlinear`` kernel against the reference op, on CPU through Triton's
-interpreter (``TRITON_INTERPRET=1``, small shapes); skipped when triton is not installed."""
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: @triton.jit reads it
-
+interpreter (``TRITON_INTERPRET=1``, set in conftest.py before anything imports triton; small
+shapes); skipped when triton is not installed."""
 import pytest
 import torch
 
