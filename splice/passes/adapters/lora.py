@@ -19,7 +19,6 @@ inference and export ignore it, as PEFT does in eval mode. Works on float and qu
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,16 +26,8 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.ir.select import select_nodes
-from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import (
-    AdapterConfig,
-    Method,
-    attach,
-    layer_path,
-    register_method,
-    taken_names,
-)
+from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._inject import Layer, check_rank, inject
 from splice.passes.base import PassContext, PassResult, register_pass
 
 Init = Literal["default", "gaussian", "random", "pissa", "olora"]
@@ -100,40 +91,27 @@ def init_lora(init: str, w: torch.Tensor | None, rank: int, out_f: int, in_f: in
 @register_pass("adapter.lora", LoraConfig, reference="https://arxiv.org/abs/2106.09685")
 def lora(graph: Graph, cfg: LoraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.lora"
-    nodes = select_nodes(graph.gm, cfg.targets, ("linear",), who)
-    taken = taken_names(graph)
-    calls = Counter(layer_path(n) for n in nodes)
     scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)
     meta = {"rank": cfg.rank, "alpha": cfg.alpha, "rslora": cfg.rslora, "dropout": cfg.dropout,
-            "init": cfg.init, "scaling": scaling, "weight": 1.0, "active": True}
+            "init": cfg.init, "scaling": scaling}
     gen = ctx.generator()
-    made: dict[str, dict] = {}
-    params = 0
-    for node in nodes:
-        path = layer_path(node)
-        if (path, cfg.name) in taken:
-            raise ConfigError(f"{who}: layer '{path}' already has an adapter named '{cfg.name}'; choose another name")
-        handler = base_op(node, who)
-        out_f, in_f = handler.shape(graph, node, who)
-        if cfg.rank > min(out_f, in_f):
-            raise ConfigError(f"{who}: rank {cfg.rank} exceeds min(in, out) = {min(out_f, in_f)} of layer '{path}' "
-                              f"({in_f} -> {out_f})")
-        if path in made:  # the same module called again: PEFT shares its adapter, so do we
-            attach(graph, node, cfg.name, LORA, made[path], meta)
-            continue
+
+    def make(layer: Layer) -> dict[str, torch.Tensor]:
+        check_rank(who, cfg.rank, layer)
         w = None
         if cfg.init in ("pissa", "olora"):
-            if handler.set_weight is None:
-                raise ConfigError(f"{who}: init={cfg.init} rewrites the base weight; layer '{path}' is quantized "
+            if layer.handler.set_weight is None:
+                raise ConfigError(f"{who}: init={cfg.init} rewrites the base weight; layer '{layer.path}' is quantized "
                                   "(add the adapter before quantizing)")
-            if calls[path] > 1:
-                raise ConfigError(f"{who}: init={cfg.init}: layer '{path}' is called {calls[path]} times; use init=default")
-            w = handler.weight(graph, node)
-        a, b, residual = init_lora(cfg.init, w, cfg.rank, out_f, in_f, scaling, gen)
+            if layer.calls > 1:
+                raise ConfigError(f"{who}: init={cfg.init}: layer '{layer.path}' is called {layer.calls} times; "
+                                  "use init=default")
+            w = layer.handler.weight(graph, layer.node)
+        a, b, residual = init_lora(cfg.init, w, cfg.rank, layer.out_f, layer.in_f, scaling, gen)
         if residual is not None:
-            handler.set_weight(graph, [node], residual)
-        scale = torch.tensor(scaling, dtype=torch.float32)  # adapters stay fp32 (PEFT's autocast_adapter_dtype)
-        made[path] = attach(graph, node, cfg.name, LORA, {"A": a, "B": b, "scale": scale}, meta)
-        params += a.numel() + b.numel()
-    report = {"adapter": cfg.name, "layers": len(nodes), "trainable_params": params, "scaling": scaling}
-    return PassResult(graph, True, report)
+            layer.handler.set_weight(graph, [layer.node], residual)
+        return {"A": a, "B": b}  # inject adds the fp32 scale (PEFT's autocast_adapter_dtype keeps adapters fp32)
+
+    result = inject(graph, cfg, who, LORA, ("linear",), make, meta)
+    result.report["scaling"] = scaling
+    return result
