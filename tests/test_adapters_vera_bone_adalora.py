@@ -13,6 +13,7 @@ from splice.errors import ConfigError
 from splice.eval import zoo
 from splice.passes.adapters._common import sites
 from splice.passes.adapters.adalora import adalora_hook
+from splice.kernels.adapter_math import bat_update
 from splice.passes.adapters.bone import balance_update
 from tests.zoo_graphs import captured, input_grid
 
@@ -86,8 +87,9 @@ def _op_cases():
     return {
         "vera": (torch.ops.splice.vera_delta.default, (x, r(4), r(6), r(4, 16, grad=False), r(9, 4, grad=False), s)),
         "bone": (torch.ops.splice.bone_delta.default, (x, r(5, 7), s)),  # 12 % 5 != 0: padded
-        "bat": (torch.ops.splice.bone_bat_delta.default, (x, r(6, 12, grad=False), r(2, 3, 3), s)),
-        "adalora": (torch.ops.splice.adalora_delta.default, (x, r(3, 12), r(3, 1), r(6, 3), s)),
+        "bat": (torch.ops.splice.bat_linear.default, (r(2, 5, 6, grad=False), x, r(6, 12, grad=False), r(6, grad=False),
+                                                       r(2, 3, 3), s)),
+        "adalora": (torch.ops.splice.adalora_delta.default, (x, r(3, 12), r(3, 1), r(6, 3), s, torch.tensor(3.00001))),
     }
 
 
@@ -100,8 +102,8 @@ def test_op_opcheck_and_gradients_match_the_dense_update(method):
     grads = torch.autograd.grad(y.square().sum(), ins)
     ref_fn = {"vera": lambda x, d, b, va, vb, s: b * ((d * (x @ va[:, :12].T)) @ vb[:6].T) * s,
               "bone": lambda x, blk, s: x @ balance_update(blk, 12).T * s,
-              "bat": None,
-              "adalora": lambda x, a, e, b, s: x @ (a * e).T @ b.T * s}[method]
+              "bat": lambda y, x, w, b, blk, s: torch.nn.functional.linear(x, w + bat_update(w, blk) * s, b),
+              "adalora": lambda x, a, e, b, s, n: x @ (a * e).T @ b.T * s / n}[method]
     if ref_fn is not None:
         ref = ref_fn(*args)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -121,7 +123,7 @@ def test_fake_impls_check_shapes():
                                         torch.empty(9, 4), torch.tensor(1.0))
         with pytest.raises(Exception, match=r"E \(2, 2\) != \[r, 1\]"):
             torch.ops.splice.adalora_delta(torch.empty(3, 8), torch.empty(2, 8), torch.empty(2, 2), torch.empty(4, 2),
-                                           torch.tensor(1.0))
+                                           torch.tensor(1.0), torch.tensor(2.0))
 
 
 # --------------------------------------------------------------------------- PEFT parity

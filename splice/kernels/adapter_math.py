@@ -1,5 +1,5 @@
-"""Plain-torch forwards of the VeRA, MiSS/Bone and AdaLoRA delta ops (``kernels/ops.py``), the
-Bat block update they share with their passes.
+"""Plain-torch forwards of the VeRA, MiSS/Bone and AdaLoRA delta ops (``kernels/ops.py``), and
+the Bat block update (Bat's op, which recomputes the layer, is in ``base_deltas.py``).
 
 Each forward is written as PEFT 0.21's layer ``forward`` computes it (same operations, same
 order), so splice and PEFT agree to float rounding; ``scale`` (0-d) is splice's adapter weight.
@@ -35,11 +35,8 @@ def bat_update(weight, block):
     return (w @ block + block).permute(1, 2, 0, 3).reshape(out_f, in_f)
 
 
-def bat_forward(x, weight, block, scale):
-    return F.linear(x.to(block.dtype), bat_update(weight.to(block.dtype), block) * scale).to(x.dtype)
-
-
-def adalora_forward(x, A, E, B, scale):
-    """AdaLoRA's ``P Λ Q`` update: ``(x (A ⊙ E)ᵀ Bᵀ) · scale`` with ``scale = alpha / ranknum``."""
-    return (F.linear(F.linear(x.to(A.dtype), A * E), B) * scale).to(x.dtype)
+def adalora_forward(x, A, E, B, scale, ranknum):
+    """AdaLoRA's ``P Λ Q`` update: ``(x (A ⊙ E)ᵀ Bᵀ) · scale / ranknum`` (``scale = alpha``, PEFT's
+    ``ranknum + 1e-5``), multiplied then divided as PEFT's ``SVDLinear.forward`` does."""
+    return (F.linear(F.linear(x.to(A.dtype), A * E), B) * scale / ranknum).to(x.dtype)
 

@@ -1,15 +1,18 @@
-"""Plain-torch forwards of the delta ops that read the base layer (``kernels/ops.py``): DoRA
-(base output, weight, bias), IA3 and SSF (base output), IA3's feedforward form (base weight).
+"""Plain-torch forwards of the adapter ops that read the base layer (``kernels/ops.py``): DoRA
+(base output, weight, bias) and SSF (base output) return what is *added* to the base output
+``y = x Wᵀ + b``; IA3 (both forms) and MiSS's Bat *recompute* the layer's output as PEFT 0.21
+does (``y·l``; ``linear(x·l, W, b)``; ``linear(x, W + ΔW, b)``), which replaces ``y``.
 
-Each returns what is *added* to the base output ``y = x Wᵀ + b``, times the adapter's 0-d
-``scale`` (1 as trained, 0 when switched off), computed in the adapter's dtype as PEFT does.
-The forms are written as PEFT 0.21 computes them (same operations, same order) where PEFT has
-the method, so the two agree to float rounding.
+``scale`` is the adapter's 0-d weight (1 as trained, 0 when switched off). The forms are
+PEFT's (same operations, same order), so at ``scale = 1`` splice and PEFT agree bit for bit:
+``mix(l, 1) = l·1 + 0 = l`` exactly.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from splice.kernels.adapter_math import bat_update
 
 
 def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, lora_scale: torch.Tensor) -> torch.Tensor:
@@ -33,7 +36,25 @@ def scale_shift_forward(y, gamma, beta, scale):
     return ((d if beta is None else d + beta) * scale.to(gamma.dtype)).to(y.dtype)
 
 
-def scale_input_forward(x, weight, l, scale):
-    """``(x ⊙ (l - 1)) Wᵀ``: the change of ``linear(x ⊙ l, W)`` against ``linear(x, W)``."""
-    h = x.to(l.dtype) * (l - 1)
-    return (F.linear(h, weight.to(l.dtype)) * scale.to(l.dtype)).to(x.dtype)
+def mix(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``v`` at ``scale = 1``, ones at ``scale = 0`` (``v·s + 1 - s``; exact at both ends)."""
+    s = scale.to(v.dtype)
+    return v * s + (1 - s)
+
+
+def ia3_scale_forward(y, l, scale):
+    """IA3 on the output: ``y ⊙ l`` (PEFT ``IA3Layer``: ``result * ia3_scaling``)."""
+    return (y * mix(l, scale)).to(y.dtype)
+
+
+def ia3_ff_forward(y, x, weight, bias, l, scale):
+    """IA3 on a feedforward layer's input: ``linear(x ⊙ l, W, b)``; ``y`` is not read."""
+    return F.linear((x * mix(l, scale)).to(x.dtype), weight, bias)
+
+
+def bat_forward(y, x, weight, bias, block, scale):
+    """MiSS's Bat: ``linear(x, W + ΔW, b)`` with ``ΔW = bat_update(W, block)``; ``y`` is not read
+    (PEFT ``MissLayer.forward``: ``orig_weight + delta_weight``, then ``F.linear``)."""
+    w = weight.to(block.dtype)
+    return F.linear(x.to(block.dtype), w + bat_update(w, block) * scale.to(block.dtype),
+                    None if bias is None else bias.to(block.dtype)).to(x.dtype)

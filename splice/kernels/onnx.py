@@ -316,27 +316,16 @@ def bone_delta(x, block, scale):
     return _as_nd(op.Mul(op.Gemm(summed, block), scale), x, out_f)
 
 
-def bone_bat_delta(x, weight, block, scale):
-    """Bat's ``ΔW = W_ij B_i + B_i`` on r×r blocks of the weight initializer, then ``Gemm``."""
-    out_f, in_f = weight.shape
-    r = block.shape[-1]
-    w = op.Transpose(op.Reshape(op.CastLike(weight, block), _int64(out_f // r, r, in_f // r, r)), perm=[2, 0, 1, 3])
-    dw = op.Transpose(op.Add(op.MatMul(w, block), block), perm=[1, 2, 0, 3])
-    dw = op.Mul(op.Reshape(dw, _int64(out_f, in_f)), scale)
-    return _as_nd(op.Gemm(_as_2d(x, in_f, block), dw, transB=1), x, out_f)
-
-
-def adalora_delta(x, A, E, B, scale):
-    return lora_delta(x, op.Mul(A, E), B, scale)
+def adalora_delta(x, A, E, B, scale, ranknum):
+    return lora_delta(x, op.Mul(A, E), B, op.Div(scale, ranknum))
 
 
 TRANSLATIONS[torch.ops.splice.vera_delta.default] = vera_delta
 TRANSLATIONS[torch.ops.splice.bone_delta.default] = bone_delta
-TRANSLATIONS[torch.ops.splice.bone_bat_delta.default] = bone_bat_delta
 TRANSLATIONS[torch.ops.splice.adalora_delta.default] = adalora_delta
 
 
-# --------------------------------------------- deltas that read the base layer (DoRA, IA3, SSF)
+# ------------------------------ adapter ops that read the base layer (DoRA, SSF; IA3, Bat recompute it)
 
 
 def _minus_one(v):
@@ -353,21 +342,46 @@ def dora_delta(x, y, weight, bias, A, B, magnitude, lora_scale, scale):
     return op.CastLike(op.Mul(op.Add(op.Mul(_minus_one(ratio), base), op.Mul(ratio, lora)), scale), y)
 
 
-def ia3_delta(y, l, scale):
-    return op.CastLike(op.Mul(op.Mul(_minus_one(l), op.CastLike(y, l)), scale), y)
+def _mix(v, scale):
+    """``v·s + 1 - s`` (kernels/base_deltas.py ``mix``)."""
+    s = op.CastLike(scale, v)
+    return op.Add(op.Mul(v, s), op.Sub(op.CastLike(_const(np.array(1, np.float32)), v), s))
+
+
+def _linear(x, weight, bias, shape):
+    """``x Wᵀ + b`` on ``x`` flattened to 2-D (``Gemm``), back to ``x``'s leading shape; ``shape``
+    is the stored weight's ``(out, in)`` (a computed weight has none)."""
+    out_f, in_f = shape
+    flat = _as_2d(x, in_f, weight)
+    y = op.Gemm(flat, weight, transB=1) if bias is None else op.Gemm(flat, weight, op.CastLike(bias, weight), transB=1)
+    return _as_nd(y, x, out_f)
+
+
+def ia3_scale(y, l, scale):
+    return op.CastLike(op.Mul(op.CastLike(y, l), _mix(l, scale)), y)
+
+
+def ia3_ff_linear(y, x, weight, bias, l, scale):
+    return _linear(op.CastLike(op.Mul(op.CastLike(x, l), _mix(l, scale)), x), weight, bias, weight.shape)
+
+
+def bat_linear(y, x, weight, bias, block, scale):
+    """Bat's ``W + ΔW``, ``ΔW_ij = W_ij B_i + B_i`` on r×r blocks of the weight initializer (ORT
+    folds it at load), then one ``Gemm``: the base ``MatMul`` whose output ``y`` is unused is dead."""
+    out_f, in_f = weight.shape
+    r = block.shape[-1]
+    w = op.CastLike(weight, block)
+    blocks = op.Transpose(op.Reshape(w, _int64(out_f // r, r, in_f // r, r)), perm=[2, 0, 1, 3])
+    dw = op.Reshape(op.Transpose(op.Add(op.MatMul(blocks, block), block), perm=[1, 2, 0, 3]), _int64(out_f, in_f))
+    return _linear(x, op.Add(w, op.Mul(dw, scale)), bias, weight.shape)
 
 
 def ssf_delta(y, gamma, beta, scale):
     return op.CastLike(op.Mul(op.Add(op.Mul(_minus_one(gamma), op.CastLike(y, gamma)), beta), scale), y)
 
 
-def ia3_ff_delta(x, weight, l, scale):
-    out_f, in_f = weight.shape
-    h = op.Mul(_as_2d(x, in_f, l), _minus_one(l))
-    return _as_nd(op.Mul(op.Gemm(h, op.CastLike(weight, l), transB=1), scale), x, out_f)
-
-
 TRANSLATIONS[torch.ops.splice.dora_delta.default] = dora_delta
-TRANSLATIONS[torch.ops.splice.ia3_delta.default] = ia3_delta
 TRANSLATIONS[torch.ops.splice.ssf_delta.default] = ssf_delta
-TRANSLATIONS[torch.ops.splice.ia3_ff_delta.default] = ia3_ff_delta
+TRANSLATIONS[torch.ops.splice.ia3_scale.default] = ia3_scale
+TRANSLATIONS[torch.ops.splice.ia3_ff_linear.default] = ia3_ff_linear
+TRANSLATIONS[torch.ops.splice.bat_linear.default] = bat_linear

@@ -531,32 +531,19 @@ def _(x, block, scale):
     return x.new_empty(*x.shape[:-1], block.shape[1])
 
 
-@torch.library.custom_op("splice::bone_bat_delta", mutates_args=())
-def bone_bat_delta(x: torch.Tensor, weight: torch.Tensor, block: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """MiSS's Bat variant: ``x @ ΔWᵀ · scale`` with ``ΔW_ij = W_ij B_i + B_i`` on ``r×r`` blocks of
-    the base weight ``W [out, in]`` (read, not trained) and ``block [out/r, r, r]``."""
-    return adapter_math.bat_forward(x, weight, block, scale)
-
-
-@bone_bat_delta.register_fake
-def _(x, weight, block, scale):
-    torch._check(block.dim() == 3 and block.shape[1] == block.shape[2], lambda: "bone_bat_delta: block must be [out/r, r, r]")
-    torch._check(weight.shape[0] == block.shape[0] * block.shape[1] and weight.shape[1] % block.shape[2] == 0,
-                 lambda: "bone_bat_delta: weight is not a grid of r x r blocks matching block")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "bone_bat_delta: input features != weight's")
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
 @torch.library.custom_op("splice::adalora_delta", mutates_args=())
-def adalora_delta(x: torch.Tensor, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLoRA's SVD-form update (https://arxiv.org/abs/2303.10512): ``(x (A ⊙ E)ᵀ Bᵀ) · scale``,
-    PEFT's ``lora_A [r, in]``, ``lora_E [r, 1]``, ``lora_B [out, r]``, scale = alpha / ranknum."""
-    return adapter_math.adalora_forward(x, A, E, B, scale)
+def adalora_delta(x: torch.Tensor, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                  ranknum: torch.Tensor) -> torch.Tensor:
+    """AdaLoRA's SVD-form update (https://arxiv.org/abs/2303.10512): ``(x (A ⊙ E)ᵀ Bᵀ) · scale / ranknum``,
+    PEFT's ``lora_A [r, in]``, ``lora_E [r, 1]``, ``lora_B [out, r]``, scale = alpha (× the adapter's
+    weight), ranknum = PEFT's ``ranknum + 1e-5`` (0-d)."""
+    return adapter_math.adalora_forward(x, A, E, B, scale, ranknum)
 
 
 @adalora_delta.register_fake
-def _(x, A, E, B, scale):
-    torch._check(A.dim() == 2 and B.dim() == 2 and scale.dim() == 0, lambda: "adalora_delta: A, B 2-D, scale 0-d")
+def _(x, A, E, B, scale, ranknum):
+    torch._check(A.dim() == 2 and B.dim() == 2 and scale.dim() == 0 and ranknum.dim() == 0,
+                 lambda: "adalora_delta: A, B 2-D, scale and ranknum 0-d")
     torch._check(tuple(E.shape) == (A.shape[0], 1), lambda: f"adalora_delta: E {tuple(E.shape)} != [r, 1]")
     torch._check(x.shape[-1] == A.shape[1], lambda: f"adalora_delta: input features {x.shape[-1]} != A's {A.shape[1]}")
     torch._check(B.shape[1] == A.shape[0], lambda: f"adalora_delta: B rank {B.shape[1]} != A rank {A.shape[0]}")
@@ -565,13 +552,12 @@ def _(x, A, E, B, scale):
 
 autograd_by_recompute(vera_delta, adapter_math.vera_forward)
 autograd_by_recompute(bone_delta, adapter_math.bone_forward)
-autograd_by_recompute(bone_bat_delta, adapter_math.bat_forward)
 autograd_by_recompute(adalora_delta, adapter_math.adalora_forward)
 register_arg_roles(torch.ops.splice.vera_delta.default,
                    {1: "adapter", 2: "adapter", 3: "adapter_frozen", 4: "adapter_frozen", 5: "adapter_scale"})
 register_arg_roles(torch.ops.splice.bone_delta.default, {1: "adapter", 2: "adapter_scale"})
-register_arg_roles(torch.ops.splice.bone_bat_delta.default, {1: "weight", 2: "adapter", 3: "adapter_scale"})
-register_arg_roles(torch.ops.splice.adalora_delta.default, {1: "adapter", 2: "adapter", 3: "adapter", 4: "adapter_scale"})
+register_arg_roles(torch.ops.splice.adalora_delta.default,
+                   {1: "adapter", 2: "adapter", 3: "adapter", 4: "adapter_scale", 5: "adapter_scale"})
 
 # ---------------------------------------------------------------------- w8a8_linear
 
@@ -597,7 +583,7 @@ def _(x, qweight, w_scale, bias):
 register_kind(torch.ops.splice.w8a8_linear.default, "linear")
 register_arg_roles(torch.ops.splice.w8a8_linear.default, {1: "qweight", 2: "scale", 3: "bias"})
 
-# --------------------------------------------- deltas that read the base layer (DoRA, IA3, SSF)
+# ------------------------------ adapter ops that read the base layer (DoRA, SSF; IA3, Bat recompute it)
 # The base's operands come first (x; y, the base output; W, b), then the adapter's tensors; the
 # math is in kernels/base_deltas.py. Gradients by recomputation (DoRA's norm is detached there).
 
@@ -621,16 +607,27 @@ def _(x, y, weight, bias, A, B, magnitude, lora_scale, scale):
     return torch.empty_like(y)
 
 
-@torch.library.custom_op("splice::ia3_delta", mutates_args=())
-def ia3_delta(y: torch.Tensor, l: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """IA3 (https://arxiv.org/abs/2205.05638) on a layer's output: ``y·l`` as ``y + (l - 1)·y``, l ``[out]``."""
-    return base_deltas.scale_shift_forward(y, l, None, scale)
+@torch.library.custom_op("splice::ia3_scale", mutates_args=())
+def ia3_scale(y: torch.Tensor, l: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """IA3 (https://arxiv.org/abs/2205.05638) on a layer's output: ``y·l``, l ``[out]`` (recomputes:
+    the result replaces the base output ``y``)."""
+    return base_deltas.ia3_scale_forward(y, l, scale)
 
 
-@torch.library.custom_op("splice::ia3_ff_delta", mutates_args=())
-def ia3_ff_delta(x: torch.Tensor, weight: torch.Tensor, l: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """IA3 on a feedforward layer's input: ``linear(x·l, W, b)`` as ``y + (x·(l - 1)) Wᵀ``, l ``[in]``."""
-    return base_deltas.scale_input_forward(x, weight, l, scale)
+@torch.library.custom_op("splice::ia3_ff_linear", mutates_args=())
+def ia3_ff_linear(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """IA3 on a feedforward layer's input: ``linear(x·l, W, b)``, l ``[in]`` (recomputes the layer;
+    ``y``, the base output it replaces, is not read)."""
+    return base_deltas.ia3_ff_forward(y, x, weight, bias, l, scale)
+
+
+@torch.library.custom_op("splice::bat_linear", mutates_args=())
+def bat_linear(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: torch.Tensor,
+               scale: torch.Tensor) -> torch.Tensor:
+    """MiSS's Bat (https://arxiv.org/abs/2409.15371): ``linear(x, W + ΔW, b)``, ``ΔW_ij = W_ij B_i + B_i``
+    on ``r×r`` blocks of ``W [out, in]`` with ``block [out/r, r, r]`` (recomputes the layer)."""
+    return base_deltas.bat_forward(y, x, weight, bias, block, scale)
 
 
 @torch.library.custom_op("splice::ssf_delta", mutates_args=())
@@ -645,25 +642,41 @@ def _channel_fake(name, y, *vectors):
     return torch.empty_like(y)
 
 
-ia3_delta.register_fake(lambda y, l, scale: _channel_fake("ia3_delta", y, l))
+ia3_scale.register_fake(lambda y, l, scale: _channel_fake("ia3_scale", y, l))
 ssf_delta.register_fake(lambda y, gamma, beta, scale: _channel_fake("ssf_delta", y, gamma, beta))
 
 
-@ia3_ff_delta.register_fake
-def _(x, weight, l, scale):
-    torch._check(weight.dim() == 2 and tuple(l.shape) == (weight.shape[1],), lambda: "ia3_ff_delta: l must be [in] of weight")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: f"ia3_ff_delta: input features {x.shape[-1]} != {weight.shape[1]}")
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _recompute_fake(name, y, x, weight, bias):
+    torch._check(weight.dim() == 2 and x.shape[-1] == weight.shape[1] and y.shape[-1] == weight.shape[0],
+                 lambda: f"{name}: x / y features {x.shape[-1]} / {y.shape[-1]} != weight's [out, in] {tuple(weight.shape)}")
+    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],), lambda: f"{name}: bias must be [out]")
+    return torch.empty_like(y)
+
+
+@ia3_ff_linear.register_fake
+def _(y, x, weight, bias, l, scale):
+    torch._check(tuple(l.shape) == (weight.shape[1],), lambda: "ia3_ff_linear: l must be [in] of weight")
+    return _recompute_fake("ia3_ff_linear", y, x, weight, bias)
+
+
+@bat_linear.register_fake
+def _(y, x, weight, bias, block, scale):
+    torch._check(block.dim() == 3 and block.shape[1] == block.shape[2], lambda: "bat_linear: block must be [out/r, r, r]")
+    torch._check(weight.shape[0] == block.shape[0] * block.shape[1] and weight.shape[1] % block.shape[2] == 0,
+                 lambda: "bat_linear: weight is not a grid of r x r blocks matching block")
+    return _recompute_fake("bat_linear", y, x, weight, bias)
 
 
 autograd_by_recompute(dora_delta, base_deltas.dora_forward)
-autograd_by_recompute(ia3_delta, lambda y, l, scale: base_deltas.scale_shift_forward(y, l, None, scale))
-autograd_by_recompute(ia3_ff_delta, base_deltas.scale_input_forward)
+autograd_by_recompute(ia3_scale, base_deltas.ia3_scale_forward)
+autograd_by_recompute(ia3_ff_linear, base_deltas.ia3_ff_forward)
+autograd_by_recompute(bat_linear, base_deltas.bat_forward)
 autograd_by_recompute(ssf_delta, base_deltas.scale_shift_forward)
 register_arg_roles(torch.ops.splice.dora_delta.default,
                    {4: "adapter", 5: "adapter", 6: "adapter", 7: "adapter_scale", 8: "adapter_scale"})
-register_arg_roles(torch.ops.splice.ia3_delta.default, {1: "adapter", 2: "adapter_scale"})
-register_arg_roles(torch.ops.splice.ia3_ff_delta.default, {2: "adapter", 3: "adapter_scale"})
+register_arg_roles(torch.ops.splice.ia3_scale.default, {1: "adapter", 2: "adapter_scale"})
+register_arg_roles(torch.ops.splice.ia3_ff_linear.default, {2: "weight", 3: "bias", 4: "adapter", 5: "adapter_scale"})
+register_arg_roles(torch.ops.splice.bat_linear.default, {2: "weight", 3: "bias", 4: "adapter", 5: "adapter_scale"})
 register_arg_roles(torch.ops.splice.ssf_delta.default, {1: "adapter", 2: "adapter", 3: "adapter_scale"})
 
 from splice.kernels import triton as _triton_kernels  # noqa: E402,F401  (CUDA kernels of qlinear; Triton loads lazily)

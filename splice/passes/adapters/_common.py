@@ -9,10 +9,17 @@ a *delta op* reads the layer's input and its output is added to the base's::
     out = aten.add(y, d)                      # several adapters chain: add(add(y, d1), d2)
 
 A method may also read the base's output and its float weight/bias (``Method.reads``): DoRA's
-delta is ``op(x, y, W, b, A, B, m, ...)``, IA3's and SSF's ``op(y, ...)``. Every delta reads the
-*base* output ``y``, not the chain, so adapters stay independent and fold together exactly. Such
+delta is ``op(x, y, W, b, A, B, m, ...)``, SSF's ``op(y, ...)``. Every delta reads the *base*
+output ``y``, not the chain, so adapters stay independent and fold together exactly. Such
 methods fold through ``Method.affine`` (the update as a function of the base ``W``/``b``, bias
 included); the fold then keeps the base's original tensors so unfold restores them exactly.
+
+A *recomputing* method (``Method.recomputes``: IA3, MiSS's Bat) computes the layer's whole output
+the way PEFT does (``y·l``, ``linear(x·l, W, b)``, ``linear(x, W + ΔW, b)``), so the two agree
+bit for bit instead of to rounding. Its op reads ``y`` first and its result takes ``y``'s place at
+the head of the chain (at most one per layer); the other deltas still read ``y``::
+
+    y = linear(x, W, b);  h = splice::ia3_scale(y, l, scale);  out = aten.add(h, d)
 
 Tensors are stored as ``<module path>.adapters.<name>.<key>`` (``...q_proj.adapters.default.A``);
 the trainable ones (role ``adapter``) are created with ``requires_grad`` so a training loop picks
@@ -92,6 +99,8 @@ class Method:
     # set for methods whose update depends on the base (then ``delta_weight`` is None)
     affine: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None],
                      tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    # the op returns the layer's output (reads start with "out"), not a delta to add to it
+    recomputes: bool = False
 
     def dense(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """The dense ``[out, in]`` update of this adapter on a layer of ``shape``."""
@@ -131,7 +140,7 @@ class Site:
     path: str
     method: Method
     delta: fx.Node
-    add: fx.Node
+    add: fx.Node | None  # None for a recomputing method (its op is the chain's head)
     base: fx.Node
 
     @property
@@ -149,16 +158,25 @@ def _is_delta(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in METHODS
 
 
+def _recomputes(node: Any) -> bool:
+    return _is_delta(node) and METHODS[node.target].recomputes
+
+
 def chain_base(node: fx.Node) -> fx.Node:
-    """Walk back from an adapter ``add`` (or the base itself) to the base op."""
+    """Walk back from an adapter ``add`` (or the chain's head, or the base itself) to the base op."""
     while node.target == ADD and _is_delta(node.args[1]):
         node = node.args[0]
-    return node
+    return node.args[0] if _recomputes(node) else node
+
+
+def chain_head(base: fx.Node) -> fx.Node:
+    """The recomputing adapter op on ``base`` (``base`` itself when there is none)."""
+    return next((u for u in base.users if _recomputes(u) and u.args[0] is base), base)
 
 
 def chain_end(base: fx.Node) -> fx.Node:
-    """The last ``add`` of the adapters on ``base`` (``base`` itself when it has none)."""
-    node = base
+    """The last ``add`` of the adapters on ``base`` (its head when it has none)."""
+    node = chain_head(base)
     while True:
         nxt = next((u for u in node.users if u.target == ADD and u.args[0] is node and _is_delta(u.args[1])), None)
         if nxt is None:
@@ -172,10 +190,10 @@ def sites(graph: Graph) -> list[Site]:
     for node in graph.gm.graph.nodes:
         if not _is_delta(node):
             continue
-        add = next(u for u in node.users if u.target == ADD)
         method = METHODS[node.target]
         m = _TENSOR.match(node.args[len(method.reads)].target)
-        out.append(Site(m["name"], m["path"], method, node, add, chain_base(add.args[0])))
+        add = None if method.recomputes else next(u for u in node.users if u.target == ADD)
+        out.append(Site(m["name"], m["path"], method, node, add, chain_base(node if add is None else add.args[0])))
     return out
 
 
@@ -223,17 +241,24 @@ def attach(graph: Graph, base: fx.Node, name: str, method: Method,
     nodes = {k: t if isinstance(t, fx.Node) else
              graph.add_tensor(f"{path}.adapters.{name}.{k}", t, trainable=k in method.trainable)
              for k, t in tensors.items()}
-    end = chain_end(base)
+    if method.recomputes and (head := chain_head(base)) is not base:
+        other = METHODS[head.target]
+        raise ConfigError(f"{method.name} adapter '{name}': layer '{path}' already has adapter "
+                          f"'{_TENSOR.match(head.args[len(other.reads)].target)['name']}' ({other.name}), which "
+                          "recomputes the layer too; one such adapter per layer (fold it first)")
+    end = base if method.recomputes else chain_end(base)
     fxg = graph.gm.graph
     with fxg.inserting_after(end):
         delta = fxg.call_function(method.op, (*base_operands(base, method.reads), *[nodes[k] for k in method.keys],
                                               *method.base_args(base)))
-    with fxg.inserting_after(delta):
-        add = fxg.call_function(ADD, (end, delta))
-    for n in (delta, add):
+    new = [delta]
+    if not method.recomputes:
+        with fxg.inserting_after(delta):
+            new.append(fxg.call_function(ADD, (end, delta)))
+    for n in new:
         n.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
     write_meta(delta, {"method": method.name, **meta})
-    end.replace_all_uses_with(add, delete_user_cb=lambda u: u not in (add, delta) and u.target != FOLDED)
+    end.replace_all_uses_with(new[-1], delete_user_cb=lambda u: u not in new and not _is_delta(u) and u.target != FOLDED)
     return nodes
 
 
@@ -249,7 +274,7 @@ def refresh_reads(base: fx.Node) -> None:
     new weight or bias tensors; a delta reading them must see what the base computes with)."""
     node = chain_end(base)
     while node is not base:
-        delta = node.args[1]
+        delta = node if _recomputes(node) else node.args[1]
         reads = METHODS[delta.target].reads
         delta.args = (*base_operands(base, reads), *delta.args[len(reads):])
         node = node.args[0]
@@ -257,8 +282,11 @@ def refresh_reads(base: fx.Node) -> None:
 
 def detach(graph: Graph, site: Site) -> None:
     """Remove the delta op and its add (its tensors go when nothing reads them)."""
-    site.add.replace_all_uses_with(site.add.args[0])
-    graph.gm.graph.erase_node(site.add)
+    if site.add is not None:
+        site.add.replace_all_uses_with(site.add.args[0])
+        graph.gm.graph.erase_node(site.add)
+    else:
+        site.delta.replace_all_uses_with(site.base)
     graph.gm.graph.erase_node(site.delta)
 
 

@@ -1,9 +1,10 @@
 """``adapter.adalora``: SVD-form adapter ``P Λ Q`` whose rank budget moves to the important layers.
 
 AdaLoRA (https://arxiv.org/abs/2303.10512), as PEFT 0.21's ``SVDLinear`` / ``RankAllocator``:
-``ΔW = scale · B (A ⊙ E)`` with PEFT's tensors ``lora_A [r, in]`` (Q), ``lora_E [r, 1]`` (Λ),
-``lora_B [out, r]`` (P) and ``scale = alpha / (ranknum + 1e-5)``, ``ranknum = init_r`` (PEFT keeps it
-at ``init_r`` even after pruning). Init (PEFT ``init_lora_weights=True``): E = 0, A and B ~ N(0, 0.02),
+``ΔW = B (A ⊙ E) · scale / ranknum`` with PEFT's tensors ``lora_A [r, in]`` (Q), ``lora_E [r, 1]`` (Λ),
+``lora_B [out, r]`` (P), ``scale = alpha`` (× the adapter's weight) and the 0-d ``ranknum`` = PEFT's
+``ranknum + 1e-5``, ``ranknum = init_r`` (PEFT keeps it at ``init_r`` even after pruning); multiplied
+then divided, in PEFT's order. Init (PEFT ``init_lora_weights=True``): E = 0, A and B ~ N(0, 0.02),
 so outputs start unchanged; ``init=random`` draws all three from N(0, 1) (PEFT ``False``).
 
 Training (``splice.train`` hook ``AdaLoraHook``, registered below):
@@ -92,18 +93,18 @@ def check_schedule(tinit: int, tfinal: int, total: int) -> None:
                          "(decrease tinit/tfinal or train longer)")
 
 
-def adalora_scaling(alpha: float, init_r: int) -> float:
-    """PEFT's ``scaling / (ranknum + 1e-5)``, ranknum a float32 tensor holding ``init_r``."""
-    return float(alpha / (torch.tensor(float(init_r)) + 1e-5))
+def ranknum(init_r: int) -> torch.Tensor:
+    """PEFT's ``ranknum + 1e-5``: a float32 tensor holding ``init_r``, plus 1e-5."""
+    return torch.tensor(float(init_r)) + 1e-5
 
 
 def _delta_weight(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    a, e, b, scale = (t[k].detach().float() for k in ADALORA.keys)
-    return b @ (a * e) * scale
+    a, e, b, scale, rank = (t[k].detach().float() for k in ADALORA.keys)
+    return b @ (a * e) * scale / rank
 
 
 SCHEDULE = ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "total_step")
-ADALORA = register_method(Method("adalora", torch.ops.splice.adalora_delta.default, ("A", "E", "B", "scale"),
+ADALORA = register_method(Method("adalora", torch.ops.splice.adalora_delta.default, ("A", "E", "B", "scale", "ranknum"),
                                  ("A", "E", "B"), _delta_weight))
 
 
@@ -118,11 +119,11 @@ def adalora(graph: Graph, cfg: AdaLoraConfig, ctx: PassContext) -> PassResult:
         a = torch.randn(r, layer.in_f, generator=gen) * std
         b = torch.randn(layer.out_f, r, generator=gen) * std
         e = torch.randn(r, 1, generator=gen) if cfg.init == "random" else torch.zeros(r, 1)
-        return {"A": a, "E": e, "B": b}
+        return {"A": a, "E": e, "B": b, "ranknum": ranknum(r)}
 
     schedule = {k: getattr(cfg, k) for k in SCHEDULE}
     meta = {"rank": r, "init_r": r, "alpha": cfg.alpha, "dropout": cfg.dropout, "init": cfg.init,
-            "scaling": adalora_scaling(cfg.alpha, r), **schedule}
+            "scaling": cfg.alpha, **schedule}
     return inject(graph, cfg, who, ADALORA, ("linear",), make, meta)
 
 
@@ -134,7 +135,7 @@ class RankAllocator:
 
     def __init__(self, graph: Graph, layers: list[Site]):
         self.layers = layers
-        self.params = [{k: graph.tensor(n.target) for k, n in s.nodes().items() if k != "scale"} for s in layers]
+        self.params = [{k: graph.tensor(n.target) for k, n in s.nodes().items() if k in ADALORA.trainable} for s in layers]
         self.cfg = layers[0].meta
         self.init_bgt = sum(p["A"].shape[0] for p in self.params)
         self.target_bgt = self.cfg["target_r"] * len(layers)
@@ -275,10 +276,10 @@ def load_adalora(job: PeftLoad) -> None:
             if tuple(value.shape) != want:
                 raise ConfigError(f"load_peft: {key} has shape {list(value.shape)}, expected {list(want)} for '{lp}'")
         meta = {"rank": r, "init_r": init_r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout") or 0.0),
-                "init": "peft", "scaling": adalora_scaling(alpha, init_r), "weight": 1.0, "active": True,
+                "init": "peft", "scaling": alpha, "weight": 1.0, "active": True,
                 "source": str(job.path), **schedule, **({"rank_pattern": pattern} if pattern else {})}
         tensors = {"A": a.float().contiguous(), "E": e.float().contiguous(), "B": b.float().contiguous(),
-                   "scale": torch.tensor(meta["scaling"], dtype=torch.float32)}
+                   "scale": torch.tensor(alpha, dtype=torch.float32), "ranknum": ranknum(init_r)}
         for node in (first, *again):
             tensors = attach(job.graph, node, job.name, ADALORA, tensors, meta)
 

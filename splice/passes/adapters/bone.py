@@ -7,9 +7,10 @@ MiSS; ``peft_type`` ``MISS``, tensor ``miss_block``):
   zero-padded to a multiple of ``r`` and its ``r``-wide blocks are summed, ``Δy = (Σ_k x_k) block``,
   i.e. ``ΔW = blockᵀ`` repeated along ``in`` (cut to ``in``). ``splice::bone_delta``.
 * ``variant=bat`` (PEFT ``init_weights="bat"``): ``block [out/r, r, r]``; every ``r×r`` block of the
-  base weight becomes ``W_ij + W_ij B_i + B_i``, so the update depends on ``W``: ``splice::bone_bat_delta``
-  reads the base's stored weight (a float base whose sizes are multiples of ``r``; one Bat adapter per layer,
-  where PEFT would chain several on the updated weight).
+  base weight becomes ``W_ij + W_ij B_i + B_i``, so the update depends on ``W``: ``splice::bat_linear``
+  recomputes the layer as PEFT does, ``linear(x, W + ΔW, b)``, from the base's stored weight (a float
+  base whose sizes are multiples of ``r``; one Bat adapter per layer, where PEFT would chain several
+  on the updated weight).
 
 ``init=zero`` (PEFT's default) leaves outputs unchanged; ``init=random`` is PEFT's
 ``init_weights=False`` (kaiming-uniform like ``nn.Linear``) for balance, and the same bound per block
@@ -66,8 +67,8 @@ def _bat_affine(t: dict[str, torch.Tensor], w: torch.Tensor, b: torch.Tensor | N
 
 BONE = register_method(Method("bone", torch.ops.splice.bone_delta.default, ("block", "scale"), ("block",),
                               _balance_delta, shaped=True))
-BAT = register_method(Method("bone_bat", torch.ops.splice.bone_bat_delta.default, ("block", "scale"), ("block",),
-                             None, reads=("x", "weight"), affine=_bat_affine))
+BAT = register_method(Method("bone_bat", torch.ops.splice.bat_linear.default, ("block", "scale"), ("block",),
+                             None, reads=("out", "x", "weight", "bias"), affine=_bat_affine, recomputes=True))
 
 
 def check_layer(who: str, variant: str, rank: int, layer: Layer) -> None:

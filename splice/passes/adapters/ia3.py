@@ -4,10 +4,11 @@ IA3 (https://arxiv.org/abs/2205.05638) as PEFT 0.21's ``IA3Model``: a targeted l
 multiplied by a trainable vector ``l [out]`` (``y·l``, bias included), except for the layers that
 ``feedforward`` selects (PEFT's ``feedforward_modules``), whose *input* is: ``linear(x·l, W, b)``
 with ``l [in]``. ``l`` starts at 1 (PEFT's ``init_ia3_weights=True``), so outputs start unchanged;
-``init=random`` draws N(0, 1) as PEFT's ``init_ia3_weights=False``. In the graph the output form
-is ``splice::ia3_delta(y, l, scale) = (l - 1)·y`` and the input form
-``splice::ia3_ff_delta(x, W, l, scale) = (x·(l - 1)) Wᵀ`` (it reads the float base weight), both
-added to the base output; ``scale`` is the adapter's weight (0 = off). Folding is exact:
+``init=random`` draws N(0, 1) as PEFT's ``init_ia3_weights=False``. In the graph both forms
+recompute the layer as PEFT does, so the two agree bit for bit: ``splice::ia3_scale(y, l, scale) = y·l``
+and ``splice::ia3_ff_linear(y, x, W, b, l, scale) = linear(x·l, W, b)`` (it reads the float base
+weight); the result replaces the base output ``y`` (one IA3 adapter per layer, where PEFT multiplies
+several). ``scale`` is the adapter's weight: ``l`` becomes ``l·scale + 1 - scale`` (0 = off). Folding is exact:
 ``W' = diag(l) W``, ``b' = l·b`` (output) or ``W' = W diag(l)`` (input). PEFT stores ``l`` as
 ``ia3_l`` ``[out, 1]`` / ``[1, in]``; splice as a vector. PEFT's per-architecture default targets
 are not reproduced: name ``targets`` and ``feedforward`` (a targets expression) explicitly.
@@ -61,10 +62,10 @@ def _in_affine(t, w, b):
     return w * g[None, :], None
 
 
-IA3 = register_method(Method("ia3", torch.ops.splice.ia3_delta.default, ("l", "scale"), ("l",), None,
-                             reads=("out",), affine=_out_affine))
-IA3_FF = register_method(Method("ia3_ff", torch.ops.splice.ia3_ff_delta.default, ("l", "scale"), ("l",), None,
-                                reads=("x", "weight"), affine=_in_affine))
+IA3 = register_method(Method("ia3", torch.ops.splice.ia3_scale.default, ("l", "scale"), ("l",), None,
+                             reads=("out",), affine=_out_affine, recomputes=True))
+IA3_FF = register_method(Method("ia3_ff", torch.ops.splice.ia3_ff_linear.default, ("l", "scale"), ("l",), None,
+                                reads=("out", "x", "weight", "bias"), affine=_in_affine, recomputes=True))
 
 
 @register_pass("adapter.ia3", IA3Config, reference="https://arxiv.org/abs/2205.05638")
