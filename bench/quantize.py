@@ -1,4 +1,4 @@
-"""Weight-only quantizers side by side on SmolLM2-135M-Instruct: RTN, GPTQ, AWQ, GPTAQ, reconstruct, DiscQuant.
+"""Weight-only quantizers side by side on SmolLM2-135M-Instruct: RTN, GPTQ, AWQ, GPTAQ, reconstruct, DiscQuant, PV-Tuning.
 
 In one run: capture the model (fp32); calibrate on Python's help topics (``builtin_text("pydoc")``,
 16 random windows x 256 tokens, the model's tokenizer); for every method x bits x group size run
@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # method -> (pass, extra options)
 PASSES = {"rtn": ("quantize.rtn", ""), "gptq": ("quantize.gptq", ""), "awq": ("quantize.awq", ""),
           "gptaq": ("quantize.gptq", ",gptaq=true"), "reconstruct": ("quantize.reconstruct", ""),
-          "discquant": ("quantize.discquant", "")}
+          "discquant": ("quantize.discquant", ""),
+          "pvtune": ("quantize.pvtune", ",steps=2,p_steps=8")}  # 2 rounds: ~15 min on 2 loaded cores
 FP32 = "fp32"
 DOC_BEGIN, DOC_END = "<!-- bench/quantize.py: begin generated -->", "<!-- bench/quantize.py: end generated -->"
 GPTQ_LIMIT_S = 600.0

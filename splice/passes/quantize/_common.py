@@ -89,6 +89,15 @@ def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quanti
             "weight_sqnr_db": layers}
 
 
+def stored_solution(graph: Graph, target: str, grid: GroupGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and zero points that ``quantize_layers`` stored for float weight ``target``."""
+    base = target.removesuffix(".weight")
+    qweight = graph.tensor(base + ".qweight")
+    zeros = None if grid.symmetric else graph.tensor(base + ".qzeros")
+    return (grid.unpack_codes(qweight), graph.tensor(base + ".scales").detach().float(),
+            grid.unpack_zeros(zeros, qweight.shape[1], qweight))
+
+
 def _store(graph: Graph, target: str, grid: GroupGrid, codes, scale, zero):
     base = target.removesuffix(".weight")
     q = graph.add_tensor(base + ".qweight", grid.pack_codes(codes))
