@@ -9,6 +9,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (CI runs ``-n 2`` on 2 cores) each worker gets one torch thread, so two
+    workers do not fight over the cores with two threads each."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def zoo_hf_dir(tmp_path_factory):
     """Factory: ``zoo_hf_dir("llama")`` saves that tiny random zoo model with

@@ -152,6 +152,22 @@ def test_mixed_chain_folds_together_and_unfolds_in_order():
     assert _max_diff(restored, chain, g.example_inputs) <= 1e-6  # DoRA reads the restored weight again
 
 
+def test_ia3_recomputes_the_layer_at_the_head_of_the_chain():
+    """IA3 computes ``y·l`` / ``linear(x·l, W)`` itself (PEFT's operations, bit for bit), ahead of
+    additive adapters on the same layer, which still read the base output; one per layer."""
+    _, g = captured("llama")
+    both = g.apply(RANDOM["ia3"], "adapter.lora:name=a,init=random,rank=2,targets=q_proj|down_proj")
+    x = g.example_inputs
+    assert _max_diff(both.apply("adapter.fold"), both, x) <= 1e-5
+    assert _max_diff(both.apply("adapter.fold:name=default"), both, x) <= 1e-5  # the LoRA deltas stay unfolded
+    assert _max_diff(splice.deactivate_adapter(both, "a"), g.apply(RANDOM["ia3"]), x) == 0.0
+    counts = both.op_counts()
+    assert counts["splice.ia3_scale"] == 4 and counts["splice.ia3_ff_linear"] == 2 and counts["splice.lora_delta"] == 4
+    with pytest.raises(ConfigError, match="already has adapter 'default' \\(ia3\\), which recomputes the layer too") as err:
+        both.apply("adapter.ia3:name=b,targets=q_proj")
+    assert "\n" not in str(err.value)
+
+
 def test_trainable_tensors_weight_and_switch():
     _, g = captured("llama")
     out = g.apply(RANDOM["dora"], RANDOM["ssf"].replace("ssf:", "ssf:name=s,"))
