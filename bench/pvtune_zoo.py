@@ -25,7 +25,9 @@ from _common import machine_info, write_json  # noqa: E402
 from zoo_graphs import captured  # noqa: E402
 
 METHODS = {"rtn": "quantize.rtn", "gptq": "quantize.gptq", "discquant": "quantize.discquant:steps=60",
-           "pvtune": "quantize.pvtune", "pvtune init=gptq": "quantize.pvtune:init=gptq"}
+           "pvtune": "quantize.pvtune", "pvtune init=gptq": "quantize.pvtune:init=gptq",
+           # ablation: the same 50 P iterations as the default schedule (5 P steps x 10), no V step
+           "P steps only": "quantize.pvtune:steps=0,p_steps=50"}
 
 
 def batches(zm, graph, n: int, seed: int) -> list[tuple]:

@@ -3,8 +3,8 @@
 closer to the float model than round-to-nearest on held-out inputs."""
 import pytest
 import torch
-import torch.nn.functional as F
 from test_cli import assert_error, run_cli
+from test_discquant import _calib, _kl
 from zoo_graphs import captured
 
 import splice
@@ -13,16 +13,6 @@ from splice.kernels.quant import GroupGrid
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYER = "model.layers.1.mlp.down_proj"
-
-
-def _calib(zm, g, n=4, seq=32, seed=0):
-    return [tuple(zm.make_inputs(2, seq, seed=seed + s)[k] for k in g.input_names) for s in range(n)]
-
-
-def _kl(g, q, samples):
-    return sum(float(F.kl_div(F.log_softmax(q.run(*x)["logits"], -1).flatten(0, -2),
-                              F.log_softmax(g.run(*x)["logits"], -1).flatten(0, -2),
-                              log_target=True, reduction="batchmean")) for x in samples) / len(samples)
 
 
 def _stored(q, layer=LAYER, bits=2, group=16):
