@@ -12,18 +12,21 @@ calibration samples (``Distiller``: KL of ``logits``, MSE of other outputs):
 * **P step** (continuous): codes fixed, ``p_steps`` Adam iterations (one calibration sample
   each) on per-group log-scales ``ρ`` (``s = s₀·e^ρ``; zero points stay integers, as stored).
 * **V step** (discrete): scales fixed, the gradient ``g = ∂L/∂W`` over all calibration samples;
-  the linearized step ``W − v_lr·|s|·g/rms(g)`` (``v_lr`` in grid steps at the layer's RMS
-  gradient) is re-rounded to codes, and of the weights whose code would change only the
-  ``v_fraction`` of all trained weights with the largest linearized gain ``−g·ΔW > 0`` (one
-  ranking across layers) take their new code: the paper's subspace restriction, which replaces
-  the straight-through estimator. Codes change nowhere else.
+  the linearized (proximal) step ``W − g/L`` is re-rounded to the grid inside the subspace of
+  the ``k`` codes it moves furthest (largest ``|g/s|``), ``L`` set so the k-th moves half a
+  grid step: the paper's subspace linearized V step, which replaces the straight-through
+  estimator. ``k`` is a trust region: it starts at ``v_fraction`` of the trained weights,
+  shrinks ÷4 until the calibration loss drops (none if it never does) and restarts from ``2k``.
+  Codes change nowhere else.
 
-The schedule is ``P, then steps × (V, P)``; after every round the mean calibration loss is
-measured and the best state seen (the start included) is the result, so the pass never ends
-above its quantized start on the calibration data. Weights other ops also read (a tied LM
-head) stay round-to-nearest, as in the other whole-model passes (``_finetune.py``). The paper
-tunes AQLM/QuIP#-style codebooks; here V steps act on the uniform grid's integer codes.
-An already quantized layer is refused (as every quantizer does): quantize the float model.
+The schedule is ``P, then steps × (V, P)``; the mean calibration loss is measured at the start,
+after every V step and at the end, and the best state seen (the start included) is the
+result, so the pass never ends above its quantized start on the calibration data. Weights
+other ops also read (a tied LM head) keep their start, as in the other whole-model passes
+(``_finetune.py``). The paper tunes AQLM/QuIP#-style codebooks (reference code: the AQLM
+repository's ``finetune.py``); here V steps act on the uniform grid's integer codes and P steps
+on its scales only. An already quantized layer is refused (as every quantizer does): quantize
+the float model.
 """
 from __future__ import annotations
 
