@@ -23,6 +23,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
+from splice.kernels.base_deltas import mix
 from splice.ir.select import select_nodes, validate_targets
 from splice.passes.adapters._base import float_base
 from splice.passes.adapters._common import (
@@ -52,14 +53,18 @@ class IA3Config(AdapterConfig):
             validate_targets(self.feedforward)
 
 
+def _gain(t) -> torch.Tensor:
+    """The vector the layer is scaled by, minus one."""
+    return mix(t["l"].detach().float(), t["scale"].detach()) - 1
+
+
 def _out_affine(t, w, b):
-    g = (t["l"].detach().float() - 1) * t["scale"].detach().float()
+    g = _gain(t)
     return g[:, None] * w, None if b is None else g * b
 
 
 def _in_affine(t, w, b):
-    g = (t["l"].detach().float() - 1) * t["scale"].detach().float()
-    return w * g[None, :], None
+    return w * _gain(t)[None, :], None
 
 
 IA3 = register_method(Method("ia3", torch.ops.splice.ia3_scale.default, ("l", "scale"), ("l",), None,
@@ -131,11 +136,11 @@ def load_ia3(job: PeftLoad) -> None:
 
 
 def save_ia3(graph: Graph, chosen: list) -> tuple[dict, dict]:
-    """``l`` with the adapter's weight folded in (``1 + weight·(l - 1)``), PEFT's shapes."""
+    """``l`` with the adapter's weight folded in (``l·weight + 1 - weight``, exact at weight 1), PEFT's shapes."""
     weights, ff = {}, []
     for s in chosen:
         t = s.tensors(graph)
-        l_eff = 1 + t["scale"].detach().float() * (t["l"].detach().float() - 1)
+        l_eff = mix(t["l"].detach().float(), t["scale"].detach())
         is_ff = s.method is IA3_FF
         weights[f"base_model.model.{s.path}.ia3_l"] = (l_eff[None, :] if is_ff else l_eff[:, None]).contiguous()
         ff += [s.path] if is_ff else []
