@@ -72,7 +72,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 row, loaded = parity(path, graph, config, inputs, Path(tmp))
                 if model == "minilm":
-                    row.update(fold_and_export(loaded, inputs, Path(tmp), method))
+                    row.update(fold_and_export(loaded, inputs, Path(tmp), method, True))
             rows[method] = row
             print(model, method, row, flush=True)
         results["models"][model] = rows
