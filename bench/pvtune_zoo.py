@@ -3,12 +3,16 @@
 For each zoo model (llama, qwen2; random weights, so the measure is the KL divergence to the
 float model's next-token distribution, not perplexity) at 2 and 3 bits, group 16, symmetric:
 calibrate on 8 random batches of 2 x 32 tokens, report the KL on the calibration batches and on
-4 held-out batches, and each pass's wall time. Writes ``bench/results/pvtune_zoo.json``.
+4 held-out batches, and each pass's wall time. Writes ``bench/results/pvtune_zoo.json``
+(after every row; rows of methods not run this time are kept).
 
     python bench/pvtune_zoo.py
+    python bench/pvtune_zoo.py --methods pvtune,"pvtune init=gptq"
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,13 +45,17 @@ def kl(graph, quantized, samples) -> float:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    methods = {m: METHODS[m] for m in ap.parse_args().methods.split(",")}
+    out = ROOT / "bench/results/pvtune_zoo.json"
     torch.manual_seed(0)
-    rows = {}
+    rows = json.loads(out.read_text())["rows"] if out.exists() else {}
     for model in ("llama", "qwen2"):
         zm, graph = captured(model)
         calib, held_out = batches(zm, graph, 8, 0), batches(zm, graph, 4, 100)
         for bits in (2, 3):
-            for method, spec in METHODS.items():
+            for method, spec in methods.items():
                 opts = f"bits={bits},group_size=16"
                 spec = f"{spec},{opts}" if ":" in spec else f"{spec}:{opts}"
                 t = time.perf_counter()
@@ -60,10 +68,9 @@ def main() -> int:
                                            if k in report}}
                 print(f"{model} w{bits} {method:18s} KL calib {rows[f'{model} w{bits} {method}']['kl_calibration']:.3e}"
                       f"  held-out {rows[f'{model} w{bits} {method}']['kl_held_out']:.3e}  {seconds:.1f} s", flush=True)
-    write_json(ROOT / "bench/results/pvtune_zoo.json",
-               {"bench": "pvtune_zoo", "command": "python bench/pvtune_zoo.py", "machine": machine_info(),
-                "settings": {"calibration": "8 x [2, 32] random tokens", "held_out": "4 x [2, 32]",
-                             "grid": "symmetric, group 16"}, "rows": rows})
+                write_json(out, {"bench": "pvtune_zoo", "command": "python bench/pvtune_zoo.py", "machine": machine_info(),
+                                 "settings": {"calibration": "8 x [2, 32] random tokens", "held_out": "4 x [2, 32]",
+                                              "grid": "symmetric, group 16"}, "rows": rows})
     return 0
 
 

@@ -22,8 +22,9 @@ calibration samples (``Distiller``: KL of ``logits``, MSE of other outputs):
 The schedule is ``P, then steps × (V, P)``; the mean calibration loss is measured at the start,
 after every V step and at the end, and the best state seen (the start included) is the
 result, so the pass never ends above its quantized start on the calibration data. Weights
-other ops also read (a tied LM head) keep their start, as in the other whole-model passes
-(``_finetune.py``). The paper tunes AQLM/QuIP#-style codebooks (reference code: the AQLM
+other ops also read (a tied LM head) keep their start and are not trained (``_finetune.py``);
+the loss runs on a private copy of the graph where the head reads its own quantized copy of
+the tensor, so training sees the head the result will have while the embedding stays float. The paper tunes AQLM/QuIP#-style codebooks (reference code: the AQLM
 repository's ``finetune.py``); here V steps act on the uniform grid's integer codes and P steps
 on its scales only. An already quantized layer is refused (as every quantizer does): quantize
 the float model.
@@ -131,11 +132,33 @@ def _start(graph: Graph, cfg: PVTuneConfig, ctx: PassContext, nodes: list) -> di
     return out
 
 
+def _untied(graph: Graph, nodes: list, trainable: dict, start: dict) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """A copy of ``graph`` in which each selected linear whose weight other ops also read (a
+    tied head) reads a private copy of it, and that copy's quantized start value: the loss then
+    sees the head as the result will have it, the embedding beside it still float."""
+    work = graph.copy()
+    by_name = {n.name: n for n in work.gm.graph.nodes}
+    fixed, private = {}, {}
+    for node in nodes:
+        target = node.args[1].target
+        if target in trainable:
+            continue
+        if target not in private:
+            private[target] = work.add_tensor(target + "_quantized", work.tensor(target).detach().clone())
+            solution, grid = start[target]
+            fixed[private[target].target] = grid.dequantize(*solution)
+        copy = by_name[node.name]
+        copy.args = (copy.args[0], private[target], *copy.args[2:])
+    work.gm.recompile()
+    return work, fixed
+
+
 class _PVTuner:
     """The alternating optimization over every trained layer."""
 
-    def __init__(self, layers: dict[str, _Layer], distiller: Distiller, cfg: PVTuneConfig):
-        self.layers, self.distiller, self.cfg = layers, distiller, cfg
+    def __init__(self, layers: dict[str, _Layer], fixed: dict[str, torch.Tensor], distiller: Distiller,
+                 cfg: PVTuneConfig):
+        self.layers, self.fixed, self.distiller, self.cfg = layers, fixed, distiller, cfg
         self.optimizer = torch.optim.Adam([x.log_scale for x in layers.values()], lr=cfg.lr)
         self.samples = len(distiller.targets)
         self.sample = 0
@@ -144,7 +167,7 @@ class _PVTuner:
         self.budget = self.max_changes  # the V steps' trust region, in codes
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {t: x.weight() for t, x in self.layers.items()}
+        return self.fixed | {t: x.weight() for t, x in self.layers.items()}
 
     def p_step(self) -> None:
         for _ in range(self.cfg.p_steps):
@@ -158,7 +181,7 @@ class _PVTuner:
         leaves = {t: x.weight().detach().requires_grad_(True) for t, x in self.layers.items()}
         total = 0.0
         for j in range(self.samples):
-            loss = self.distiller.loss(j, leaves) / self.samples
+            loss = self.distiller.loss(j, self.fixed | leaves) / self.samples
             loss.backward()
             total += float(loss.detach())
         return total, {t: w.grad for t, w in leaves.items()}
@@ -242,7 +265,8 @@ def pvtune(graph: Graph, cfg: PVTuneConfig, ctx: PassContext) -> PassResult:
     nodes, trainable = trainable_layers(graph, cfg, PASS)
     start = _start(graph, cfg, ctx, nodes)
     layers = {t: _Layer(*start[t]) for t in trainable}
-    history = _PVTuner(layers, Distiller(graph, ctx.calibration), cfg).run()
+    work, fixed = _untied(graph, nodes, trainable, start)
+    history = _PVTuner(layers, fixed, Distiller(work, ctx.calibration), cfg).run()
     solutions = {t: solution for t, (solution, _) in start.items()} | {t: x.solution() for t, x in layers.items()}
     report = quantize_layers(graph, cfg, PASS, solution_lookup(solutions))
     report.update(history, calibration_samples=len(ctx.calibration), init=cfg.init,
