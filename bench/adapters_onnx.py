@@ -140,7 +140,7 @@ def base_row(graph, inputs, ref: list[torch.Tensor], tmp: Path) -> dict:
 
 
 def adapted(graph, name: str, seed: int) -> splice.Graph:
-    """``graph`` with pass ``name`` applied and its trainable tensors perturbed."""
+    """``graph`` with adapter pass ``name`` applied and its trainable tensors perturbed."""
     return _perturb(graph.apply(name), seed)
 
 
@@ -209,6 +209,13 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save(path: Path, results: dict, model: str) -> None:
+    """Write ``results`` with ``model``'s rows replacing that model's rows in ``path`` (other models' rows,
+    possibly written meanwhile by another run, are kept)."""
+    models = json.loads(path.read_text())["models"] if path.exists() else {}
+    write_json(path, {**results, "models": {**models, model: results["models"][model]}})
+
+
 def model_graph(model: str, paths: dict[str, Path]) -> tuple[splice.Graph, list[tuple]]:
     if model == "zoo_cnn":
         return zoo_cnn()
@@ -219,9 +226,11 @@ def model_graph(model: str, paths: dict[str, Path]) -> tuple[splice.Graph, list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm,zoo_cnn,smollm2")
-    ap.add_argument("--methods", default="all", help="comma-separated pass names, all, or none (the base row only)")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated pass names, all, or none (the base row only)")
     ap.add_argument("--inputs", default="adapter.lora", help="passes also exported with adapter_inputs=True, or all")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-base", action="store_true", help="keep the base row of an earlier run (saves one export)")
     ap.add_argument("--table", action="store_true", help="print the results in --out as a markdown table")
     args = ap.parse_args()
     if args.table:
@@ -248,14 +257,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
             base_out = outputs(graph, inputs)
-            rows["base"] = base_row(graph, inputs, base_out, tmp)
-            print(model, "base", rows["base"], flush=True)
-            write_json(args.out, results)
+            if not args.no_base:
+                rows["base"] = base_row(graph, inputs, base_out, tmp)
+                print(model, "base", rows["base"], flush=True)
+                save(args.out, results, model)
             for name in methods:
                 rows[name] = method_row(graph, name, inputs, base_out, tmp, args.inputs == "all"
                                         or name in args.inputs.split(","))
                 print(model, name, rows[name], flush=True)
-                write_json(args.out, results)
+                save(args.out, results, model)
 
 
 if __name__ == "__main__":
