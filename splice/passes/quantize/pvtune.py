@@ -24,10 +24,10 @@ after every V step and at the end, and the best state seen (the start included) 
 result, so the pass never ends above its quantized start on the calibration data. Weights
 other ops also read (a tied LM head) keep their start and are not trained (``_finetune.py``);
 the loss runs on a private copy of the graph where the head reads its own quantized copy of
-the tensor, so training sees the head the result will have while the embedding stays float. The paper tunes AQLM/QuIP#-style codebooks (reference code: the AQLM
-repository's PV-Tuning script); here V steps act on the uniform grid's integer codes and P steps
-on its scales only. An already quantized layer is refused (as every quantizer does): quantize
-the float model.
+the tensor, so training sees the head the result will have while the embedding stays float.
+The paper tunes AQLM/QuIP#-style codebooks (reference code: the AQLM repository's PV-Tuning
+script); here V steps act on the uniform grid's integer codes and P steps on its scales only.
+An already quantized layer is refused (as every quantizer does): quantize the float model.
 """
 from __future__ import annotations
 
