@@ -12,7 +12,7 @@ from splice.errors import ConfigError
 from splice.ir.select import module_path
 from splice.passes.quantize.allocate import AllocateConfig, choose_bits, stored_bytes
 from splice.passes.spec import format_spec, parse_spec
-from zoo_graphs import captured
+from zoo_graphs import calibration, captured
 
 
 def _instance(seed, layers=6, cands=(2, 3, 4, 8)):
@@ -66,7 +66,7 @@ def test_stored_bytes_match_the_graph():
 
 
 def _calib(zm, g, n=2):
-    return [tuple(zm.make_inputs(2, 16, seed=s)[name] for name in g.input_names) for s in range(n)]
+    return calibration(zm, g, n, seq=16)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from splice.kernels.quant import GroupGrid
 from splice.passes.base import get_pass
 from splice.passes.quantize._smooth import input_groups, migrate_scales
 from splice.passes.quantize.awq import _fake_quant, search_clip, search_scale
-from zoo_graphs import captured, input_grid
+from zoo_graphs import calibration, captured, input_grid
 
 aten = torch.ops.aten
 
 
-def _calib(zm, g, n=4, seq=24):
-    return [tuple(zm.make_inputs(2, seq, seed=s)[k] for k in g.input_names) for s in range(n)]
+_calib = calibration
 
 
 def _migrated(name, seed=0):

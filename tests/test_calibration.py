@@ -9,11 +9,10 @@ from splice.kernels.observe import StatsStore
 from splice.kernels.quant import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
-from zoo_graphs import captured
+from zoo_graphs import calibration, captured
 
 
-def _calib(zm, g, n=4, seq=24):
-    return [tuple(zm.make_inputs(2, seq, seed=s)[k] for k in g.input_names) for s in range(n)]
+_calib = calibration
 
 
 def test_observer_hessian_matches_layer_inputs():

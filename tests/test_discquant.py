@@ -1,17 +1,18 @@
 """quantize.discquant: rounding directions chosen by projected gradient descent on the
 model's KL to the float model; codes stay on round-to-nearest's grid (each weight rounds to
 one of its two neighbours) and the result beats round-to-nearest on held-out outputs."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import splice
 from splice.kernels.quant import dequantize_packed
-from zoo_graphs import captured
+from zoo_graphs import calibration, captured
 
 
-def _calib(zm, g, n=4, seq=32, seed=0):
-    return [tuple(zm.make_inputs(2, seq, seed=seed + s)[k] for k in g.input_names) for s in range(n)]
+_calib = functools.partial(calibration, seq=32)
 
 
 def _kl(g, q, samples):

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 import splice
-from zoo_graphs import captured
+from zoo_graphs import calibration, captured
 
 
-def _calib(zm, g, n=4, seq=24, seed=0):
-    return [tuple(zm.make_inputs(2, seq, seed=seed + s)[k] for k in g.input_names) for s in range(n)]
+_calib = calibration
 
 
 def _error(g, q, samples):

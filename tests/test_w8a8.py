@@ -11,13 +11,13 @@ from splice.errors import ConfigError
 from splice.kernels.w8a8 import quantize_weight
 from splice.passes.quantize.smoothquant import smoothing_scale
 from test_cli import assert_error
-from zoo_graphs import captured, input_grid
+from zoo_graphs import calibration, captured, input_grid
 
 W8A8 = torch.ops.splice.w8a8_linear.default
 
 
 def _calib(zm, g, n=2, seq=16):
-    return [tuple(zm.make_inputs(2, seq, seed=s)[k] for k in g.input_names) for s in range(n)]
+    return calibration(zm, g, n, seq)
 
 
 def _layer(n=48, k=64, seed=0):

@@ -22,3 +22,8 @@ def input_grid(zm, graph, batches=(1, 3), seqs=(5, 17)):
             kw = zm.make_inputs(b, s)
             grid.append(tuple(kw[n] for n in graph.input_names))
     return grid
+
+
+def calibration(zm, graph, n=4, seq=24, seed=0):
+    """``n`` calibration samples (batch 2 × ``seq`` tokens, seeds ``seed..seed+n-1``) in graph input order."""
+    return [tuple(zm.make_inputs(2, seq, seed=seed + s)[k] for k in graph.input_names) for s in range(n)]

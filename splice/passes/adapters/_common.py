@@ -184,6 +184,11 @@ def chain_end(base: fx.Node) -> fx.Node:
         node = nxt
 
 
+def _tensor_name(delta: fx.Node) -> re.Match:
+    """Layer path and adapter name of a delta op, read off its first adapter tensor's name."""
+    return _TENSOR.match(delta.args[len(METHODS[delta.target].reads)].target)
+
+
 def sites(graph: Graph) -> list[Site]:
     """Every unfolded adapter of ``graph``, in graph order."""
     out = []
@@ -191,7 +196,7 @@ def sites(graph: Graph) -> list[Site]:
         if not _is_delta(node):
             continue
         method = METHODS[node.target]
-        m = _TENSOR.match(node.args[len(method.reads)].target)
+        m = _tensor_name(node)
         add = None if method.recomputes else next(u for u in node.users if u.target == ADD)
         out.append(Site(m["name"], m["path"], method, node, add, chain_base(node if add is None else add.args[0])))
     return out
@@ -238,14 +243,13 @@ def attach(graph: Graph, base: fx.Node, name: str, method: Method,
     """Add adapter ``name`` beside ``base`` (in place on the pass's copy). Tensors given as
     values are stored under ``<path>.adapters.<name>.<key>``; nodes are reused (shared)."""
     path = layer_path(base)
+    if method.recomputes and (head := chain_head(base)) is not base:
+        raise ConfigError(f"{method.name} adapter '{name}': layer '{path}' already has adapter "
+                          f"'{_tensor_name(head)['name']}' ({METHODS[head.target].name}), which "
+                          "recomputes the layer too; one such adapter per layer (fold it first)")
     nodes = {k: t if isinstance(t, fx.Node) else
              graph.add_tensor(f"{path}.adapters.{name}.{k}", t, trainable=k in method.trainable)
              for k, t in tensors.items()}
-    if method.recomputes and (head := chain_head(base)) is not base:
-        other = METHODS[head.target]
-        raise ConfigError(f"{method.name} adapter '{name}': layer '{path}' already has adapter "
-                          f"'{_TENSOR.match(head.args[len(other.reads)].target)['name']}' ({other.name}), which "
-                          "recomputes the layer too; one such adapter per layer (fold it first)")
     end = base if method.recomputes else chain_end(base)
     fxg = graph.gm.graph
     with fxg.inserting_after(end):

@@ -23,8 +23,8 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.kernels.base_deltas import mix
 from splice.ir.select import select_nodes, validate_targets
+from splice.kernels.base_deltas import mix
 from splice.passes.adapters._base import float_base
 from splice.passes.adapters._common import (
     AdapterConfig,

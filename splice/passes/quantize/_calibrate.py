@@ -20,11 +20,10 @@ from tqdm import tqdm
 
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
-from splice.ir.select import module_path
 from splice.kernels.observe import LayerStats, StatsStore
 from splice.kernels.quant import GroupGrid
 from splice.passes.instrument.observe import insert_observers
-from splice.passes.quantize._common import WeightQuantConfig, resolve_group
+from splice.passes.quantize._common import WeightQuantConfig, layer_grid
 
 # (node, float weight [N, K], its input statistics, grid) -> (codes [N, K], scale [N, G], zero [N, G])
 SolveFn = Callable[[fx.Node, torch.Tensor, LayerStats, GroupGrid], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -121,7 +120,7 @@ def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, cal
             if w_target in solutions:  # a weight read by several layers is solved once
                 out.append(w)
                 continue
-            grid = GroupGrid(cfg.bits, resolve_group(cfg, w.shape[1], module_path(node), pass_name), cfg.symmetric)
+            grid = layer_grid(cfg, node, w.shape[1], pass_name)
             codes, scale, zero = solve(node, w, stats, grid)
             solutions[w_target] = (codes, scale, zero)
             out.append(grid.dequantize(codes, scale, zero))

@@ -52,6 +52,11 @@ def resolve_group(cfg: WeightQuantConfig, k: int, path: str, pass_name: str) -> 
     return g
 
 
+def layer_grid(cfg: WeightQuantConfig, node: fx.Node, k: int, pass_name: str) -> GroupGrid:
+    """The group grid ``cfg`` puts on the weight of layer ``node`` (``k`` input features)."""
+    return GroupGrid(cfg.bits, resolve_group(cfg, k, module_path(node), pass_name), cfg.symmetric)
+
+
 def check_not_quantized(node: fx.Node, pass_name: str) -> None:
     if node.target in QUANTIZED_OPS:
         raise ConfigError(f"{pass_name}: '{module_path(node)}' is already quantized "

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from splice.ir.graph import Graph, attr_users
 from splice.ir.segments import SegmentRunner
-from splice.ir.select import module_path, select_nodes
+from splice.ir.select import select_nodes
 from splice.kernels.quant import GroupGrid
-from splice.passes.quantize._common import WeightQuantConfig, resolve_group
+from splice.passes.quantize._common import WeightQuantConfig, layer_grid
 
 aten = torch.ops.aten
 
@@ -36,8 +36,7 @@ def trainable_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str) -> tu
         target = node.args[1].target
         if target not in layers and all(u in nodes for u in users[target]):
             w = graph.tensor(target).detach().float()
-            layers[target] = (w, GroupGrid(cfg.bits, resolve_group(cfg, w.shape[1], module_path(node), pass_name),
-                                           cfg.symmetric))
+            layers[target] = (w, layer_grid(cfg, node, w.shape[1], pass_name))
     return nodes, layers
 
 

@@ -32,8 +32,8 @@ from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup, solve_groups
 from splice.passes.quantize._common import (
     WeightQuantConfig,
+    layer_grid,
     quantize_layers,
-    resolve_group,
 )
 from splice.passes.quantize._smooth import input_groups, migrate_scales, tied_group
 
@@ -159,7 +159,7 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
 
     def solve_group(members, weights, stats: LayerStats):
         k = weights[0].shape[1]
-        grid = GroupGrid(cfg.bits, resolve_group(cfg, k, module_path(members[0]), "quantize.awq"), cfg.symmetric)
+        grid = layer_grid(cfg, members[0], k, "quantize.awq")
         if stats.rows == 0 or members[0].name in tied:  # round to nearest, unscaled
             for node, w in zip(members, weights):
                 if node.args[1].target not in solutions:  # else solved with another group

@@ -38,11 +38,11 @@ from typing import Literal
 import torch
 
 from splice.ir.graph import Graph
-from splice.ir.select import module_path, select_nodes
+from splice.ir.select import select_nodes
 from splice.kernels.quant import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
-from splice.passes.quantize._common import (WeightQuantConfig, check_not_quantized, quantize_layers, resolve_group,
+from splice.passes.quantize._common import (WeightQuantConfig, check_not_quantized, layer_grid, quantize_layers,
                                               stored_solution)
 from splice.passes.quantize._finetune import Distiller, trainable_layers
 from splice.passes.quantize.gptq import GPTQConfig, gptq
@@ -126,8 +126,7 @@ def _start(graph: Graph, cfg: PVTuneConfig, ctx: PassContext, nodes: list) -> di
     out = {}
     for node in nodes:
         target = node.args[1].target
-        k = graph.tensor(target).shape[1]
-        grid = GroupGrid(cfg.bits, resolve_group(cfg, k, module_path(node), PASS), cfg.symmetric)
+        grid = layer_grid(cfg, node, graph.tensor(target).shape[1], PASS)
         out[target] = stored_solution(quantized, target, grid), grid
     return out
 

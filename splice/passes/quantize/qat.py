@@ -23,10 +23,9 @@ import torch
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes
-from splice.kernels.quant import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize import _oscillation  # noqa: F401  (registers the oscillation train hook)
-from splice.passes.quantize._common import WeightQuantConfig, check_not_quantized, replace_node, resolve_group
+from splice.passes.quantize._common import WeightQuantConfig, check_not_quantized, layer_grid, replace_node
 
 aten = torch.ops.aten
 PASS = "quantize.qat"
@@ -71,7 +70,7 @@ def qat(graph: Graph, cfg: QATConfig, ctx: PassContext) -> PassResult:
 def _trainable_grid(graph: Graph, node, target: str, cfg: QATConfig):
     """Latent weight, scales (both trainable) and packed zeros of one weight, on RTN's grid."""
     w = graph.tensor(target).detach().float()
-    grid = GroupGrid(cfg.bits, resolve_group(cfg, w.shape[1], module_path(node), PASS), cfg.symmetric)
+    grid = layer_grid(cfg, node, w.shape[1], PASS)
     scale, zero = grid.params(w)
     base = target.removesuffix(".weight")
     latent = graph.add_tensor(base + ".qat_weight", w.clone(), trainable=True)
