@@ -113,7 +113,8 @@ def ort_outputs(graph, path: Path, inputs, level: str) -> list[torch.Tensor]:
 
 
 def float64_outputs(graph, inputs) -> list[torch.Tensor]:
-    """The graph's outputs computed in float64: a reference for both fp32 runtimes."""
+    """The graph's outputs with its tensors and inputs in float64: a reference for both fp32
+    runtimes (casts the graph itself makes to float32, e.g. in RMSNorm, stay float32)."""
     gm = copy.deepcopy(graph.gm).double()
     with torch.no_grad():
         return [t.detach() for x in inputs for t in gm(*(v.double() if v.is_floating_point() else v for v in x))]
