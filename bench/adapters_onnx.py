@@ -29,7 +29,6 @@ measured on the zoo CNN instead (``zoo_cnn``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import splice  # noqa: E402
 from bench._common import machine_info, versions, write_json  # noqa: E402
 from bench.adapters_factored import _perturb  # noqa: E402
 from bench.dora_ia3_ssf import _paths  # noqa: E402
+from bench.onnx_float64 import double_module, double_outputs, double_parity  # noqa: E402
 from splice.adapters_api import with_adapter_inputs  # noqa: E402
 from splice.errors import ConfigError  # noqa: E402
 from splice.eval import zoo  # noqa: E402
@@ -113,11 +113,10 @@ def ort_outputs(graph, path: Path, inputs, level: str) -> list[torch.Tensor]:
 
 
 def float64_outputs(graph, inputs) -> list[torch.Tensor]:
-    """The graph's outputs with its tensors and inputs in float64: a reference for both fp32
-    runtimes (casts the graph itself makes to float32, e.g. in RMSNorm, stay float32)."""
-    gm = copy.deepcopy(graph.gm).double()
-    with torch.no_grad():
-        return [t.detach() for x in inputs for t in gm(*(v.double() if v.is_floating_point() else v for v in x))]
+    """The graph's outputs computed in float64 throughout (its own float32 casts widened too):
+    a reference for both fp32 runtimes."""
+    gm = double_module(graph.gm)
+    return [t for x in inputs for t in double_outputs(gm, x)]
 
 
 def export_row(graph, inputs, path: Path, scale: float, **kw) -> dict:
@@ -182,6 +181,17 @@ def method_row(graph, name: str, inputs, base_out, tmp: Path, with_inputs: bool)
     return row
 
 
+def float64_row(graph, name: str, inputs, weight: float) -> dict:
+    """ORT vs torch with both in float64 (``bench/onnx_float64.py``), unfolded and folded: the
+    translations' own error, without fp32 rounding. ``name`` "base": the unadapted model, and
+    its fp32 torch outputs against the float64 ones."""
+    if name == "base":
+        exact = float64_outputs(graph, inputs)
+        return {"model": double_parity(graph, inputs), "torch_fp32_vs_float64": max_diff(outputs(graph, inputs), exact)}
+    g = weighted(adapted(graph, name, seed=0), weight)
+    return {"unfolded": double_parity(g, inputs), "folded": double_parity(g.apply("adapter.fold"), inputs)}
+
+
 def _cell(row: dict, key: str) -> str:
     if key not in row:
         return "—"
@@ -233,6 +243,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-base", action="store_true", help="keep the base row of an earlier run (saves one export)")
     ap.add_argument("--table", action="store_true", help="print the results in --out as a markdown table")
+    ap.add_argument("--float64", action="store_true",
+                    help="add float64 ORT-vs-torch cells to the rows already in --out (models without ORT float64 "
+                         "kernels for their ops, e.g. BERT's Erf, fail)")
     args = ap.parse_args()
     if args.table:
         return print(markdown_table(json.loads(args.out.read_text())))
@@ -255,6 +268,13 @@ def main() -> None:
             continue
         graph, inputs = model_graph(model, paths)
         rows = results["models"].setdefault(model, {})
+        if args.float64:
+            for name in ["base"] + methods:
+                if name == "base" or rows.get(name, {}).get("status") == "ok":
+                    rows[name]["float64"] = float64_row(graph, name, inputs, rows[name].get("adapter_weight", 1.0))
+                    print(model, name, "float64", rows[name]["float64"], flush=True)
+                    save(args.out, results, model)
+            continue
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
             base_out = outputs(graph, inputs)
