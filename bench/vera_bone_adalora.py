@@ -1,4 +1,4 @@
-"""VeRA, MiSS/Bone (balance and Bat) and AdaLoRA on real models: PEFT parity, fold/unfold, ONNX.
+"""VeRA, MiSS/Bone (balance, Bat and mini) and AdaLoRA on real models: PEFT parity, fold/unfold, ONNX.
 
 For all-MiniLM-L6-v2 (HF dir, BertModel) and SmolLM2-135M (GGUF, fp32): each method built with
 real PEFT (``get_peft_model`` on the transformers model, every trainable adapter tensor redrawn
@@ -8,9 +8,12 @@ parity folded and unfolded (MiniLM only; SmolLM2's exports are the slow part and
 ``bench/dora_ia3_ssf.py`` already measures its fp32 export noise). Helpers from that bench.
 
     python bench/vera_bone_adalora.py      # writes bench/results/vera_bone_adalora.json
+    python bench/vera_bone_adalora.py --methods miss_mini   # one method; other rows are kept
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import tempfile
 import warnings
@@ -35,6 +38,7 @@ def peft_configs(targets: list[str]) -> dict:
     return {"vera": peft.VeraConfig(r=256, target_modules=targets),
             "miss": peft.MissConfig(r=64, target_modules=targets),
             "miss_bat": peft.MissConfig(r=64, init_weights="bat", target_modules=targets),
+            "miss_mini": peft.MissConfig(r=64, init_weights="mini", mini_r=64, target_modules=targets),
             "adalora": peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, total_step=100, target_modules=targets)}
 
 
@@ -62,20 +66,25 @@ def parity(path: Path, graph, config, inputs, tmp: Path) -> tuple[dict, splice.G
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="all", help="comma-separated keys of peft_configs, or all")
+    args = ap.parse_args()
     torch.set_num_threads(2)
-    results = {"machine": machine_info(), "versions": versions("torch", "peft", "onnxruntime"), "models": {}}
+    old = json.loads(OUT.read_text())["models"] if OUT.exists() else {}
+    results = {"machine": machine_info(), "versions": versions("torch", "peft", "onnxruntime"), "models": old}
     for model, path in sorted(_paths().items()):
         graph = splice.capture(path)
         inputs = _inputs(graph)
-        rows = {}
+        rows = results["models"].setdefault(model, {})
         for method, config in peft_configs(TARGETS[model]).items():
+            if args.methods != "all" and method not in args.methods.split(","):
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 row, loaded = parity(path, graph, config, inputs, Path(tmp))
                 if model == "minilm":
                     row.update(fold_and_export(loaded, inputs, Path(tmp), method, True))
             rows[method] = row
             print(model, method, row, flush=True)
-        results["models"][model] = rows
     write_json(OUT, results)
 
 

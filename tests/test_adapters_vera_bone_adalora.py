@@ -24,13 +24,17 @@ SPECS = {  # method: splice spec with a non-zero update
     "vera": "adapter.vera:init=random,rank=16",
     "bone": "adapter.bone:init=random,rank=24",
     "bat": "adapter.bone:variant=bat,init=random,rank=16,targets=q_proj|down_proj",
+    "mini": "adapter.bone:variant=mini,init=random,rank=16,mini_rank=8,targets=q_proj|k_proj|up_proj|down_proj",
     "adalora": "adapter.adalora:init=random,init_r=4,target_r=2",
 }
-ZERO = ["adapter.vera", "adapter.bone", "adapter.bone:variant=bat,rank=16,targets=q_proj|down_proj", "adapter.adalora"]
+ZERO = ["adapter.vera", "adapter.bone", "adapter.bone:variant=bat,rank=16,targets=q_proj|down_proj",
+        "adapter.bone:variant=mini,rank=16,mini_rank=8", "adapter.adalora"]
 PEFT_CONFIGS = {  # method: (zoo model, PEFT config)
     "vera": ("llama", lambda: peft.VeraConfig(r=16, target_modules=["q_proj", "v_proj", "down_proj"])),
     "bone": ("bert", lambda: peft.MissConfig(r=24, target_modules=["query", "dense"])),
     "bat": ("llama", lambda: peft.MissConfig(r=16, init_weights="bat", target_modules=["q_proj", "down_proj"])),
+    "mini": ("llama", lambda: peft.MissConfig(r=16, init_weights="mini", mini_r=8,
+                                              target_modules=["q_proj", "k_proj", "up_proj", "down_proj"])),
     "adalora": ("gpt2", lambda: peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=5, total_step=20,
                                                    target_modules=["c_attn", "c_fc"])),
 }
@@ -87,6 +91,7 @@ def _op_cases():
     return {
         "vera": (torch.ops.splice.vera_delta.default, (x, r(4), r(6), r(4, 16, grad=False), r(9, 4, grad=False), s)),
         "bone": (torch.ops.splice.bone_delta.default, (x, r(5, 7), s)),  # 12 % 5 != 0: padded
+        "mini": (torch.ops.splice.bone_mini_delta.default, (x, r(2, 5, 6, grad=False), r(5, 3), s)),
         "bat": (torch.ops.splice.bat_linear.default, (r(2, 5, 6, grad=False), x, r(6, 12, grad=False), r(6, grad=False),
                                                        r(2, 3, 3), s)),
         "adalora": (torch.ops.splice.adalora_delta.default, (x, r(3, 12), r(3, 1), r(6, 3), s, torch.tensor(3.00001))),
@@ -102,6 +107,7 @@ def test_op_opcheck_and_gradients_match_the_dense_update(method):
     grads = torch.autograd.grad(y.square().sum(), ins)
     ref_fn = {"vera": lambda x, d, b, va, vb, s: b * ((d * (x @ va[:, :12].T)) @ vb[:6].T) * s,
               "bone": lambda x, blk, s: x @ balance_update(blk, 12).T * s,
+              "mini": lambda x, y, blk, s: x @ balance_update(blk.repeat(1, 2), 12).T * s,
               "bat": lambda y, x, w, b, blk, s: torch.nn.functional.linear(x, w + bat_update(w, blk) * s, b),
               "adalora": lambda x, a, e, b, s, n: x @ (a * e).T @ b.T * s / n}[method]
     if ref_fn is not None:
@@ -296,6 +302,9 @@ def test_adalora_trains_through_splice_train():
 @pytest.mark.parametrize("spec,message", [
     ("adapter.bone:rank=65,targets=q_proj", r"rank 65 exceeds the in-features \(64\) of layer 'model.layers.0.self_attn.q_proj'"),
     ("adapter.bone:variant=bat,rank=24,targets=q_proj", "variant=bat needs in and out divisible by rank 24"),
+    ("adapter.bone:variant=mini,mini_rank=24,rank=8,targets=q_proj",
+     r"variant=mini needs out-features divisible by mini_rank 24; layer 'model.layers.0.self_attn.q_proj' has 64"),
+    ("adapter.bone:variant=mini,mini_rank=0", "mini_rank must be >= 1"),
     ("adapter.adalora:init_r=40,target_r=2,targets=k_proj", r"rank 40 exceeds min\(in, out\) = 32"),
     ("adapter.adalora:init_r=4,target_r=8", "need 1 <= target_r <= init_r"),
     ("adapter.adalora:tinit=5,tfinal=5,total_step=10", "leave no budgeting phase"),
@@ -324,6 +333,7 @@ def test_bat_needs_a_float_base():
 @pytest.mark.parametrize("method,key,bad", [
     ("vera", "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b", torch.zeros(32)),
     ("bat", "base_model.model.model.layers.0.self_attn.q_proj.miss_block", torch.zeros(2, 16, 16)),
+    ("mini", "base_model.model.model.layers.0.self_attn.k_proj.miss_block", torch.zeros(16, 32)),
     ("adalora", "base_model.model.transformer.h.0.attn.c_attn.lora_A", torch.zeros(6, 96)),
 ])
 def test_peft_dir_for_another_base_names_the_parameter(method, key, bad, tmp_path):

@@ -26,6 +26,12 @@ def bone_forward(x, block, scale):
     return (xp.reshape(*xp.shape[:-1], -1, r).sum(-2) @ block * scale).to(x.dtype)
 
 
+def bone_mini_forward(x, y, block, scale):
+    """MiSS ``mini``: ``block [r, mini_r]`` repeated along the output to ``[r, out]`` (``out`` =
+    the base output ``y``'s width), then ``bone_forward`` (PEFT's ``miss_fn == "mini"``)."""
+    return bone_forward(x, block.repeat(1, y.shape[-1] // block.shape[1]), scale)
+
+
 def bat_update(weight, block):
     """Bat's weight update ``ΔW`` (``[out, in]``): every ``r×r`` block ``W_ij`` of ``W`` becomes
     ``W_ij B_i + B_i`` with ``block [out/r, r, r]`` (PEFT ``MissLinear.get_delta_weight``)."""

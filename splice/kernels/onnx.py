@@ -308,7 +308,17 @@ def vera_delta(x, lambda_d, lambda_b, vera_A, vera_B, scale):
 
 def bone_delta(x, block, scale):
     """``Pad`` to a multiple of r, ``Reshape`` to r-wide blocks, ``ReduceSum``, ``Gemm`` with the block."""
-    in_f, (r, out_f) = x.shape[-1], block.shape
+    return _bone(x, block, scale, *block.shape)
+
+
+def bone_mini_delta(x, y, block, scale):
+    """``bone_delta`` with the block ``Tile``d along the output to ``y``'s width."""
+    (r, mini_r), out_f = block.shape, y.shape[-1]
+    return _bone(x, op.Tile(block, _int64(1, out_f // mini_r)), scale, r, out_f)
+
+
+def _bone(x, block, scale, r, out_f):
+    in_f = x.shape[-1]
     flat = _as_2d(x, in_f, block)
     if in_f % r:
         flat = op.Pad(flat, _int64(0, 0, 0, r - in_f % r))
@@ -322,6 +332,7 @@ def adalora_delta(x, A, E, B, scale, ranknum):
 
 TRANSLATIONS[torch.ops.splice.vera_delta.default] = vera_delta
 TRANSLATIONS[torch.ops.splice.bone_delta.default] = bone_delta
+TRANSLATIONS[torch.ops.splice.bone_mini_delta.default] = bone_mini_delta
 TRANSLATIONS[torch.ops.splice.adalora_delta.default] = adalora_delta
 
 

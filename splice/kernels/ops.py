@@ -531,6 +531,22 @@ def _(x, block, scale):
     return x.new_empty(*x.shape[:-1], block.shape[1])
 
 
+@torch.library.custom_op("splice::bone_mini_delta", mutates_args=())
+def bone_mini_delta(x: torch.Tensor, y: torch.Tensor, block: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """MiSS ``mini`` (https://arxiv.org/abs/2409.15371): ``bone_delta`` with ``block [r, mini_r]``
+    repeated along the output to the base output ``y``'s width (``y`` is read for its width only)."""
+    return adapter_math.bone_mini_forward(x, y, block, scale)
+
+
+@bone_mini_delta.register_fake
+def _(x, y, block, scale):
+    torch._check(block.dim() == 2 and scale.dim() == 0, lambda: "bone_mini_delta: block must be [r, mini_r], scale 0-d")
+    torch._check(block.shape[0] <= x.shape[-1], lambda: f"bone_mini_delta: r {block.shape[0]} > input features {x.shape[-1]}")
+    torch._check(y.shape[-1] % block.shape[1] == 0,
+                 lambda: f"bone_mini_delta: mini_r {block.shape[1]} does not divide output features {y.shape[-1]}")
+    return x.new_empty(*x.shape[:-1], y.shape[-1])
+
+
 @torch.library.custom_op("splice::adalora_delta", mutates_args=())
 def adalora_delta(x: torch.Tensor, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                   ranknum: torch.Tensor) -> torch.Tensor:
@@ -552,10 +568,12 @@ def _(x, A, E, B, scale, ranknum):
 
 autograd_by_recompute(vera_delta, adapter_math.vera_forward)
 autograd_by_recompute(bone_delta, adapter_math.bone_forward)
+autograd_by_recompute(bone_mini_delta, adapter_math.bone_mini_forward)
 autograd_by_recompute(adalora_delta, adapter_math.adalora_forward)
 register_arg_roles(torch.ops.splice.vera_delta.default,
                    {1: "adapter", 2: "adapter", 3: "adapter_frozen", 4: "adapter_frozen", 5: "adapter_scale"})
 register_arg_roles(torch.ops.splice.bone_delta.default, {1: "adapter", 2: "adapter_scale"})
+register_arg_roles(torch.ops.splice.bone_mini_delta.default, {2: "adapter", 3: "adapter_scale"})
 register_arg_roles(torch.ops.splice.adalora_delta.default,
                    {1: "adapter", 2: "adapter", 3: "adapter", 4: "adapter_scale", 5: "adapter_scale"})
 
