@@ -22,6 +22,7 @@ measured on the zoo CNN instead (``zoo_cnn``).
 
     python bench/adapters_onnx.py --models minilm,zoo_cnn --inputs all
     nice -n 5 python bench/adapters_onnx.py --models smollm2 --inputs adapter.lora
+    python bench/adapters_onnx.py --models smollm2 --float64   # float64 twins of the same exports
     # options: --methods adapter.lora,adapter.dora (default: all), --out FILE
     # default output bench/results/adapters_onnx.json; rows are written as they finish and rows
     # of earlier runs (other models or methods) are kept
@@ -200,22 +201,34 @@ def _cell(row: dict, key: str) -> str:
     return f"{r['max_abs_diff']:.1e} ({r['rel_diff']:.0e}){swap}"
 
 
+def _float64_cell(row: dict) -> str:
+    """``float64_row``'s diffs: the base model's, or unfolded / folded."""
+    f = row.get("float64")
+    if f is None:
+        return "—"
+    if "model" in f:
+        return f"{f['model']['max_abs_diff']:.1e}"
+    return f"{f['unfolded']['max_abs_diff']:.1e} / {f['folded']['max_abs_diff']:.1e}"
+
+
 def markdown_table(results: dict) -> str:
     """The results as a markdown table: one row per (model, method), the base model first."""
     lines = ["| model | method | weight | max \\|Δ output\\| | ORT unfolded abs (rel) | folded | adapter inputs "
-             "| MB unfolded / folded / inputs | export s unfolded / folded |", "|" + " --- |" * 9]
+             "| float64: unfolded / folded | MB unfolded / folded / inputs | export s unfolded / folded |",
+             "|" + " --- |" * 10]
     for model, rows in results["models"].items():
         for name, row in rows.items():
             if name == "base":
-                lines.append(f"| {model} | base fp32 | — | — | {_cell(rows, 'base')} | — | — "
+                lines.append(f"| {model} | base fp32 | — | — | {_cell(rows, 'base')} | — | — | {_float64_cell(row)} "
                              f"| {row['onnx_bytes'] / 1e6:.3g} | {row['seconds_export']:.0f} |")
             elif row["status"] != "ok":
-                lines.append(f"| {model} | {name} | {row['status']} |" + " |" * 6)
+                lines.append(f"| {model} | {name} | {row['status']} |" + " |" * 7)
             else:
                 mb = " / ".join(f"{row[k]['onnx_bytes'] / 1e6:.3g}" for k in ("unfolded", "folded", "inputs")
                                 if k in row)
                 lines.append(f"| {model} | {name} | {row['adapter_weight']:.2g} | {row['adapter_effect_max_abs']:.2g} "
-                             f"| {_cell(row, 'unfolded')} | {_cell(row, 'folded')} | {_cell(row, 'inputs')} | {mb} "
+                             f"| {_cell(row, 'unfolded')} | {_cell(row, 'folded')} | {_cell(row, 'inputs')} "
+                             f"| {_float64_cell(row)} | {mb} "
                              f"| {row['unfolded']['seconds_export']:.0f} / {row['folded']['seconds_export']:.0f} |")
     return "\n".join(lines)
 
