@@ -46,7 +46,7 @@ import splice  # noqa: E402
 from bench._common import machine_info, versions, write_json  # noqa: E402
 from bench.adapters_factored import _perturb  # noqa: E402
 from bench.dora_ia3_ssf import _paths  # noqa: E402
-from bench.onnx_float64 import double_module, double_outputs, double_parity  # noqa: E402
+from splice.runtime.float64 import double_module, double_outputs, double_parity  # noqa: E402
 from splice.adapters_api import with_adapter_inputs  # noqa: E402
 from splice.errors import ConfigError  # noqa: E402
 from splice.eval import zoo  # noqa: E402
@@ -183,7 +183,7 @@ def method_row(graph, name: str, inputs, base_out, tmp: Path, with_inputs: bool)
 
 
 def float64_row(graph, name: str, inputs, weight: float) -> dict:
-    """ORT vs torch with both in float64 (``bench/onnx_float64.py``), unfolded and folded: the
+    """ORT vs torch with both in float64 (``splice/runtime/float64.py``), unfolded and folded: the
     translations' own error, without fp32 rounding. ``name`` "base": the unadapted model, and
     its fp32 torch outputs against the float64 ones."""
     if name == "base":
