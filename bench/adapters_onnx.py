@@ -46,14 +46,13 @@ import splice  # noqa: E402
 from bench._common import machine_info, versions, write_json  # noqa: E402
 from bench.adapters_factored import _perturb  # noqa: E402
 from bench.dora_ia3_ssf import _paths  # noqa: E402
-from splice.runtime.float64 import double_module, double_outputs, double_parity  # noqa: E402
 from splice.adapters_api import with_adapter_inputs  # noqa: E402
 from splice.errors import ConfigError  # noqa: E402
 from splice.eval import zoo  # noqa: E402
 from splice.eval.data import builtin_text, graph_inputs  # noqa: E402
 from splice.frontends.hf import load_tokenizer  # noqa: E402
-from splice.passes.adapters._common import AdapterConfig  # noqa: E402
-from splice.passes.base import list_passes  # noqa: E402
+from splice.passes.adapters._common import adapter_passes as registered_adapter_passes  # noqa: E402
+from splice.runtime.float64 import double_module, double_outputs, double_parity  # noqa: E402
 from splice.runtime.onnx import onnx_bytes, run_session  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "adapters_onnx.json"
@@ -64,15 +63,10 @@ SANE = 0.2  # largest output change of a perturbed adapter, as a fraction of max
 
 def adapter_passes() -> tuple[list[str], dict[str, str]]:
     """(passes that insert an adapter at their default config, {skipped pass: why})."""
-    inserting, skipped = [], {}
-    for info in list_passes():
-        if not (info.name.startswith("adapter.") and issubclass(info.config_cls, AdapterConfig)):
-            continue
-        if "source" in {f.name for f in info.config_cls.options()}:
-            skipped[info.name] = "reads a fine-tuned second model (option source); it writes an adapter.lora"
-        else:
-            inserting.append(info.name)
-    return inserting, skipped
+    passes = registered_adapter_passes()
+    return ([name for name, reads_source in passes.items() if not reads_source],
+            {name: "reads a fine-tuned second model (option source); it writes an adapter.lora"
+             for name, reads_source in passes.items() if reads_source})
 
 
 def text_inputs(graph) -> list[tuple]:
@@ -250,8 +244,7 @@ def model_graph(model: str, paths: dict[str, Path]) -> tuple[splice.Graph, list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm,zoo_cnn,smollm2")
-    ap.add_argument("--methods", default="all",
-                    help="comma-separated pass names, all, or none (the base row only)")
+    ap.add_argument("--methods", default="all", help="comma-separated pass names, all, or none (the base row only)")
     ap.add_argument("--inputs", default="adapter.lora", help="passes also exported with adapter_inputs=True, or all")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-base", action="store_true", help="keep the base row of an earlier run (saves one export)")

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from splice.adapters_api import adapter_parameters
-from splice.passes.adapters._common import AdapterConfig
-from splice.passes.base import list_passes
+from splice.passes.adapters._common import adapter_passes
 from splice.runtime.float64 import double_module, double_parity
 from tests.zoo_graphs import captured, input_grid
 
@@ -19,15 +18,12 @@ EXACT = 1e-10
 # AdaLoRA: the exporter's optimizer (onnxscript) folds the 0-d ``alpha / ranknum`` into the A ⊙ E
 # initializer at float32-level precision (0 with ``optimize=False``; docs/bench_adapters_onnx.md)
 FOLDED_SCALAR = {"adapter.adalora": 1e-7}
-
-
 CONV_ONLY = {"adapter.flora"}  # and ORT has no float64 Conv kernel
 
 
 def _adapter_passes() -> list[str]:
     """Passes that insert an adapter into a llama at their default config."""
-    return [p.name for p in list_passes() if p.name.startswith("adapter.") and issubclass(p.config_cls, AdapterConfig)
-            and "source" not in {f.name for f in p.config_cls.options()} and p.name not in CONV_ONLY]
+    return [name for name, reads_source in adapter_passes().items() if not reads_source and name not in CONV_ONLY]
 
 
 def _perturbed(graph, name: str):

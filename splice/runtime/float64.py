@@ -32,43 +32,44 @@ def double_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def _widen(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
 def double_outputs(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``gm`` (a ``double_module``) run on ``inputs`` widened to float64."""
     with torch.no_grad():
-        out = gm(*(x.double() if x.is_floating_point() else x for x in inputs))
+        out = gm(*_widen(inputs))
     return [t.detach() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
 def double_graph(graph: Graph) -> Graph:
     """``graph`` computing in float64: ``double_module`` and float64 example inputs."""
-    example = tuple(x.double() if x.is_floating_point() else x for x in graph.example_inputs)
-    return Graph(double_module(graph.gm), list(graph.input_names), list(graph.output_names), example,
-                 dict(graph.dynamic), dict(graph.source), list(graph.history))
+    return Graph(double_module(graph.gm), list(graph.input_names), list(graph.output_names),
+                 _widen(graph.example_inputs), dict(graph.dynamic), dict(graph.source), list(graph.history))
 
 
-def double_session(graph: Graph):
-    """An ORT CPU session on ``graph``'s float64 export, graph optimizations off (ORT's fusions
-    are float32 kernels; this measures the exported graph's own math)."""
+def _session(model):
+    """An ORT CPU session with graph optimizations off (ORT's fusions are float32 kernels; this
+    measures the exported graph's own math)."""
     import onnxruntime as ort
-
-    from splice.runtime.onnx import to_onnx_model
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    model = to_onnx_model(double_graph(graph))
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def double_parity(graph: Graph, inputs_list: Sequence[Sequence[torch.Tensor]]) -> dict:
-    """Max abs diff between ORT and torch, both in float64, over ``inputs_list``; also the
-    largest |output| for scale."""
-    sess = double_session(graph)
-    gm = double_module(graph.gm)
+    """Max abs diff between ORT and torch, both in float64 (one float64 twin, exported with
+    splice's translations and run in both), over ``inputs_list``; also the largest |output|."""
+    from splice.runtime.onnx import run_session, to_onnx_model
+
+    twin = double_graph(graph)
+    sess = _session(to_onnx_model(twin))
     worst, scale = 0.0, 0.0
     for inputs in inputs_list:
-        ref = double_outputs(gm, inputs)
-        feeds = {n: (x.double() if x.is_floating_point() else x).numpy() for n, x in zip(graph.input_names, inputs)}
-        got = sess.run(graph.output_names, feeds)
-        for r, g in zip(ref, got):
+        got = run_session(sess, twin, _widen(inputs))
+        for r, g in zip(double_outputs(twin.gm, inputs), got.values()):
             worst = max(worst, float(np.abs(r.numpy() - g).max()))
             scale = max(scale, float(r.abs().max()))
     return {"max_abs_diff": worst, "max_abs_output": scale}

@@ -82,6 +82,16 @@ class AdapterConfig(PassConfig):
         validate_targets(self.targets)
 
 
+def adapter_passes() -> dict[str, bool]:
+    """Every registered adapter pass (its config an ``AdapterConfig``) → whether it reads a second,
+    fine-tuned model (option ``source``, e.g. ``adapter.extract``) instead of inserting an adapter
+    from the graph alone."""
+    from splice.passes.base import list_passes
+
+    return {p.name: "source" in {f.name for f in p.config_cls.options()}
+            for p in list_passes() if p.name.startswith("adapter.") and issubclass(p.config_cls, AdapterConfig)}
+
+
 @dataclass(frozen=True)
 class Method:
     """One adapter kind: its delta op ``op(x, *tensors[keys])`` and its dense ``[out, in]`` update."""
