@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PASSES = {"rtn": ("quantize.rtn", ""), "gptq": ("quantize.gptq", ""), "awq": ("quantize.awq", ""),
           "gptaq": ("quantize.gptq", ",gptaq=true"), "reconstruct": ("quantize.reconstruct", ""),
           "discquant": ("quantize.discquant", ""),
-          "pvtune": ("quantize.pvtune", ",steps=2,p_steps=8")}  # 2 rounds: 27 CPU min with 8 x 256 calibration
+          "pvtune": ("quantize.pvtune", ",steps=2,p_steps=8"),  # 2 rounds: 27 CPU min with 8 x 256 calibration
+          "pvtune-gptq": ("quantize.pvtune", ",init=gptq,steps=2,p_steps=8")}
 FP32 = "fp32"
 DOC_BEGIN, DOC_END = "<!-- bench/quantize.py: begin generated -->", "<!-- bench/quantize.py: end generated -->"
 GPTQ_LIMIT_S = 600.0

@@ -1,6 +1,8 @@
 """quantize.pvtune: scales move only in P steps, codes only in V steps and at most
 ``v_fraction`` of them per step, every weight stays on the group grid, and the result is
 closer to the float model than round-to-nearest on held-out inputs."""
+import re
+
 import pytest
 import torch
 from test_cli import assert_error, run_cli
@@ -86,17 +88,51 @@ def test_gptq_start(llama):
     assert _kl(g, q, calib) < _kl(g, gptq, calib)
 
 
+def test_a_p_step_that_raises_the_loss_is_undone_and_retried_at_half_the_rate(llama):
+    zm, g, calib, rtn = llama
+    q = g.apply("quantize.pvtune:bits=2,group_size=16,steps=1,p_steps=4,lr=4,holdout=0", calibration=calib)
+    report = q.history[-1]["report"]
+    rates = report["p_step_learning_rates"]
+    assert len(rates) == 2 and all(r == 0.0 or 4 / r in (2, 4, 8, 16, 32, 64, 128) for r in rates)
+    assert 4 not in rates  # a rate of 4 in log-scale blows the scales up (measured [0.0, 0.0625])
+    before = report["loss_before_after"][0]
+    losses = [before, report["loss_after_each_p_step"][0], report["loss_after_each_v_step"][0],
+              report["loss_after_each_p_step"][1]]
+    assert all(b <= a for a, b in zip(losses, losses[1:]))  # every step kept lowers the training loss
+    if rates[-1] == 0.0:  # no try of the last P step lowered the loss: its scales are the V step's
+        assert losses[3] == losses[2]
+
+
+def test_held_out_samples_choose_the_result(llama):
+    zm, g, _, _ = llama
+    calib = _calib(zm, g, n=8)
+    q = g.apply("quantize.pvtune:bits=2,group_size=16,steps=3,p_steps=4,holdout=0.25", calibration=calib)
+    report = q.history[-1]["report"]
+    assert report["held_out_samples"] == 2
+    scores = report["held_out_loss_at_checkpoints"]
+    assert len(scores) == 3 + 2  # start, after each V step, end
+    assert report["chosen_checkpoint"] == scores.index(min(scores)) and min(scores) <= scores[0]
+    # the result is the chosen state: its loss on the two held-out samples is that checkpoint's
+    held_out = _kl(g, q, calib[6:])
+    assert held_out == pytest.approx(scores[report["chosen_checkpoint"]], rel=1e-3)
+    # with holdout=0 every sample trains and the training loss chooses
+    everything = g.apply("quantize.pvtune:bits=2,group_size=16,steps=1,p_steps=2,holdout=0", calibration=calib)
+    report = everything.history[-1]["report"]
+    assert report["held_out_samples"] == 0 and "held_out_loss_at_checkpoints" not in report
+
+
 @pytest.mark.parametrize(("spec", "needle"), [
     ("quantize.pvtune:bits=1", "bits must be 2..8, got 1"),
     ("quantize.pvtune:bits=9", "bits must be 2..8, got 9"),
     ("quantize.pvtune:v_fraction=0", "v_fraction must be in (0, 1], got 0"),
     ("quantize.pvtune:v_fraction=1.5", "v_fraction must be in (0, 1], got 1.5"),
     ("quantize.pvtune:init=awq", "init"),
+    ("quantize.pvtune:holdout=1", "holdout must be in [0, 1), got 1"),
+    ("quantize.pvtune:holdout=-0.1", "holdout must be in [0, 1), got -0.1"),
 ])
 def test_bad_options(spec, needle):
     zm, g = captured("llama")
-    with pytest.raises(splice.SpliceError, match=r"quantize\.pvtune: .*" + needle.replace("(", r"\(")
-                       .replace(")", r"\)").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(splice.SpliceError, match=r"quantize\.pvtune: .*" + re.escape(needle)):
         g.apply(spec, calibration=_calib(zm, g, n=1))
 
 

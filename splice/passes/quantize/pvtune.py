@@ -11,6 +11,9 @@ calibration samples (``Distiller``: KL of ``logits``, MSE of other outputs):
 
 * **P step** (continuous): codes fixed, ``p_steps`` Adam iterations (one calibration sample
   each) on per-group log-scales ``ρ`` (``s = s₀·e^ρ``; zero points stay integers, as stored).
+  A P step that does not lower the training loss is undone and retried at half the learning
+  rate (Adam's per-coordinate steps have the size of the rate whatever the gradient, so a rate
+  that suits a tiny model wrecks a GPTQ start on a real one).
 * **V step** (discrete): scales fixed, the gradient ``g = ∂L/∂W`` over all calibration samples;
   the linearized (proximal) step ``W − g/L`` is re-rounded to the grid inside the subspace of
   the ``k`` codes it moves furthest (largest ``|g/s|``), ``L`` set so the k-th moves half a
@@ -19,9 +22,11 @@ calibration samples (``Distiller``: KL of ``logits``, MSE of other outputs):
   shrinks ÷4 until the calibration loss drops (none if it never does) and restarts from ``2k``.
   Codes change nowhere else.
 
-The schedule is ``P, then steps × (V, P)``; the mean calibration loss is measured at the start,
-after every V step and at the end, and the best state seen (the start included) is the
-result, so the pass never ends above its quantized start on the calibration data. Weights
+The schedule is ``P, then steps × (V, P)``. A ``holdout`` fraction of the calibration samples
+is kept out of training: their mean loss is measured at the start, after every V step and at
+the end, and the best state seen by it (the start included) is the result, so the pass never
+ends above its quantized start on samples it did not train on (early stopping; with
+``holdout=0`` the training samples judge, as before). Weights
 other ops also read (a tied LM head) keep their start and are not trained (``_finetune.py``);
 the loss runs on a private copy of the graph where the head reads its own quantized copy of
 the tensor, so training sees the head the result will have while the embedding stays float.
@@ -60,6 +65,8 @@ class PVTuneConfig(WeightQuantConfig):
     p_steps: int = field(default=10, metadata={"help": "Adam iterations on the scales per P step (one calibration sample each)"})
     lr: float = field(default=2e-2, metadata={"help": "Adam learning rate of the log-scales"})
     v_fraction: float = field(default=0.01, metadata={"help": "fraction of the trained weights whose code a V step may change, (0, 1]"})
+    holdout: float = field(default=0.25, metadata={"help": "fraction of the calibration samples kept out of training "
+                                                            "to choose the best state, [0, 1) (0: the training samples choose)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +76,8 @@ class PVTuneConfig(WeightQuantConfig):
             raise ValueError(f"v_fraction must be in (0, 1], got {self.v_fraction}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
 
 
 class _Layer:
@@ -115,6 +124,7 @@ class _Layer:
 
 
 INIT = {"rtn": (rtn, RTNConfig), "gptq": (gptq, GPTQConfig)}
+P_HALVINGS = 3  # retries of a P step that raised the training loss, each at half the rate
 
 
 def _start(graph: Graph, cfg: PVTuneConfig, ctx: PassContext, nodes: list) -> dict[str, tuple[Solution, GroupGrid]]:
@@ -156,24 +166,47 @@ class _PVTuner:
     """The alternating optimization over every trained layer."""
 
     def __init__(self, layers: dict[str, _Layer], fixed: dict[str, torch.Tensor], distiller: Distiller,
-                 cfg: PVTuneConfig):
-        self.layers, self.fixed, self.distiller, self.cfg = layers, fixed, distiller, cfg
-        self.optimizer = torch.optim.Adam([x.log_scale for x in layers.values()], lr=cfg.lr)
+                 judge: Distiller | None, cfg: PVTuneConfig):
+        self.layers, self.fixed, self.distiller, self.judge, self.cfg = layers, fixed, distiller, judge, cfg
+        self.lr = cfg.lr  # halved whenever a P step fails to lower the training loss
+        self.optimizer = torch.optim.Adam([x.log_scale for x in layers.values()], lr=self.lr)
+        self.p_rates: list[float] = []  # learning rate each P step was kept at (0: undone)
         self.samples = len(distiller.targets)
         self.sample = 0
         self.size = sum(x.codes.numel() for x in layers.values())
         self.max_changes = max(1, int(cfg.v_fraction * self.size))
         self.budget = self.max_changes  # the V steps' trust region, in codes
+        self.scores: list[float] = []  # held-out loss at every checkpoint
+        self.best = None  # (held-out loss, training loss, checkpoint index, state)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.fixed | {t: x.weight() for t, x in self.layers.items()}
 
-    def p_step(self) -> None:
-        for _ in range(self.cfg.p_steps):
-            self.optimizer.zero_grad()
-            self.distiller.loss(self.sample % self.samples, self.weights()).backward()
-            self.optimizer.step()
-            self.sample += 1
+    def p_step(self, loss: float) -> float:
+        """``p_steps`` Adam iterations on the log-scales (one calibration sample each), kept only
+        if the training loss drops below ``loss``; otherwise undone and retried from the same
+        point at half the learning rate, at most ``P_HALVINGS`` times (the scales stay if no try
+        lowers the loss). Returns the training loss after the step."""
+        if self.cfg.p_steps == 0:
+            return loss
+        start = {t: x.log_scale.detach().clone() for t, x in self.layers.items()}
+        for _ in range(P_HALVINGS + 1):
+            for _ in range(self.cfg.p_steps):
+                self.optimizer.zero_grad()
+                self.distiller.loss(self.sample % self.samples, self.weights()).backward()
+                self.optimizer.step()
+                self.sample += 1
+            trial = self.mean_loss()
+            if trial < loss:
+                self.p_rates.append(self.lr)
+                return trial
+            with torch.no_grad():
+                for t, x in self.layers.items():
+                    x.log_scale.copy_(start[t])
+            self.lr /= 2
+            self.optimizer = torch.optim.Adam([x.log_scale for x in self.layers.values()], lr=self.lr)
+        self.p_rates.append(0.0)
+        return loss
 
     def weight_gradients(self) -> tuple[float, dict[str, torch.Tensor]]:
         """The mean calibration loss at the current weights, and ``∂L/∂W`` there."""
@@ -189,11 +222,11 @@ class _PVTuner:
         for t, c in codes.items():
             self.layers[t].codes = c
 
-    def v_step(self) -> tuple[float, int, float]:
+    def v_step(self) -> tuple[int, float]:
         """The linearized step ``W − g/L`` re-rounded inside the subspace of the ``k`` codes it
         moves furthest (``L`` set so the k-th moves half a grid step); ``k`` starts at the trust
-        budget and shrinks ÷4 until the calibration loss drops. Returns (loss before, codes
-        changed, loss after)."""
+        budget and shrinks ÷4 until the calibration loss drops. Returns (codes changed, training
+        loss after)."""
         loss, grads = self.weight_gradients()
         steps = {t: self.layers[t].descent(g) for t, g in grads.items()}
         reach = torch.cat([d.abs().flatten() for d in steps.values()])
@@ -207,11 +240,11 @@ class _PVTuner:
             trial = self.mean_loss()
             if trial < loss:
                 self.budget = min(2 * k, self.max_changes)
-                return loss, k, trial
+                return k, trial
             self.set_codes(before)
             k = 0 if k == 1 else max(1, k // 4)
         self.budget = 1
-        return loss, 0, loss
+        return 0, loss
 
     def mean_loss(self) -> float:
         return self.distiller.mean_loss(self.weights)
@@ -219,29 +252,45 @@ class _PVTuner:
     def state(self) -> dict:
         return {t: x.state() for t, x in self.layers.items()}
 
+    def checkpoint(self, training_loss: float) -> None:
+        """Score the current state by the held-out loss (the training loss without held-out
+        samples) and keep it if it is the best so far."""
+        score = self.judge.mean_loss(self.weights) if self.judge else training_loss
+        self.scores.append(score)
+        if self.best is None or score < self.best[0]:
+            self.best = (score, training_loss, len(self.scores) - 1, self.state())
+
     def run(self) -> dict:
-        """``P, then steps × (V, P)``; the layers end in the best state measured."""
+        """``P, then steps × (V, P)``; the layers end in the state the held-out loss finds best."""
         start = self.mean_loss()
-        best = (start, self.state())
-        after_p, after_v, changed = [], [], []
-        self.p_step()
+        self.checkpoint(start)
+        after_p, after_v, changed = [self.p_step(start)], [], []
         for _ in range(self.cfg.steps):
-            before, count, loss = self.v_step()
-            after_p.append(before)
+            count, loss = self.v_step()
             after_v.append(loss)
             changed.append(count)
-            if loss < best[0]:
-                best = (loss, self.state())
-            self.p_step()
-        after_p.append(self.mean_loss())
-        if after_p[-1] < best[0]:
-            best = (after_p[-1], self.state())
+            self.checkpoint(loss)
+            after_p.append(self.p_step(loss))
+        self.checkpoint(after_p[-1])
+        _, training_loss, chosen, state = self.best
         for t, x in self.layers.items():
-            x.restore(best[1][t])
-        return {"loss_before_after": [round(start, 6), round(best[0], 6)],
-                "loss_after_each_p_step": [round(v, 6) for v in after_p],
-                "loss_after_each_v_step": [round(v, 6) for v in after_v],
-                "codes_changed_per_v_step": changed, "trained_weights": self.size}
+            x.restore(state[t])
+        report = {"loss_before_after": [round(start, 6), round(training_loss, 6)],
+                  "loss_after_each_p_step": [round(v, 6) for v in after_p],
+                  "loss_after_each_v_step": [round(v, 6) for v in after_v],
+                  "codes_changed_per_v_step": changed, "p_step_learning_rates": self.p_rates,
+                  "trained_weights": self.size,
+                  "chosen_checkpoint": chosen}
+        if self.judge:
+            report["held_out_loss_at_checkpoints"] = [round(v, 6) for v in self.scores]
+        return report
+
+
+def _split(samples: list, holdout: float) -> tuple[list, list]:
+    """(training, held-out) samples: the last ``holdout`` fraction is held out, at least one
+    sample stays for training."""
+    held = min(int(holdout * len(samples)), len(samples) - 1)
+    return samples[:len(samples) - held], samples[len(samples) - held:]
 
 
 def _moved(layers: dict[str, _Layer], steps: dict[str, torch.Tensor], mask: torch.Tensor,
@@ -265,9 +314,11 @@ def pvtune(graph: Graph, cfg: PVTuneConfig, ctx: PassContext) -> PassResult:
     start = _start(graph, cfg, ctx, nodes)
     layers = {t: _Layer(*start[t]) for t in trainable}
     work, fixed = _untied(graph, nodes, trainable, start)
-    history = _PVTuner(layers, fixed, Distiller(work, ctx.calibration), cfg).run()
+    train, held_out = _split(ctx.calibration, cfg.holdout)
+    judge = Distiller(work, held_out) if held_out else None
+    history = _PVTuner(layers, fixed, Distiller(work, train), judge, cfg).run()
     solutions = {t: solution for t, (solution, _) in start.items()} | {t: x.solution() for t, x in layers.items()}
     report = quantize_layers(graph, cfg, PASS, solution_lookup(solutions))
-    report.update(history, calibration_samples=len(ctx.calibration), init=cfg.init,
+    report.update(history, calibration_samples=len(ctx.calibration), held_out_samples=len(held_out), init=cfg.init,
                   seconds=round(time.perf_counter() - t0, 2))
     return PassResult(graph, True, report)
