@@ -89,7 +89,7 @@ def test_gptq_start(llama):
 
 
 def test_a_p_step_that_raises_the_loss_is_undone_and_retried_at_half_the_rate(llama):
-    zm, g, calib, rtn = llama
+    _, g, calib, _ = llama
     q = g.apply("quantize.pvtune:bits=2,group_size=16,steps=1,p_steps=4,lr=4,holdout=0", calibration=calib)
     report = q.history[-1]["report"]
     rates = report["p_step_learning_rates"]

@@ -169,7 +169,7 @@ class _PVTuner:
                  judge: Distiller | None, cfg: PVTuneConfig):
         self.layers, self.fixed, self.distiller, self.judge, self.cfg = layers, fixed, distiller, judge, cfg
         self.lr = cfg.lr  # halved whenever a P step fails to lower the training loss
-        self.optimizer = torch.optim.Adam([x.log_scale for x in layers.values()], lr=self.lr)
+        self.optimizer = self.adam()
         self.p_rates: list[float] = []  # learning rate each P step was kept at (0: undone)
         self.samples = len(distiller.targets)
         self.sample = 0
@@ -178,6 +178,10 @@ class _PVTuner:
         self.budget = self.max_changes  # the V steps' trust region, in codes
         self.scores: list[float] = []  # held-out loss at every checkpoint
         self.best = None  # (held-out loss, training loss, checkpoint index, state)
+
+    def adam(self) -> torch.optim.Adam:
+        """A fresh Adam (no moments) over the log-scales at the current rate."""
+        return torch.optim.Adam([x.log_scale for x in self.layers.values()], lr=self.lr)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.fixed | {t: x.weight() for t, x in self.layers.items()}
@@ -204,7 +208,7 @@ class _PVTuner:
                 for t, x in self.layers.items():
                     x.log_scale.copy_(start[t])
             self.lr /= 2
-            self.optimizer = torch.optim.Adam([x.log_scale for x in self.layers.values()], lr=self.lr)
+            self.optimizer = self.adam()
         self.p_rates.append(0.0)
         return loss
 
