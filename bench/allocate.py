@@ -6,7 +6,8 @@ symmetric), ``quantize.allocate`` at an average of 3.5 code bits (candidates 2,3
 64; Fisher-weighted output-error sensitivity), and ``quantize.nonuniform`` at 3 bits with power
 grids (group 64) and per-channel k-means codebooks, both sensitivity-weighted by the calibration
 data. For fp32, RTN 3-bit and the non-uniform rows also: ONNX file size, what ONNX Runtime runs
-after its graph optimizations (op counts of the optimized model, RSS of the session), and ORT
+after its graph optimizations (op counts of the optimized model; the memory a session holds and
+peaks at while built, in a fresh process), and ORT
 latency for batch 1 x 1 token (interleaved rounds). Writes JSON and the generated section of
 ``docs/bench_allocate.md``.
 
@@ -19,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,27 +70,41 @@ def log(msg: str) -> None:
     print(f"[allocate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+_SESSION_PROBE = """
+import ctypes, json, sys
+import onnxruntime as ort, psutil
+def high_water():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+proc = psutil.Process()
+before = proc.memory_info().rss
+so = ort.SessionOptions()
+so.intra_op_num_threads = int(sys.argv[2])
+sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+print(json.dumps({"session_rss_bytes": proc.memory_info().rss - before, "session_peak_bytes": high_water() - before}))
+"""
+
+
 def ort_inventory(path: Path, threads: int) -> dict:
-    """What ONNX Runtime runs: op counts of the optimized model it saves, and the RSS the
-    session adds (constant-folded weights live there)."""
+    """What ONNX Runtime runs: op counts of the optimized model it saves, and, in a fresh
+    process, the memory a session holds once built (resident growth after glibc returns the
+    freed heap, so constant-folding scratch is not counted) and its peak while it is built."""
     import onnx
     import onnxruntime as ort
-    import psutil
 
-    proc = psutil.Process()
+    probe = subprocess.run([sys.executable, "-c", _SESSION_PROBE, str(path), str(threads)],
+                           capture_output=True, text=True, check=True)
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        before = proc.memory_info().rss
         t = time.perf_counter()
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         seconds = time.perf_counter() - t
-        rss = proc.memory_info().rss - before
         model = onnx.load(so.optimized_model_filepath, load_external_data=False)
-        del sess
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    return {"session_seconds": seconds, "session_rss_bytes": rss,
+    return {**json.loads(probe.stdout.strip().splitlines()[-1]), "session_seconds": seconds,
             "ops": dict(ops.most_common()), "initializers": len(model.graph.initializer)}
 
 
@@ -192,6 +208,13 @@ def targets(rows: dict) -> dict:
     return out
 
 
+def session_memory(ort: dict | None) -> str:
+    """'held / peak' MB of an ORT session (see ``ort_inventory``)."""
+    if not ort:
+        return "—"
+    return f"{ort['session_rss_bytes'] / 1e6:.0f} / {ort['session_peak_bytes'] / 1e6:.0f}"
+
+
 def render(r: dict) -> str:
     rows = r["rows"]
     fp = rows[FP32]["perplexity"]["ppl"]
@@ -199,7 +222,7 @@ def render(r: dict) -> str:
     lines = [f"Perplexity: GPL-3, {rows[FP32]['perplexity']['tokens']:,} scored tokens (`--max-tokens "
              f"{p['max_tokens']}`), windows of {p['seq_len']}, stride {p['stride']}; calibration: pydoc "
              f"{r['settings']['calibration']['samples']} x {r['settings']['calibration']['seq_len']} tokens.", "",
-             "| config | ppl | Δ vs fp32 | mean code bits | stored weight MB | ONNX MB | ORT session RSS MB "
+             "| config | ppl | Δ vs fp32 | mean code bits | stored weight MB | ONNX MB | ORT session MB (held / peak) "
              f"| 1×1 ms (ORT) | × {r.get('latency_reference', FP32)} | apply s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
@@ -212,7 +235,7 @@ def render(r: dict) -> str:
             f"| {name}", f"{ppl:.3f}", "—" if name == FP32 else f"{ppl - fp:+.3f}", str(bits),
             f"{row['graph_bytes'] / 1e6:.1f}",
             f"{row['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in row else "—",
-            f"{ort['session_rss_bytes'] / 1e6:.0f}" if ort else "—",
+            session_memory(ort),
             f"{lat['median_s'] * 1e3:.2f}" if lat else "—",
             f"{lat['ratio_vs_' + r.get('latency_reference', FP32)]:.2f}" if lat else "—",
             f"{row['seconds_apply']:.0f} |" if "seconds_apply" in row else "— |"]))

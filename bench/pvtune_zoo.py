@@ -34,6 +34,9 @@ METHODS = {"rtn": "quantize.rtn", "gptq": "quantize.gptq", "discquant": "quantiz
            "P steps only": "quantize.pvtune:steps=0,p_steps=50"}
 
 
+REPORT_KEYS = ("codes_changed_per_v_step", "loss_before_after", "chosen_checkpoint", "p_step_learning_rates")
+
+
 def batches(zm, graph, n: int, seed: int) -> list[tuple]:
     return [tuple(zm.make_inputs(2, 32, seed=seed + s)[k] for k in graph.input_names) for s in range(n)]
 
@@ -64,8 +67,7 @@ def main() -> int:
                 report = q.history[-1]["report"]
                 rows[f"{model} w{bits} {method}"] = {
                     "spec": spec, "kl_calibration": kl(graph, q, calib), "kl_held_out": kl(graph, q, held_out),
-                    "seconds": seconds, **{k: report[k] for k in ("codes_changed_per_v_step", "loss_before_after")
-                                           if k in report}}
+                    "seconds": seconds, **{k: report[k] for k in REPORT_KEYS if k in report}}
                 print(f"{model} w{bits} {method:18s} KL calib {rows[f'{model} w{bits} {method}']['kl_calibration']:.3e}"
                       f"  held-out {rows[f'{model} w{bits} {method}']['kl_held_out']:.3e}  {seconds:.1f} s", flush=True)
                 write_json(out, {"bench": "pvtune_zoo", "command": "python bench/pvtune_zoo.py", "machine": machine_info(),

@@ -35,8 +35,8 @@ def test_pvtune_beats_round_to_nearest_at_2_bits(llama):
     q = g.apply("quantize.pvtune:bits=2,group_size=16", calibration=calib)
     report = q.history[-1]["report"]
     before, after = report["loss_before_after"]
-    assert after < 0.75 * before  # calibration KL, whole quantized model (measured 0.0026 -> 0.0017)
-    assert _kl(g, q, held_out) < 0.9 * _kl(g, rtn, held_out)  # held out (measured 0.83x)
+    assert after < 0.75 * before  # training KL, whole quantized model (measured 0.0026 -> 0.0016)
+    assert _kl(g, q, held_out) < 0.9 * _kl(g, rtn, held_out)  # held out (measured 0.86x)
     assert sum(report["codes_changed_per_v_step"]) > 0  # V steps did move codes
 
 
