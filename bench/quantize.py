@@ -43,6 +43,7 @@ PASSES = {"rtn": ("quantize.rtn", ""), "gptq": ("quantize.gptq", ""), "awq": ("q
           "discquant": ("quantize.discquant", ""),
           "pvtune": ("quantize.pvtune", ",steps=2,p_steps=8"),  # 2 rounds: 27 CPU min with 8 x 256 calibration
           "pvtune-gptq": ("quantize.pvtune", ",init=gptq,steps=2,p_steps=8")}
+FP32_SESSION_KEYS = ("seconds_export_onnx", "onnx_bytes", "latency_1x1")
 FP32 = "fp32"
 DOC_BEGIN, DOC_END = "<!-- bench/quantize.py: begin generated -->", "<!-- bench/quantize.py: end generated -->"
 GPTQ_LIMIT_S = 600.0
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         else:
             result["rows"] = dict(previous.get("rows", {}))
             for row in result["rows"].values():  # timed against another run's sessions
-                if "latency_1x1" in row:
+                if "latency_1x1" in row and not skip_latency:
                     row["latency_1x1"]["from_previous_run"] = True
             result["merged_from"] = previous.get("command")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="splice-bench-quantize-"))
@@ -222,8 +223,11 @@ def main(argv=None) -> int:
                 onnx_paths[name] = path
 
         rows = result["rows"]
+        earlier_fp32 = rows.get(FP32, {})
         rows[FP32] = {"method": FP32, "bits": 32, "group_size": None, "spec": None}
         evaluate(FP32, graph, rows[FP32])
+        if skip_latency:  # no new fp32 session: the merged rows' latencies stay relative to the earlier one
+            rows[FP32].update({k: v for k, v in earlier_fp32.items() if k in FP32_SESSION_KEYS and k not in rows[FP32]})
         for method in methods:
             for bits in bits_list:
                 for group in groups:
