@@ -71,41 +71,46 @@ def log(msg: str) -> None:
 
 
 _SESSION_PROBE = """
-import ctypes, json, sys
+import ctypes, json, sys, time
 import onnxruntime as ort, psutil
+path, threads, optimized = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def options(**extra):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    for k, v in extra.items():
+        setattr(so, k, v)
+    return so
 def high_water():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
 proc = psutil.Process()
 before = proc.memory_info().rss
-so = ort.SessionOptions()
-so.intra_op_num_threads = int(sys.argv[2])
-sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+t = time.perf_counter()
+sess = ort.InferenceSession(path, options(), providers=["CPUExecutionProvider"])
+seconds = time.perf_counter() - t
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-print(json.dumps({"session_rss_bytes": proc.memory_info().rss - before, "session_peak_bytes": high_water() - before}))
+result = {"session_seconds": seconds, "session_rss_bytes": proc.memory_info().rss - before,
+          "session_peak_bytes": high_water() - before}
+del sess  # a second session saves the optimized model (saving it would add to the numbers above)
+ort.InferenceSession(path, options(optimized_model_filepath=optimized), providers=["CPUExecutionProvider"])
+print(json.dumps(result))
 """
 
 
 def ort_inventory(path: Path, threads: int) -> dict:
-    """What ONNX Runtime runs: op counts of the optimized model it saves, and, in a fresh
-    process, the memory a session holds once built (resident growth after glibc returns the
-    freed heap, so constant-folding scratch is not counted) and its peak while it is built."""
+    """What ONNX Runtime runs, measured in a fresh process: the memory a session holds once
+    built (resident growth after glibc returns the freed heap, so constant-folding scratch is
+    not counted), its peak while it is built, and op counts of the optimized model it saves."""
     import onnx
-    import onnxruntime as ort
 
-    probe = subprocess.run([sys.executable, "-c", _SESSION_PROBE, str(path), str(threads)],
-                           capture_output=True, text=True, check=True)
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        t = time.perf_counter()
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        seconds = time.perf_counter() - t
-        model = onnx.load(so.optimized_model_filepath, load_external_data=False)
+        optimized = Path(tmp) / "optimized.onnx"
+        probe = subprocess.run([sys.executable, "-c", _SESSION_PROBE, str(path), str(threads), str(optimized)],
+                               capture_output=True, text=True, check=True)
+        model = onnx.load(optimized, load_external_data=False)
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    return {**json.loads(probe.stdout.strip().splitlines()[-1]), "session_seconds": seconds,
-            "ops": dict(ops.most_common()), "initializers": len(model.graph.initializer)}
+    return {**json.loads(probe.stdout.strip().splitlines()[-1]), "ops": dict(ops.most_common()),
+            "initializers": len(model.graph.initializer)}
 
 
 def main(argv=None) -> int:
@@ -259,8 +264,9 @@ def render(r: dict) -> str:
 
 def write_doc(r: dict, doc: Path) -> None:
     m = r["machine"]
+    load_end = f"{m['loadavg_end'][0]:.1f}" if "loadavg_end" in m else "?"
     body = "\n".join([DOC_BEGIN, "", f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, 1-min load average "
-                      f"{m['loadavg'][0]:.1f} at the start and {m.get('loadavg_end', ['?'])[0]} at the end (shared "
+                      f"{m['loadavg'][0]:.1f} at the start and {load_end} at the end (shared "
                       f"machine: timings are noisy); torch {r['versions'].get('torch')}, onnxruntime "
                       f"{r['versions'].get('onnxruntime')}. Command: `{r['command']}`.", "", render(r), "", DOC_END])
     text = doc.read_text() if doc.exists() else "# Mixed precision and non-uniform grids: benchmark\n\n" + DOC_BEGIN + "\n" + DOC_END + "\n"
