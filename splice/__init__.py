@@ -3,19 +3,42 @@
 >>> g = splice.capture("path/to/hf_dir")
 >>> q = g.apply("quantize.rtn:bits=4,group_size=32")
 >>> q.save("out"); splice.export_onnx(q, "out.onnx")
+
+Every public name loads on first use (PEP 562), so ``import splice`` costs no torch import.
 """
+import importlib
+
 from splice.errors import SpliceError
-from splice.frontends import capture, load
-from splice.ir.graph import Graph
-from splice.passes.base import PassConfig, PassContext, PassResult, list_passes, register_pass
-from splice.passes.manager import Pipeline, run_pass
-from splice.runtime.onnx import export_onnx, parity
-from splice.adapters_api import (activate_adapter, adapter_parameters, deactivate_adapter, list_adapters,
-                                 set_adapter_weight)
-from splice.peft_io import load_peft, save_peft
-from splice.train import train  # the function (import submodules as `from splice.train.hooks import ...`)
 
 __version__ = "0.1.0"
-__all__ = ["capture", "load", "Graph", "Pipeline", "run_pass", "export_onnx", "parity", "list_passes",
-           "register_pass", "PassConfig", "PassContext", "PassResult", "SpliceError", "load_peft", "save_peft",
-           "list_adapters", "set_adapter_weight", "activate_adapter", "deactivate_adapter", "adapter_parameters", "train"]
+
+_HOME = {
+    "capture": "splice.frontends", "load": "splice.frontends",
+    "Graph": "splice.ir.graph",
+    "PassConfig": "splice.passes.base", "PassContext": "splice.passes.base", "PassResult": "splice.passes.base",
+    "list_passes": "splice.passes.base", "register_pass": "splice.passes.base",
+    "Pipeline": "splice.passes.manager", "run_pass": "splice.passes.manager",
+    "export_onnx": "splice.runtime.onnx", "parity": "splice.runtime.onnx",
+    "activate_adapter": "splice.adapters_api", "adapter_parameters": "splice.adapters_api",
+    "deactivate_adapter": "splice.adapters_api", "list_adapters": "splice.adapters_api",
+    "set_adapter_weight": "splice.adapters_api",
+    "load_peft": "splice.peft_io", "save_peft": "splice.peft_io",
+    "train": "splice.train.loop",  # the function (import submodules as `from splice.train.hooks import ...`)
+}
+__all__ = ["SpliceError", *_HOME]
+
+# Load the (lazy, cheap) package now: importing it later would bind the name `train` here to it.
+importlib.import_module("splice.train")
+del globals()["train"]
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})

@@ -1,9 +1,21 @@
 """Training a graph's trainable tensors (adapters, QAT parameters): ``splice.train``.
 
-Modules: ``loop`` (the loop, ``TrainConfig``), ``losses``, ``data`` (formats, batching),
-``checkpoint`` (save/resume), ``hooks`` (how AdaLoRA, SORSA, QAT plug in).
+Modules: ``loop`` (the loop), ``config`` (``TrainConfig``, torch-free), ``losses``, ``data``
+(formats, batching), ``checkpoint`` (save/resume), ``hooks`` (how AdaLoRA, SORSA, QAT plug in).
+Names load on first use (PEP 562), so ``splice.train.config`` imports without torch.
 """
-from splice.train.hooks import TrainHook, register_train_hook
-from splice.train.loop import TrainConfig, register_trainable_role, train, trainable_targets
+import importlib
 
-__all__ = ["TrainConfig", "TrainHook", "register_train_hook", "register_trainable_role", "train", "trainable_targets"]
+_HOME = {"TrainConfig": "splice.train.config", "TrainHook": "splice.train.hooks",
+         "register_train_hook": "splice.train.hooks", "register_trainable_role": "splice.train.loop",
+         "train": "splice.train.loop", "trainable_targets": "splice.train.loop"}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'splice.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value

@@ -38,62 +38,12 @@ from splice.ir.graph import Graph, set_attr
 from splice.passes.adapters._common import sites
 from splice.train import losses
 from splice.train.checkpoint import load_checkpoint, save_checkpoint
+from splice.train.config import TrainConfig
 from splice.train.data import Examples, load_examples, model_tokenizer
 from splice.train.hooks import TrainHook, make_hooks
 
-SCHEDULES = ("linear", "cosine", "constant")
 TRAINABLE_ROLES = {"adapter"}
 _SUMMARY_STEPS = 10  # first/last losses are averaged over this many steps
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    loss: str = "causal_lm"
-    steps: int = 100
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    warmup: int = 0
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_every: int = 0
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.loss not in losses.LOSSES:
-            raise ConfigError(f"train: loss must be one of {', '.join(losses.LOSSES)}, got {self.loss!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"train: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "eval_every", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"train: {name} must be an integer >= 0, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"train: lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ConfigError("train: weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 = no clipping)")
-        if self.warmup >= self.steps and self.schedule != "constant":
-            raise ConfigError(f"train: warmup ({self.warmup}) must be smaller than steps ({self.steps})")
-
-    def lr_factor(self, step: int) -> float:
-        """The learning-rate multiplier at optimizer step ``step`` (0-based)."""
-        if step < self.warmup:
-            return step / self.warmup
-        if self.schedule == "constant":
-            return 1.0
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        if self.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    def run_fingerprint(self) -> dict:
-        """The options a resumed run must share with the checkpoint's."""
-        return {k: v for k, v in asdict(self).items() if k not in ("eval_every", "checkpoint_every")}
 
 
 # ------------------------------------------------------------------- trainable tensors
