@@ -61,6 +61,13 @@ def check_name(name: str) -> None:
         raise ValueError(f"name must be an identifier (letters, digits, _), got {name!r}")
 
 
+def check_rank(who: str, rank: int, path: str, out_f: int, in_f: int) -> None:
+    """ConfigError when ``rank`` exceeds the smaller side of the ``out_f × in_f`` layer at ``path``."""
+    if rank > min(out_f, in_f):
+        raise ConfigError(f"{who}: rank {rank} exceeds min(in, out) = {min(out_f, in_f)} of layer "
+                          f"'{path}' ({in_f} -> {out_f})")
+
+
 def check_rank_dropout(rank: int, dropout: float) -> None:
     """The ``__post_init__`` checks of adapter configs that have a rank and an input dropout."""
     if rank < 1:

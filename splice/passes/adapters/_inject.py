@@ -55,12 +55,6 @@ def check_options(cfg, *, at_least_one: tuple[str, ...] = (), positive: tuple[st
                 raise ValueError(f"{name} must be {rule}, got {getattr(cfg, name)}")
 
 
-def check_rank(who: str, rank: int, layer: Layer) -> None:
-    if rank > min(layer.out_f, layer.in_f):
-        raise ConfigError(f"{who}: rank {rank} exceeds min(in, out) = {min(layer.out_f, layer.in_f)} of layer "
-                          f"'{layer.path}' ({layer.in_f} -> {layer.out_f})")
-
-
 Tensors = dict[str, torch.Tensor | fx.Node]
 
 

@@ -96,12 +96,6 @@ def check_fraction(option: str, value: float) -> None:
         raise ValueError(f"{option} must be in (0, 1], got {value}")
 
 
-def check_rank(who: str, rank: int, w: torch.Tensor, path: str) -> None:
-    if rank > min(w.shape):
-        raise ConfigError(f"{who}: rank {rank} exceeds min(in, out) = {min(w.shape)} of layer '{path}' "
-                          f"({w.shape[1]} -> {w.shape[0]})")
-
-
 def count(fraction: float, total: int) -> int:
     """How many of ``total`` items a fraction selects (at least one)."""
     return max(1, min(total, round(fraction * total)))

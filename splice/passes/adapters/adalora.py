@@ -38,13 +38,14 @@ from splice.passes.adapters._common import (
     Method,
     Site,
     attach,
+    check_rank,
     check_rank_dropout,
     read_meta,
     register_method,
     sites,
     write_meta,
 )
-from splice.passes.adapters._inject import Layer, check_rank, inject
+from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
 from splice.passes.adapters.lora_peft import refuse_options
 from splice.passes.base import PassContext, PassResult, register_pass
@@ -114,7 +115,7 @@ def adalora(graph: Graph, cfg: AdaLoraConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 
     def make(layer: Layer) -> dict:
-        check_rank(who, r, layer)
+        check_rank(who, r, layer.path, layer.out_f, layer.in_f)
         std = 1.0 if cfg.init == "random" else 0.02
         a = torch.randn(r, layer.in_f, generator=gen) * std
         b = torch.randn(layer.out_f, r, generator=gen) * std

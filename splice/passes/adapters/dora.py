@@ -23,8 +23,8 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.kernels.base_deltas import dora_norm
 from splice.passes.adapters._base import float_base
-from splice.passes.adapters._common import Method, register_method
-from splice.passes.adapters._inject import Layer, check_rank, inject
+from splice.passes.adapters._common import Method, check_rank, register_method
+from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, register_peft_format
 from splice.passes.adapters.lora import LoraConfig, init_lora, lora_scaling
 from splice.passes.adapters.lora_peft import (
@@ -73,7 +73,7 @@ def dora(graph: Graph, cfg: DoraConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 
     def make(layer: Layer) -> dict:
-        check_rank(who, cfg.rank, layer)
+        check_rank(who, cfg.rank, layer.path, layer.out_f, layer.in_f)
         w = float_base(graph, layer.node, who, "DoRA").weight(graph, layer.node)
         a, b, _ = init_lora(cfg.init, None, cfg.rank, layer.out_f, layer.in_f, scaling, gen)
         return dora_tensors(a, b, w, scaling)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._sparse import DSEE, RankDensityConfig, attach_per_layer, check_rank, count, low_rank, \
+from splice.passes.adapters._common import check_rank
+from splice.passes.adapters._sparse import DSEE, RankDensityConfig, attach_per_layer, count, low_rank, \
     sparse_update, top_k_mask
 from splice.passes.adapters.lora import init_lora
 from splice.passes.base import PassContext, PassResult, register_pass
@@ -36,7 +37,7 @@ def dsee(graph: Graph, cfg: DseeConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 
     def build(path, w):
-        check_rank("adapter.dsee", cfg.rank, w, path)
+        check_rank("adapter.dsee", cfg.rank, path, *w.shape)
         a, b, _ = init_lora("default", None, cfg.rank, w.shape[0], w.shape[1], 1.0, gen)
         sparse = sparse_update(residual_mask(w, cfg.rank, count(cfg.density, w.numel())))
         return DSEE, {"A": a, "B": b, **sparse}, {"trainable": a.numel() + b.numel() + sparse["values"].numel()}

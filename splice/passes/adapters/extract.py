@@ -20,8 +20,8 @@ import torch
 from splice.errors import ConfigError, SpliceError
 from splice.ir.graph import Graph
 from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import AdapterConfig, layer_path
-from splice.passes.adapters._sparse import attach_per_layer, check_rank
+from splice.passes.adapters._common import AdapterConfig, check_rank, layer_path
+from splice.passes.adapters._sparse import attach_per_layer
 from splice.passes.adapters.lora import LORA
 from splice.passes.base import PassContext, PassResult, register_pass
 
@@ -83,7 +83,7 @@ def extract(graph: Graph, cfg: ExtractConfig, ctx: PassContext) -> PassResult:
         if w_tuned.shape != w.shape:
             raise ConfigError(f"{WHO}: source parameter '{name}' has shape {list(w_tuned.shape)} but the base's is "
                               f"{list(w.shape)} (a different architecture?)")
-        check_rank(WHO, cfg.rank, w, path)
+        check_rank(WHO, cfg.rank, path, *w.shape)
         a, b, errors[path] = low_rank_factors(w_tuned - w, cfg.rank)
         return LORA, {"A": a, "B": b, "scale": torch.ones(())}, {"rel_error": round(errors[path], 6)}
 

@@ -25,11 +25,10 @@ from torch import fx
 
 from splice.ir.graph import Graph
 from splice.kernels.factored import tucker4
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     Layer,
     check_options,
-    check_rank,
     inject,
     orthonormal,
 )
@@ -74,7 +73,7 @@ def flora(graph: Graph, cfg: FloraConfig, ctx: PassContext) -> PassResult:
     who, gen = "adapter.flora", ctx.generator()
 
     def make(layer: Layer):
-        check_rank(who, cfg.rank, layer)
+        check_rank(who, cfg.rank, layer.path, layer.out_f, layer.in_f)
         dims = layer.handler.weight(graph, layer.node).shape  # [O, I/groups, kh, kw]
         ranks = [min(cfg.rank, d) for d in dims[:2]] + [min(cfg.kernel_rank or d, d) for d in dims[2:]]
         factors = {k: orthonormal(d, r, gen) for k, d, r in zip(_FACTORS, dims, ranks)}

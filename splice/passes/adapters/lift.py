@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._sparse import SPARSE, RankDensityConfig, attach_per_layer, check_rank, count, low_rank, \
+from splice.passes.adapters._common import check_rank
+from splice.passes.adapters._sparse import SPARSE, RankDensityConfig, attach_per_layer, count, low_rank, \
     sparse_update, top_k_mask
 from splice.passes.base import PassContext, PassResult, register_pass
 
@@ -31,7 +32,7 @@ def principal_mask(w, rank: int, k: int):
 @register_pass("adapter.lift", LiftConfig, reference="https://arxiv.org/abs/2506.00772")
 def lift(graph: Graph, cfg: LiftConfig, ctx: PassContext) -> PassResult:
     def build(path, w):
-        check_rank("adapter.lift", cfg.rank, w, path)
+        check_rank("adapter.lift", cfg.rank, path, *w.shape)
         mask = principal_mask(w, cfg.rank, count(cfg.density, w.numel()))
         return SPARSE, sparse_update(mask), {"trainable": int(mask.sum())}
 

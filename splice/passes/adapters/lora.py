@@ -26,8 +26,8 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
-from splice.passes.adapters._inject import Layer, check_rank, inject
+from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
+from splice.passes.adapters._inject import Layer, inject
 from splice.passes.base import PassContext, PassResult, register_pass
 
 Init = Literal["default", "gaussian", "random", "pissa", "olora"]
@@ -97,7 +97,7 @@ def lora(graph: Graph, cfg: LoraConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 
     def make(layer: Layer) -> dict[str, torch.Tensor]:
-        check_rank(who, cfg.rank, layer)
+        check_rank(who, cfg.rank, layer.path, layer.out_f, layer.in_f)
         w = None
         if cfg.init in ("pissa", "olora"):
             if layer.handler.set_weight is None:

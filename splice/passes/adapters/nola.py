@@ -21,12 +21,11 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.kernels.factored import nola_factors
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     FrozenRandom,
     Layer,
     check_options,
-    check_rank,
     inject,
     uniform,
 )
@@ -62,7 +61,7 @@ def nola(graph: Graph, cfg: NolaConfig, ctx: PassContext) -> PassResult:
     bases, gen = FrozenRandom(graph, cfg.name, cfg.seed), ctx.generator()
 
     def make(layer: Layer):
-        check_rank(who, r, layer)
+        check_rank(who, r, layer.path, layer.out_f, layer.in_f)
         return {"coef_a": uniform(1 / math.sqrt(k))((k,), gen), "coef_b": torch.zeros(k),
                 "basis_a": bases.get("basis_a", (k, r, layer.in_f), uniform(1 / math.sqrt(layer.in_f))),
                 "basis_b": bases.get("basis_b", (k, layer.out_f, r), uniform(1 / math.sqrt(r)))}

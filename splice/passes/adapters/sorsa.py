@@ -19,11 +19,10 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, get_attr
-from splice.passes.adapters._common import AdapterConfig, Method, register_method, sites
+from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method, sites
 from splice.passes.adapters._inject import (
     Layer,
     check_options,
-    check_rank,
     inject,
     principal,
     svd_delta_weight,
@@ -53,7 +52,7 @@ def sorsa(graph: Graph, cfg: SorsaConfig, ctx: PassContext) -> PassResult:
     who = "adapter.sorsa"
 
     def make(layer: Layer):
-        check_rank(who, cfg.rank, layer)
+        check_rank(who, cfg.rank, layer.path, layer.out_f, layer.in_f)
         if layer.handler.set_weight is None:
             raise ConfigError(f"{who}: layer '{layer.path}' is quantized; SORSA rewrites the base weight "
                               "(add the adapter before quantizing)")

@@ -15,11 +15,10 @@ from functools import partial
 import torch
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     Layer,
     check_options,
-    check_rank,
     inject,
     principal,
     svd_delta_weight,
@@ -47,7 +46,7 @@ def svfit(graph: Graph, cfg: SvfitConfig, ctx: PassContext) -> PassResult:
     who = "adapter.svfit"
 
     def make(layer: Layer):
-        check_rank(who, cfg.rank, layer)
+        check_rank(who, cfg.rank, layer.path, layer.out_f, layer.in_f)
         u, s, vh = principal(layer.handler.weight(graph, layer.node), cfg.rank)
         return {"U": u, "ds": torch.zeros_like(s), "Vh": vh}
 

@@ -25,12 +25,11 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.kernels.factored import tera_update
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     FrozenRandom,
     Layer,
     check_options,
-    check_rank,
     inject,
     orthonormal,
 )
@@ -72,7 +71,7 @@ def tera(graph: Graph, cfg: TeraConfig, ctx: PassContext) -> PassResult:
     shared = FrozenRandom(graph, cfg.name, cfg.seed)
 
     def make(layer: Layer):
-        check_rank(who, cfg.rank, layer)
+        check_rank(who, cfg.rank, layer.path, layer.out_f, layer.in_f)
         dims = (*split_dim(layer.out_f), *split_dim(layer.in_f))
         ranks = tuple(min(cfg.rank, d) for d in dims)
         gains = (math.sqrt(dims[0]), math.sqrt(dims[1]), 1.0, 1.0)

@@ -27,7 +27,7 @@ from splice.ir.select import module_path, select_nodes
 from splice.kernels.observe import LayerStats
 from splice.kernels.quant import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
-from splice.passes.quantize._calibrate import solve_layers
+from splice.passes.quantize._calibrate import solution_lookup, solve_layers
 from splice.passes.quantize._common import WeightQuantConfig, quantize_layers
 
 
@@ -128,14 +128,7 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
     solutions = solve_layers(graph, nodes, cfg, ctx.calibration, kinds, solve,
                              sequential=cfg.sequential, pass_name="quantize.gptq", progress=ctx.progress)
 
-    def lookup(node, w, grid):
-        target = (node.args[0] if node.target == torch.ops.aten.embedding.default else node.args[1]).target
-        if target in solutions:
-            return solutions[target]
-        scale, zero = grid.params(w)  # embeddings (no Hessian): round to nearest
-        return grid.quantize(w, scale, zero), scale, zero
-
-    report = quantize_layers(graph, cfg, "quantize.gptq", lookup)
+    report = quantize_layers(graph, cfg, "quantize.gptq", solution_lookup(solutions))
     report["damped_layers"] = damped
     report["calibration_samples"] = len(ctx.calibration)
     return PassResult(graph, True, report)
