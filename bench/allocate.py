@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_lm_eval_args, evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import add_lm_eval_args, evaluate_lm, logger, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BEGIN, DOC_END = "<!-- bench/allocate.py: begin generated -->", "<!-- bench/allocate.py: end generated -->"
@@ -66,8 +66,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[allocate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("allocate")
 
 
 _SESSION_PROBE = """

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import logger, machine_info, smollm2_gguf, versions, write_json  # noqa: E402
 
 DOC_BEGIN, DOC_END = "<!-- bench/qat.py: begin generated -->", "<!-- bench/qat.py: end generated -->"
 
@@ -49,8 +49,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[qat {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("qat")
 
 
 def _ppl(graph, texts: dict[str, str], tokenizer, max_tokens: int) -> dict[str, float]:

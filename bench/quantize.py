@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_lm_eval_args, evaluate_lm, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import add_lm_eval_args, evaluate_lm, logger, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # method -> (pass, extra options)
@@ -68,8 +68,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[quantize {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("quantize")
 
 
 def _ints(text: str, opt: str) -> list[int]:

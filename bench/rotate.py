@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, require_smollm2, versions, write_json  # noqa: E402
+from _common import logger, machine_info, require_smollm2, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPECS = "quantize.rtn:bits=4,group_size=0;quantize.rtn:bits=3,group_size=64"
@@ -32,8 +32,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[rotate {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("rotate")
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_latency, machine_info, paired_ratio, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import interleaved_latency, logger, machine_info, paired_ratio, smollm2_gguf, versions, write_json  # noqa: E402
 
 FP32, ORTQ = "ort fp32", "ort MatMulNBitsQuantizer int4 g32"
 SPLICE, SPLICE_EMB, SPLICE_NOHEAD = "splice int4 g32", "splice int4 g32 +emb", "splice int4 g32 -lm_head"
@@ -62,8 +62,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[rtn {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("rtn")
 
 
 # ----------------------------------------------------------------------------- fidelity

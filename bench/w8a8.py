@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved_latency, machine_info, paired_ratio, require_smollm2, versions, write_json  # noqa: E402
+from _common import interleaved_latency, logger, machine_info, paired_ratio, require_smollm2, versions, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BEGIN, DOC_END = "<!-- bench/w8a8.py: begin generated -->", "<!-- bench/w8a8.py: end generated -->"
@@ -55,8 +55,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[w8a8 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = logger("w8a8")
 
 
 def optimized_op_types(path: Path, threads: int) -> dict[str, int]:
