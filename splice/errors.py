@@ -22,6 +22,10 @@ class ArtifactError(SpliceError):
     """An artifact directory is missing, edited or truncated."""
 
 
+class OutputError(SpliceError):
+    """An output path cannot be written: it exists, is a symlink, is read-only, or the disk is full."""
+
+
 class ExportError(SpliceError):
     """Lowering to a runtime failed (e.g. an op without an ONNX translation)."""
 

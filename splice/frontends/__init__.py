@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from splice.errors import SpliceError
+from splice.frontends.artifact import load
 from splice.frontends.hf import capture_hf
 from splice.frontends.torch_export import capture_module
-from splice.ir.artifact import MANIFEST, load
+from splice.ir.artifact import MANIFEST
 from splice.ir.graph import Graph
 
 

@@ -1,31 +1,43 @@
-"""Artifacts: a directory with ``program.pt2`` (``torch.export.save``) and ``manifest.json``.
+"""Artifacts: a directory with ``program.pt2``, ``inputs.safetensors`` and ``manifest.json``.
 
-The manifest records the source model, every pass with its config, version and report,
-the package versions, the graph's input/output spec, and a SHA-256 of every file plus a
-checksum of the manifest itself, so edited or truncated artifacts are refused on load.
-Writes go to a temporary sibling directory that is renamed into place: an interrupted
-save leaves nothing half-written.
+* ``program.pt2``: ``torch.export.save`` of the re-exported graph, without torch's pickled sample
+  inputs (weights and constants are raw tensor bytes);
+* ``inputs.safetensors``: the example inputs, one tensor per graph input name;
+* ``manifest.json``: the source model, every pass with its config, version and report, the package
+  versions, the graph's input/output spec, the SHA-256 and size of every other file, and a checksum
+  of the manifest itself.
+
+An artifact holds exactly the files its manifest lists (plus the manifest): a listed name must be
+a plain file name in the directory (no ``/``, ``..``, absolute path or symbolic link) and an
+unlisted file is refused, so loading never reads outside the artifact. The hashes are unkeyed:
+they detect corruption (a truncated copy, an edited file) but not tampering; anyone can rewrite a
+file and its hash. Safety against a crafted artifact comes from never unpickling anything
+(``frontends/safe_pt2.py``), not from the hashes.
+
+Saving goes through ``ir/atomic.py`` (temporary sibling, lock, rename); loading is
+``frontends/artifact.py``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from splice.errors import ArtifactError, SpliceError
+from splice.errors import ArtifactError
+from splice.ir.atomic import ARTIFACT_FORMAT as FORMAT
+from splice.ir.atomic import MANIFEST, atomic_dir, check_writable, failsafe_file
 
-FORMAT = "splice-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: example inputs in inputs.safetensors, none pickled in program.pt2
 PROGRAM = "program.pt2"
-MANIFEST = "manifest.json"
+INPUTS = "inputs.safetensors"
+FILES = (PROGRAM, INPUTS)
+REQUIRED = {"format": str, "format_version": int, "source": dict, "inputs": list, "outputs": list,
+            "dynamic": dict, "passes": list, "files": dict, "checksum": str}
 _PACKAGES = ("splice", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
 
 
@@ -47,114 +59,97 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _checksum(manifest: dict[str, Any]) -> str:
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest without its ``checksum`` key (unkeyed, like the file hashes)."""
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise SpliceError(f"{path}: already exists; use --force (force=True) to overwrite")
-
-
-def atomic_dir(path: Path, force: bool, write) -> None:
-    """Run ``write(tmpdir)`` and move the result to ``path`` only if it succeeds."""
-    path = Path(path)
-    refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def _example_tensors(graph) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in zip(graph.input_names, graph.example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise ArtifactError(f"save: example input {name} is a {type(value).__name__}, not a tensor")
+        out[name] = value.detach().cpu().contiguous().clone()
+    return out
 
 
 def save(graph, path: str | Path, *, force: bool = False) -> Path:
-    """Save ``graph`` as an artifact directory (atomically)."""
-    path = Path(path)
-    refuse_existing(path, force)
+    """Save ``graph`` as an artifact directory (atomically; see ``ir/atomic.py``)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    path = check_writable(path, force)
     program = graph.export_program()
+    program.example_inputs = None  # torch would pickle them; inputs.safetensors holds them
+    inputs = safetensors_bytes(_example_tensors(graph))
 
     def write(tmp: Path) -> None:
-        torch.export.save(program, tmp / PROGRAM)
+        with failsafe_file(tmp / PROGRAM) as f:
+            torch.export.save(program, f)
+        with open(tmp / INPUTS, "wb") as f:
+            f.write(inputs)
+            os.fsync(f.fileno())
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source": graph.source, "inputs": graph.input_names, "outputs": graph.output_names,
             "dynamic": {k: {str(a): v for a, v in d.items()} for k, d in graph.dynamic.items()},
             "passes": graph.history, "bytes_by_role": graph.bytes_by_role(), "params": graph.num_params(),
             "packages": package_versions(),
-            "files": {PROGRAM: {"sha256": sha256(tmp / PROGRAM), "bytes": (tmp / PROGRAM).stat().st_size}},
+            "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES},
         }
-        manifest["checksum"] = _checksum(manifest)
+        manifest["checksum"] = manifest_checksum(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
-    atomic_dir(path, force, write)
-    return path
+    return atomic_dir(path, force, write)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of artifact ``path``, after checking it and every file it lists."""
-    mpath = path / MANIFEST
+def _parse(mpath: Path) -> dict[str, Any]:
+    if mpath.is_symlink():
+        raise ArtifactError(f"{mpath}: is a symbolic link; an artifact holds only regular files")
     try:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{mpath}: unreadable or truncated manifest ({type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not a splice artifact manifest")
-    if manifest.get("checksum") != _checksum(manifest):
+    for key, kind in REQUIRED.items():
+        if key not in manifest:
+            raise ArtifactError(f"{mpath}: manifest has no '{key}'")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise ArtifactError(f"{mpath}: manifest key '{key}' must be a {kind.__name__}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: artifact format version {manifest['format_version']}, this splice reads "
+                            f"version {FORMAT_VERSION}; re-create the artifact")
+    if manifest["checksum"] != manifest_checksum(manifest):
         raise ArtifactError(f"{mpath}: manifest was edited (checksum mismatch); re-create the artifact")
-    for name, info in manifest.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            raise ArtifactError(f"{path}: missing {name}")
-        if f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
-            raise ArtifactError(f"{f}: content does not match the manifest (edited or truncated)")
     return manifest
 
 
-def refuse_pickled(program: Path) -> None:
-    """Refuse a .pt2 whose weights would be unpickled (arbitrary code on load)."""
-    try:
-        with zipfile.ZipFile(program) as z:
-            configs = [n for n in z.namelist() if n.endswith("_config.json")]
-            if any(b'"use_pickle": true' in z.read(n) for n in configs):
-                raise ArtifactError(f"{program}: contains pickled tensors; refusing to load untrusted pickle")
-    except zipfile.BadZipFile:
-        raise ArtifactError(f"{program}: not a torch.export program (bad zip)") from None
+def _check_name(path: Path, name: Any) -> None:
+    if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name \
+            or "\0" in name or os.path.isabs(name):
+        raise ArtifactError(f"{path / MANIFEST}: listed file {name!r} is not a plain file name in the artifact")
 
 
-def load_program(program: Path) -> torch.export.ExportedProgram:
-    refuse_pickled(program)
-    try:
-        return torch.export.load(program)
-    except Exception as e:
-        raise ArtifactError(f"{program}: cannot load program: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-
-
-def load(path: str | Path):
-    """Load an artifact directory or a bare ``.pt2`` program into a Graph."""
-    from splice.frontends.torch_export import graph_from_program
-
-    path = Path(path)
-    if not path.exists():
-        raise SpliceError(f"{path}: no such file or directory")
-    if path.is_file():
-        ep = load_program(path)
-        inputs = tuple(ep.example_inputs[0]) if ep.example_inputs else ()
-        return graph_from_program(ep, inputs, {"kind": "pt2", "path": str(path.resolve()), "name": path.stem})
-    if not (path / MANIFEST).is_file():
-        raise SpliceError(f"{path}: not a splice artifact (no {MANIFEST})")
-    manifest = read_manifest(path)
-    ep = load_program(path / PROGRAM)
-    graph = graph_from_program(ep, tuple(ep.example_inputs[0]), manifest["source"],
-                               output_names=manifest["outputs"], history=manifest["passes"])
-    graph.dynamic = {k: {int(a): v for a, v in d.items()} for k, d in manifest["dynamic"].items()}
-    return graph
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of artifact ``path``, after checking it and every file it lists."""
+    manifest = _parse(path / MANIFEST)
+    files = manifest["files"]
+    for name in FILES:
+        if name not in files:
+            raise ArtifactError(f"{path / MANIFEST}: does not list {name}")
+    for entry in sorted(os.listdir(path)):
+        if entry != MANIFEST and entry not in files:
+            raise ArtifactError(f"{path / entry}: not listed in the manifest (an artifact holds only listed files)")
+    for name, info in files.items():
+        _check_name(path, name)
+        f = path / name
+        if f.is_symlink():
+            raise ArtifactError(f"{f}: is a symbolic link; an artifact holds only regular files")
+        if not f.is_file():
+            raise ArtifactError(f"{path}: missing {name}")
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+            raise ArtifactError(f"{path / MANIFEST}: entry of {name} needs 'bytes' and 'sha256'")
+        if f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
+            raise ArtifactError(f"{f}: content does not match the manifest (edited or truncated)")
+    return manifest

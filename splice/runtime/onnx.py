@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +16,8 @@ import numpy as np
 import onnx
 import torch
 
-from splice.errors import ExportError, SpliceError
+from splice.errors import ExportError
+from splice.ir.atomic import atomic_files, check_writable
 from splice.ir.graph import Graph
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to an external file
@@ -80,26 +79,18 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | 
                 force: bool = True, accuracy_level: int = 0, adapter_inputs: bool = False) -> Path:
     """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external).
     ``adapter_inputs``: adapter tensors become graph inputs with defaults (``splice.adapters_api``)."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise SpliceError(f"{path}: already exists; use --force to overwrite")
+    path = check_writable(path, force)  # also refuses a path inside an artifact (ART/program.pt2)
     if adapter_inputs:
         from splice.adapters_api import adapter_inputs_model
     model = adapter_inputs_model(graph, accuracy_level) if adapter_inputs else to_onnx_model(graph, accuracy_level)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in graph.tensors().values()) > EXTERNAL_DATA_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        data_name = path.name + ".data"
+
+    def write(tmp: Path) -> None:
         onnx.save_model(model, tmp / path.name, save_as_external_data=external_data,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        if external_data:
-            os.replace(tmp / data_name, path.parent / data_name)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+                        all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+
+    return atomic_files(path, force, write)
 
 
 def onnx_bytes(path: str | os.PathLike) -> int:

@@ -7,8 +7,8 @@
 * ``run.json``: what the run was (config, data fingerprint, trainable shapes): resuming
   refuses a checkpoint written for another run, naming the first difference.
 
-Each checkpoint is written to a temporary directory and renamed into place, so an interrupted
-save leaves the previous checkpoint intact.
+Each checkpoint is written through ``ir/atomic.py`` (temporary sibling directory renamed into
+place), so an interrupted save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from splice.errors import SpliceError
-from splice.ir.artifact import atomic_dir
+from splice.ir.atomic import atomic_dir, failsafe_file
 
 CHECKPOINT = "checkpoint"
 TENSORS, STATE, RUN = "trainable.safetensors", "state.pt", "run.json"
@@ -36,8 +37,9 @@ def save_checkpoint(checkpoint_dir: str | Path, params: dict[str, torch.Tensor],
     path = checkpoint_path(checkpoint_dir)
 
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / TENSORS))
-        torch.save(state, tmp / STATE)
+        (tmp / TENSORS).write_bytes(safetensors_bytes({k: v.detach().contiguous() for k, v in params.items()}))
+        with failsafe_file(tmp / STATE) as f:  # a failed write is an OSError, not a C++ abort
+            torch.save(state, f)
         (tmp / RUN).write_text(json.dumps(run, indent=2, sort_keys=True))
 
     atomic_dir(path, True, write)
