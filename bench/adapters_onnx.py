@@ -46,7 +46,7 @@ import splice  # noqa: E402
 from bench._common import machine_info, versions, write_json  # noqa: E402
 from bench.adapters_factored import _perturb  # noqa: E402
 from bench.dora_ia3_ssf import _paths  # noqa: E402
-from splice.adapters_api import with_adapter_inputs  # noqa: E402
+from splice.runtime.adapter_inputs import with_adapter_inputs  # noqa: E402
 from splice.errors import ConfigError  # noqa: E402
 from splice.eval import zoo  # noqa: E402
 from splice.eval.data import builtin_text, graph_inputs  # noqa: E402

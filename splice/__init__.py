@@ -19,11 +19,11 @@ _HOME = {
     "list_passes": "splice.passes.base", "register_pass": "splice.passes.base",
     "Pipeline": "splice.passes.manager", "run_pass": "splice.passes.manager",
     "export_onnx": "splice.runtime.onnx", "parity": "splice.runtime.onnx",
-    "activate_adapter": "splice.adapters_api", "adapter_parameters": "splice.adapters_api",
-    "deactivate_adapter": "splice.adapters_api", "list_adapters": "splice.adapters_api",
-    "set_adapter_weight": "splice.adapters_api",
-    "load_peft": "splice.peft_io", "save_peft": "splice.peft_io",
-    "train": "splice.train.loop",  # the function (import submodules as `from splice.train.hooks import ...`)
+    "activate_adapter": "splice.passes.adapters.api", "adapter_parameters": "splice.passes.adapters.api",
+    "deactivate_adapter": "splice.passes.adapters.api", "list_adapters": "splice.passes.adapters.api",
+    "set_adapter_weight": "splice.passes.adapters.api",
+    "load_peft": "splice.passes.adapters.peft_io", "save_peft": "splice.passes.adapters.peft_io",
+    "train": "splice.train.loop",  # the function (import submodules as `from splice.train.config import ...`)
 }
 __all__ = ["SpliceError", *_HOME]
 

@@ -6,7 +6,7 @@ import torch
 from zoo_graphs import captured, input_grid
 
 import splice
-from splice.adapters_api import with_adapter_inputs
+from splice.runtime.adapter_inputs import with_adapter_inputs
 from splice.errors import ConfigError
 from splice.eval import zoo
 from splice.ir.select import module_path

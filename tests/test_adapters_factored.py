@@ -10,7 +10,7 @@ from splice.eval.data import ByteTokenizer, builtin_text
 from splice.passes.adapters._common import sites
 from splice.passes.adapters.sorsa import orthonormal_penalty
 from splice.train import train
-from splice.train.hooks import make_hooks
+from splice.ir.train_hooks import make_hooks
 
 CASES = {  # method: (zoo model, spec)
     "nola": ("llama", "adapter.nola:rank=4,num_basis=16"),

@@ -133,6 +133,46 @@ def test_adapter_for_another_base(tmp_path):
         splice.load_peft(llama, tmp_path / "missing")
 
 
+def test_load_is_a_recorded_pass(tmp_path):
+    _, g = captured("llama")
+    path = _splice_dir(tmp_path)
+    loaded = splice.load_peft(g, path, name="x")
+    assert [h["spec"] for h in loaded.history] == [f"adapter.peft:path={path},name=x"]
+    again = g.apply(f"adapter.peft:path={path},name=x")
+    assert torch.equal(again.run(*g.example_inputs)["logits"], loaded.run(*g.example_inputs)["logits"])
+    with pytest.raises(ConfigError, match="adapter.peft: path is required"):
+        g.apply("adapter.peft")
+
+
+def _write_weights(path, data: bytes):
+    (path / "adapter_model.safetensors").write_bytes(data)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: (p / "adapter_config.json").write_text("[1, 2]"), r"adapter_config.json: must be a JSON object, got a list"),
+    (lambda p: (p / "adapter_config.json").write_text("{'r': "), r"adapter_config.json: unreadable \(JSONDecodeError\)"),
+    (lambda p: _write_weights(p, b"garbage, not safetensors"), r"adapter_model.safetensors: not a readable safetensors file"),
+    (lambda p: _write_weights(p, (p / "adapter_model.safetensors").read_bytes()[:100]),
+     r"adapter_model.safetensors: not a readable safetensors file"),
+    (lambda p: _edit_config(p, r=0), r"adapter_config.json: r must be a positive integer, got 0"),
+    (lambda p: _edit_config(p, r="four"), r"adapter_config.json: r must be a positive integer, got 'four'"),
+    (lambda p: _edit_config(p, r=True), r"adapter_config.json: r must be a positive integer, got True"),
+    (lambda p: _edit_config(p, lora_alpha=float("nan")), r"adapter_config.json: lora_alpha must be a finite number, got nan"),
+    (lambda p: _edit_config(p, lora_alpha=float("inf")), r"adapter_config.json: lora_alpha must be a finite number, got inf"),
+    (lambda p: _edit_config(p, lora_dropout=1.5), r"adapter_config.json: lora_dropout must be in \[0, 1\), got 1.5"),
+    (lambda p: _edit_config(p, rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer, got 0"),
+    (lambda p: _edit_config(p, alpha_pattern={"q_proj": "x"}), r"alpha_pattern\['q_proj'\] must be a finite number"),
+])
+def test_bad_peft_directories(tmp_path, edit, message):
+    """Each bad directory is one ConfigError line naming the pass, the file and the key."""
+    _, g = captured("llama")
+    path = _splice_dir(tmp_path)
+    edit(path)
+    with pytest.raises(ConfigError, match=message) as err:
+        splice.load_peft(g, path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"adapter.peft: {path}")
+
+
 def test_cli_run_with_peft_dir_refuses_non_peft_dir(tmp_path, capsys):
     from splice.cli import main
 
@@ -152,6 +192,6 @@ def test_cli_run_with_peft_dir(tmp_path, capsys, llama_hf_dir):
     _, g = captured("llama")
     expected = splice.load_peft(g, peft_dir).apply("adapter.fold")
     back = splice.load(out)
-    assert [h["pass"] for h in back.history] == ["adapter.fold"]
+    assert [h["pass"] for h in back.history] == ["adapter.peft", "adapter.fold"]  # the load is a recorded pass
     torch.testing.assert_close(back.run(*g.example_inputs)["logits"], expected.run(*g.example_inputs)["logits"],
                                atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import torch
 import splice
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import ByteTokenizer, builtin_text
-from splice.train import TrainHook, register_train_hook
+from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.train.checkpoint import checkpoint_path
 from tests.test_cli import assert_error, run_cli
 from tests.zoo_graphs import captured

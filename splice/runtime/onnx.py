@@ -19,6 +19,7 @@ import torch
 from splice.errors import ExportError
 from splice.ir.atomic import atomic_files, check_writable
 from splice.ir.graph import Graph
+from splice.runtime.adapter_inputs import with_adapter_inputs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to an external file
 
@@ -61,6 +62,18 @@ def to_onnx_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
     return model
 
 
+def adapter_inputs_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
+    """ONNX model of ``graph`` with the adapter tensors as inputs (``runtime.adapter_inputs``), each
+    with its current value as an initializer of the same name: a default that a call may override
+    (``export_onnx(..., adapter_inputs=True)`` uses this)."""
+    g = with_adapter_inputs(graph)
+    model = to_onnx_model(g, accuracy_level)
+    n = len(graph.input_names)
+    for name, value in zip(g.input_names[n:], g.example_inputs[n:]):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value.numpy(), name))
+    return model
+
+
 def _label_dynamic_dims(model: onnx.ModelProto, graph: Graph) -> None:
     """Rename export's symbolic dims (``s43``) to the Graph's labels (``batch``, ``seq``)."""
     rename = {}
@@ -78,10 +91,8 @@ def _label_dynamic_dims(model: onnx.ModelProto, graph: Graph) -> None:
 def export_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | None = None,
                 force: bool = True, accuracy_level: int = 0, adapter_inputs: bool = False) -> Path:
     """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external).
-    ``adapter_inputs``: adapter tensors become graph inputs with defaults (``splice.adapters_api``)."""
+    ``adapter_inputs``: adapter tensors become graph inputs with defaults (``adapter_inputs_model``)."""
     path = check_writable(path, force)  # also refuses a path inside an artifact (ART/program.pt2)
-    if adapter_inputs:
-        from splice.adapters_api import adapter_inputs_model
     model = adapter_inputs_model(graph, accuracy_level) if adapter_inputs else to_onnx_model(graph, accuracy_level)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in graph.tensors().values()) > EXTERNAL_DATA_BYTES

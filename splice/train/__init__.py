@@ -1,13 +1,13 @@
 """Training a graph's trainable tensors (adapters, QAT parameters): ``splice.train``.
 
 Modules: ``loop`` (the loop), ``config`` (``TrainConfig``, torch-free), ``losses``, ``data``
-(formats, batching), ``checkpoint`` (save/resume), ``hooks`` (how AdaLoRA, SORSA, QAT plug in).
+(formats, batching), ``checkpoint`` (save/resume). How AdaLoRA, SORSA and QAT plug in is the
+IR's training-hook protocol (``splice.ir.train_hooks``), below both the passes and this loop.
 Names load on first use (PEP 562), so ``splice.train.config`` imports without torch.
 """
 import importlib
 
-_HOME = {"TrainConfig": "splice.train.config", "TrainHook": "splice.train.hooks",
-         "register_train_hook": "splice.train.hooks", "register_trainable_role": "splice.train.loop",
+_HOME = {"TrainConfig": "splice.train.config", "register_trainable_role": "splice.train.loop",
          "train": "splice.train.loop", "trainable_targets": "splice.train.loop"}
 
 __all__ = list(_HOME)

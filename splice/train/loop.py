@@ -1,22 +1,22 @@
 """``splice.train``: train a graph's trainable tensors (adapters) with AdamW, returning a new Graph.
 
 The captured graph *is* the training module: ``graph.gm`` runs forward and backward like any
-``nn.Module``. Trainable are the adapters' trainable tensors (each adapter ``Method`` names
-them), tensors whose role is ``adapter`` or another role registered with
-``register_trainable_role`` (roles come from ``register_arg_roles``, so they survive save/load)
-and any tensor a pass stored with ``trainable=True``; everything else is frozen (no gradient is computed for it). The input graph is never touched:
+``nn.Module``. Trainable are the tensors whose role (from the op registry, through
+``Graph.param_roles``, so it survives save/load) is ``adapter`` or another role registered with
+``register_trainable_role``, and any tensor a pass stored with ``trainable=True``; everything
+else is frozen (no gradient is computed for it). The input graph is never touched:
 the trainable tensors are cloned into a training copy, and the returned graph holds the trained
 clones next to the input's (shared, unchanged) base tensors, plus a ``train`` history entry.
 
 The loop is Hugging Face ``Trainer``'s: AdamW (betas 0.9/0.999, eps 1e-8), linear or cosine
 decay after ``warmup`` linear warm-up steps (``get_linear_schedule_with_warmup``'s formula) or a
 constant rate, gradient accumulation over ``grad_accum`` micro-batches (each loss divided by
-``grad_accum``), gradient-norm clipping at ``max_grad_norm``. Adapter dropout (``dropout`` in an
-adapter's metadata, e.g. ``adapter.lora:dropout=0.1``) is applied to the adapter's input in the
-training copy only (an ``aten.dropout`` node before the delta op), as PEFT does in train mode;
+``grad_accum``), gradient-norm clipping at ``max_grad_norm``. Adapter dropout (an adapter option,
+e.g. ``adapter.lora:dropout=0.1``, which the pass marks on its delta op in the IR) is applied to
+the adapter's input in the training copy only (an ``aten.dropout`` node before the delta op), as PEFT does in train mode;
 the base model's own dropout is not applied (the graph was captured in eval mode).
 
-Hooks (``splice.train.hooks``) add regularizers and act after backward / after each step.
+Hooks (``splice.ir.train_hooks``, registered by the passes that need them) add regularizers and act after backward / after each step.
 Checkpoints (``splice.train.checkpoint``) make ``resume=True`` continue bit-for-bit where an
 interrupted run stopped (same batches, RNG, optimizer and scheduler state); a hook's own state
 is not checkpointed.
@@ -31,16 +31,14 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from splice.adapters_api import adapter_parameters
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import graph_inputs
 from splice.ir.graph import Graph, set_attr
-from splice.passes.adapters._common import sites
+from splice.ir.train_hooks import TrainHook, input_dropouts, make_hooks
 from splice.train import losses
 from splice.train.checkpoint import load_checkpoint, save_checkpoint
 from splice.train.config import TrainConfig
 from splice.train.data import Examples, load_examples, model_tokenizer
-from splice.train.hooks import TrainHook, make_hooks
 
 TRAINABLE_ROLES = {"adapter"}
 _SUMMARY_STEPS = 10  # first/last losses are averaged over this many steps
@@ -57,9 +55,8 @@ def register_trainable_role(role: str) -> None:
 def trainable_targets(graph: Graph) -> list[str]:
     """Stored names of the tensors training updates (see the module docstring)."""
     roles = graph.param_roles()
-    declared = set(adapter_parameters(graph))
     out = [t for t, v in graph.tensors().items() if v.is_floating_point() and (
-        t in declared or roles[t] in TRAINABLE_ROLES or getattr(v, "requires_grad", False))]
+        roles[t] in TRAINABLE_ROLES or getattr(v, "requires_grad", False))]
     if not out:
         raise ConfigError("train: no trainable tensors (add an adapter first, e.g. -p adapter.lora:rank=8)")
     return out
@@ -73,20 +70,18 @@ def with_tensors(graph: Graph, params: dict[str, torch.nn.Parameter]) -> Graph:
     return out
 
 
-def add_adapter_dropout(graph: Graph) -> int:
-    """Put ``aten.dropout(x, p, train=True)`` on the input of every adapter whose metadata has
-    ``dropout`` > 0 (in place; for the training copy only). Returns how many."""
-    count = 0
+def add_input_dropout(graph: Graph) -> int:
+    """Put ``aten.dropout(x, p, train=True)`` on the first input of every node the IR marks for
+    dropout (``ir/train_hooks.set_input_dropout``: an adapter's ``dropout`` option), in place, on
+    the training copy only. Returns how many."""
     fxg: fx.Graph = graph.gm.graph
-    for site in sites(graph):
-        p = float(site.meta.get("dropout", 0.0))
-        if p > 0:
-            with fxg.inserting_before(site.delta):
-                dropped = fxg.call_function(torch.ops.aten.dropout.default, (site.delta.args[0], p, True))
-            site.delta.update_arg(0, dropped)
-            count += 1
+    marked = input_dropouts(graph)
+    for node, p in marked:
+        with fxg.inserting_before(node):
+            dropped = fxg.call_function(torch.ops.aten.dropout.default, (node.args[0], p, True))
+        node.update_arg(0, dropped)
     graph.gm.recompile()
-    return count
+    return len(marked)
 
 
 # ------------------------------------------------------------------------------- loop
@@ -164,7 +159,7 @@ def _prepare(graph: Graph, targets: list[str], data, cfg: TrainConfig, tokenizer
     examples = load_examples(data, cfg.loss, tokenizer, cfg.seq_len)
     params = {t: torch.nn.Parameter(graph.tensor(t).detach().clone(), requires_grad=True) for t in targets}
     work = with_tensors(graph, params)
-    add_adapter_dropout(work)
+    add_input_dropout(work)
     evaluator = with_tensors(graph, params)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)

@@ -25,7 +25,8 @@ Tensors are stored as ``<module path>.adapters.<name>.<key>`` (``...q_proj.adapt
 the trainable ones (role ``adapter``) are created with ``requires_grad`` so a training loop picks
 them up, everything else stays frozen. ``scale`` is a 0-d tensor: changing an adapter's weight or
 switching it off rewrites that tensor, never the graph. The per-adapter hyperparameters (rank,
-alpha, dropout, weight, active …) are JSON in the delta node's ``meta["custom"]`` (kept by save/load).
+alpha, dropout, weight, active …) are JSON in the delta node's ``meta["custom"]`` (kept by save/load);
+the dropout is also marked on the delta for the training loop (``ir/train_hooks.set_input_dropout``).
 
 A *method* (``Method``) names its delta op, the order of its tensors and how to turn them into a
 dense ``[out, in]`` update for folding. Base ops are handled by ``passes/adapters/_base.py``.
@@ -46,6 +47,7 @@ from torch import fx
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, validate_targets
+from splice.ir.train_hooks import set_input_dropout
 from splice.kernels import ops  # noqa: F401  (registers splice::lora_delta / splice::folded_adapter)
 from splice.passes.base import PassConfig
 
@@ -279,6 +281,7 @@ def attach(graph: Graph, base: fx.Node, name: str, method: Method,
     for n in new:
         n.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
     write_meta(delta, {"method": method.name, **meta})
+    set_input_dropout(delta, float(meta.get("dropout") or 0.0))  # the training loop reads it from the IR
     end.replace_all_uses_with(new[-1], delete_user_cb=lambda u: u not in new and not _is_delta(u) and u.target != FOLDED)
     return nodes
 

@@ -10,7 +10,7 @@ maps, in its own module::
 Contract:
 
 * ``peft_type`` is the config's ``peft_type``. Several formats may share one (LoRA and DoRA are
-  both ``LORA``); ``load_peft`` takes the first whose ``accepts(config)`` is true.
+  both ``LORA``); ``adapter.peft`` takes the first whose ``accepts(config)`` is true.
 * ``load(job: PeftLoad) -> None`` attaches the adapter to ``job.graph`` (already a copy, finalized
   by the caller) under ``job.name``. ``PeftLoad`` carries the config and the tensors as saved and
   the helpers every format needs: ``modules(regex)`` groups the tensor keys by module path (a key
@@ -18,7 +18,7 @@ Contract:
   PEFT module path, ``claim(node)`` refuses a second adapter of the same name on a layer,
   ``shape(node)`` is the layer's ``(out, in)``, ``option(pattern_key, path, default_key)`` reads a
   per-layer override (``rank_pattern``/``alpha_pattern``) the way PEFT matches them, and
-  ``error(msg)`` builds the one-line ``ConfigError("load_peft: <dir>: msg")``.
+  ``error(msg)`` builds the one-line ``ConfigError("adapter.peft: <dir>: msg")``.
 * ``save(graph, sites) -> (config, tensors)``: ``sites`` are the unfolded sites of one adapter
   name, every one of a method in ``methods``; the result is the ``adapter_config.json`` dict and
   the safetensors dict (PEFT key names). ``save_peft`` writes both atomically. Raise
@@ -47,7 +47,7 @@ PREFIX = "base_model.model."
 
 @dataclass
 class PeftLoad:
-    """One ``load_peft`` call: what a format's ``load`` reads and the helpers it shares."""
+    """One ``adapter.peft`` load: what a format's ``load`` reads and the helpers it shares."""
 
     graph: Graph
     name: str
@@ -58,7 +58,7 @@ class PeftLoad:
     _layers: dict[str, list[fx.Node]] = field(default_factory=dict)
 
     def error(self, message: str) -> ConfigError:
-        return ConfigError(f"load_peft: {self.path}: {message}")
+        return ConfigError(f"adapter.peft: {self.path}: {message}")
 
     def modules(self, pattern: re.Pattern, what: str) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
         """``{module path: {group 'key': (full key, tensor)}}`` for ``pattern`` (named groups
@@ -79,19 +79,19 @@ class PeftLoad:
             return self._layers[path]
         near = [p for p in self._layers if p.endswith("." + path) or path.endswith("." + p)]
         if len(near) != 1:
-            raise ConfigError(f"load_peft: {key}: no linear layer '{path}' in the graph (an adapter for another base?)")
+            raise ConfigError(f"adapter.peft: {key}: no linear layer '{path}' in the graph (an adapter for another base?)")
         return self._layers[near[0]]
 
     def claim(self, node: fx.Node) -> str:
         """The layer's path, after checking it has no adapter named ``self.name`` yet."""
         lp = layer_path(node)
         if (lp, self.name) in self.taken:
-            raise ConfigError(f"load_peft: layer '{lp}' already has an adapter named '{self.name}'; pass another name=")
+            raise ConfigError(f"adapter.peft: layer '{lp}' already has an adapter named '{self.name}'; pass another name=")
         self.taken.add((lp, self.name))
         return lp
 
     def shape(self, node: fx.Node) -> tuple[int, int]:
-        return base_op(node, "load_peft").shape(self.graph, node, "load_peft")
+        return base_op(node, "adapter.peft").shape(self.graph, node, "adapter.peft")
 
     def option(self, pattern_key: str, path: str, default_key: str, default):
         """A per-layer value from ``config[pattern_key]`` (PEFT's suffix match) or the default."""
@@ -131,11 +131,11 @@ def format_for_config(cfg: dict, path: Path) -> PeftFormat:
     same = [f for f in FORMATS if f.peft_type == kind]
     if not same:
         known = ", ".join(sorted({f.peft_type for f in FORMATS}))
-        raise ConfigError(f"load_peft: {path}: peft_type '{kind}' is not supported (supported: {known})")
+        raise ConfigError(f"adapter.peft: {path}: peft_type '{kind}' is not supported (supported: {known})")
     for fmt in same:
         if fmt.accepts(cfg):
             return fmt
-    raise ConfigError(f"load_peft: {path}: this {kind} configuration is not supported")
+    raise ConfigError(f"adapter.peft: {path}: this {kind} configuration is not supported")
 
 
 def format_for_method(method: str, name: str, layer: str) -> PeftFormat:

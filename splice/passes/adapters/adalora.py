@@ -33,6 +33,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
+from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.passes.adapters._common import (
     AdapterConfig,
     Method,
@@ -49,7 +50,6 @@ from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
 from splice.passes.adapters.lora_peft import refuse_options
 from splice.passes.base import PassContext, PassResult, register_pass
-from splice.train.hooks import TrainHook, register_train_hook
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,7 +275,7 @@ def load_adalora(job: PeftLoad) -> None:
         r = sum(pattern) if pattern else init_r
         for key, value, want in ((ka, a, (r, in_f)), (ke, e, (r, 1)), (kb, b, (out_f, r))):
             if tuple(value.shape) != want:
-                raise ConfigError(f"load_peft: {key} has shape {list(value.shape)}, expected {list(want)} for '{lp}'")
+                raise ConfigError(f"adapter.peft: {key} has shape {list(value.shape)}, expected {list(want)} for '{lp}'")
         meta = {"rank": r, "init_r": init_r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout") or 0.0),
                 "init": "peft", "scaling": alpha, "weight": 1.0, "active": True,
                 "source": str(job.path), **schedule, **({"rank_pattern": pattern} if pattern else {})}

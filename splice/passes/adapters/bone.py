@@ -146,9 +146,9 @@ def load_miss(job: PeftLoad) -> None:
             want = {"bat": f"[{out_f}/r, r, r] with r dividing {in_f}",
                     "mini": f"[r, {mini_r}] with r <= {in_f} and mini_r dividing {out_f}"}.get(
                 variant, f"[r, {out_f}] with r <= {in_f}")
-            raise ConfigError(f"load_peft: {key} has shape {list(block.shape)}, expected {want} for '{lp}'")
+            raise ConfigError(f"adapter.peft: {key} has shape {list(block.shape)}, expected {want} for '{lp}'")
         if variant == "bat":
-            float_base(job.graph, first, "load_peft", "Bat")
+            float_base(job.graph, first, "adapter.peft", "Bat")
         meta = {"rank": r, "variant": variant, "init": "peft", "dropout": float(job.config.get("miss_dropout") or 0.0),
                 "scaling": 1.0, "weight": 1.0, "active": True, "source": str(job.path)}
         tensors = {"block": block.float().contiguous(), "scale": torch.tensor(1.0)}

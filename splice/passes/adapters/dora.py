@@ -93,9 +93,9 @@ def _build(job: PeftLoad, node, lp: str, parts: dict, a, b, meta: dict):
     if "lora_magnitude_vector" not in parts:
         raise job.error(f"'{lp}' has lora_magnitude_vector missing (use_dora is set)")
     key, m = parts["lora_magnitude_vector"]
-    w = float_base(job.graph, node, "load_peft", "DoRA").weight(job.graph, node)
+    w = float_base(job.graph, node, "adapter.peft", "DoRA").weight(job.graph, node)
     if tuple(m.shape) != (w.shape[0],):
-        raise ConfigError(f"load_peft: {key} has shape {list(m.shape)}, expected [{w.shape[0]}] for '{lp}'")
+        raise ConfigError(f"adapter.peft: {key} has shape {list(m.shape)}, expected [{w.shape[0]}] for '{lp}'")
     meta = {**meta, "lora_scaling": meta["scaling"], "scaling": 1.0}
     return DORA, {**dora_tensors(a, b, w, meta["lora_scaling"], m), "scale": torch.tensor(1.0)}, meta
 

@@ -127,9 +127,9 @@ def load_ia3(job: PeftLoad) -> None:
         ff = _is_feedforward(job.config, mod)
         want = (1, in_f) if ff else (out_f, 1)
         if tuple(value.shape) != want:
-            raise ConfigError(f"load_peft: {key} has shape {list(value.shape)}, expected {list(want)} for '{lp}'")
+            raise ConfigError(f"adapter.peft: {key} has shape {list(value.shape)}, expected {list(want)} for '{lp}'")
         if ff:
-            float_base(job.graph, nodes[0], "load_peft", "IA3 (feedforward)")
+            float_base(job.graph, nodes[0], "adapter.peft", "IA3 (feedforward)")
         tensors = {"l": value.float().reshape(-1).contiguous(), "scale": torch.tensor(1.0)}
         for node in nodes:
             tensors = attach(job.graph, node, job.name, IA3_FF if ff else IA3, tensors, meta)

@@ -53,9 +53,9 @@ def load_low_rank(job: PeftLoad, pattern: re.Pattern, what: str, build: Build) -
         out_f, in_f = job.shape(first)
         lp = job.claim(first)
         if a.dim() != 2 or a.shape[1] != in_f:
-            raise ConfigError(f"load_peft: {ka} has shape {list(a.shape)} but layer '{lp}' takes {in_f} inputs")
+            raise ConfigError(f"adapter.peft: {ka} has shape {list(a.shape)} but layer '{lp}' takes {in_f} inputs")
         if b.dim() != 2 or b.shape[0] != out_f or b.shape[1] != a.shape[0]:
-            raise ConfigError(f"load_peft: {kb} has shape {list(b.shape)}, expected [{out_f}, {a.shape[0]}] for '{lp}'")
+            raise ConfigError(f"adapter.peft: {kb} has shape {list(b.shape)}, expected [{out_f}, {a.shape[0]}] for '{lp}'")
         rank, alpha = a.shape[0], float(job.option("alpha_pattern", lp, "lora_alpha", 8))
         rs = bool(job.config.get("use_rslora"))
         meta = {"rank": rank, "alpha": alpha, "rslora": rs, "dropout": float(job.config.get("lora_dropout") or 0.0),

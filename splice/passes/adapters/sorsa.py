@@ -19,6 +19,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, get_attr
+from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method, sites
 from splice.passes.adapters._inject import (
     Layer,
@@ -28,7 +29,6 @@ from splice.passes.adapters._inject import (
     svd_delta_weight,
 )
 from splice.passes.base import PassContext, PassResult, register_pass
-from splice.train.hooks import TrainHook, register_train_hook
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -107,7 +107,7 @@ VERA_KEY = re.compile(r"(?P<path>.+)\.(?P<key>vera_lambda_[bd]|vera_[AB])")
 
 def _check(key: str, value: torch.Tensor, ok: bool, want: str, lp: str) -> None:
     if not ok:
-        raise ConfigError(f"load_peft: {key} has shape {list(value.shape)}, expected {want} for '{lp}'")
+        raise ConfigError(f"adapter.peft: {key} has shape {list(value.shape)}, expected {want} for '{lp}'")
 
 
 def load_vera(job: PeftLoad) -> None:

@@ -1,7 +1,9 @@
-"""Training hooks: how methods that act *during* training plug into ``splice.train``.
+"""Training hooks: how methods that act *during* training plug into a training loop, through the IR.
 
-A method that needs more than "minimise the loss over the trainable tensors" registers a hook
-factory once, at import time::
+The protocol lives below both the passes that define hooks and the loop that calls them
+(``splice.train``), so neither imports the other: a pass registers here, the loop asks here
+what the graph it trains needs. A method that needs more than "minimise the loss over the
+trainable tensors" registers a hook factory once, at import time::
 
     class TrainHook:                      # base class, no-op methods
         def regularizer(self, step, total) -> torch.Tensor | None   # added to the loss
@@ -17,6 +19,10 @@ adapter), otherwise a ``TrainHook`` that lives for that run. ``step`` counts opt
 0 to ``total - 1``; with gradient accumulation ``regularizer`` is called once per micro-batch
 (its value is divided by the accumulation count like the loss), the other two once per step.
 
+Adapter dropout is not a hook: a pass marks a node's input for dropout with ``set_input_dropout``
+(kept in ``node.meta``, so it survives copy and save/load) and the loop applies ``aten.dropout``
+there on its training copy only (``input_dropouts`` lists them).
+
 Uses: AdaLoRA's rank budget (``after_backward`` accumulates sensitivity from the grads,
 ``after_step`` masks singular values on the budget schedule, ``regularizer`` adds the
 orthogonality penalty); SORSA's orthonormal regularizer (``regularizer``); QAT's oscillation
@@ -29,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import fx
 
 from splice.ir.graph import Graph
 
@@ -62,3 +69,19 @@ def register_train_hook(factory: HookFactory) -> HookFactory:
 def make_hooks(graph: Graph) -> list[TrainHook]:
     """The hooks of every registered factory that has something to do on ``graph``."""
     return [h for h in (f(graph) for f in _FACTORIES) if h is not None]
+
+
+DROPOUT_KEY = "splice_input_dropout"
+
+
+def set_input_dropout(node: fx.Node, p: float) -> None:
+    """Mark ``node``'s first input for dropout with probability ``p`` while training (0: none).
+    Stored in ``meta["custom"]`` (replaced, never mutated: copies share meta dicts)."""
+    custom = {k: v for k, v in node.meta.get("custom", {}).items() if k != DROPOUT_KEY}
+    node.meta["custom"] = {**custom, DROPOUT_KEY: str(float(p))} if p > 0 else custom
+
+
+def input_dropouts(graph: Graph) -> list[tuple[fx.Node, float]]:
+    """(node, p) for every node whose first input drops out during training."""
+    return [(n, float(n.meta["custom"][DROPOUT_KEY])) for n in graph.gm.graph.nodes
+            if DROPOUT_KEY in n.meta.get("custom", {})]

@@ -1,5 +1,4 @@
-"""Adapters on a Graph, for users: list them, weight / switch them, their trainable tensors, and
-their ONNX initializers as graph inputs.
+"""Adapters on a Graph, for users: list them, weight / switch them, their trainable tensors.
 
 Every function that changes something returns a new Graph (the input is untouched): an adapter's
 weight and on/off state live in its 0-d ``scale`` tensor, so only that tensor is replaced.
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
 import torch
 
 from splice.errors import ConfigError
@@ -97,51 +95,11 @@ def adapter_parameters(graph: Graph, name: str | None = None) -> dict[str, torch
     return out
 
 
-def with_adapter_inputs(graph: Graph, names: list[str] | None = None) -> Graph:
-    """A copy of ``graph`` whose adapter tensors (A, B, scale of the adapters ``names``, default
-    all unfolded ones) are graph inputs after the model's own, named like the stored tensor with
-    ``.`` -> ``_`` and ``_in`` (``..._q_proj_adapters_default_A_in``); the examples are their values.
-    Exported, a runtime feeds or swaps adapters per call without re-export (same ranks; pad A's
-    rows and B's columns with zeros for a smaller rank)."""
-    out = graph.copy()
-    fxg = out.gm.graph
-    targets = [n.target for s in sites(out) if names is None or s.name in names for n in s.nodes().values()]
-    last = [n for n in fxg.nodes if n.op == "placeholder"][-1]
-    values = []
-    for target in dict.fromkeys(targets):
-        readers = [n for n in fxg.nodes if n.op == "get_attr" and n.target == target]
-        with fxg.inserting_after(last):
-            last = fxg.create_node("placeholder", target.replace(".", "_"), name=f"{target.replace('.', '_')}_in")
-        for node in readers:
-            node.replace_all_uses_with(last)
-            fxg.erase_node(node)
-        out.input_names.append(last.name)
-        values.append(get_attr(graph.gm, target).detach())
-    out.example_inputs = tuple(out.example_inputs) + tuple(values)
-    return out.finalize()
-
-
-def adapter_inputs_model(graph: Graph, accuracy_level: int = 0, names: list[str] | None = None) -> onnx.ModelProto:
-    """ONNX model of ``graph`` with the adapter tensors as inputs (``with_adapter_inputs``), each
-    with its current value as an initializer of the same name: a default that a call may override
-    (``export_onnx(..., adapter_inputs=True)`` uses this)."""
-    from splice.runtime.onnx import to_onnx_model
-
-    g = with_adapter_inputs(graph, names)
-    model = to_onnx_model(g, accuracy_level)
-    n = len(graph.input_names)
-    for name, value in zip(g.input_names[n:], g.example_inputs[n:]):
-        model.graph.initializer.append(onnx.numpy_helper.from_array(value.numpy(), name))
-    return model
-
-
 __all__ = [
     "AdapterInfo",
     "activate_adapter",
-    "adapter_inputs_model",
     "adapter_parameters",
     "deactivate_adapter",
     "list_adapters",
     "set_adapter_weight",
-    "with_adapter_inputs",
 ]
