@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from splice import progress
 from splice.errors import SpliceError
 from splice.quiet import quiet
 
@@ -141,22 +142,16 @@ def _fmt_bytes(n: float) -> str:
 
 
 class _Steps:
-    """One status line per step: a spinner while it runs (on a terminal), then a check
-    mark with its time. Library chatter is silenced unless ``debug``."""
+    """One progress line per step (``splice.progress``: live with its time on a terminal, silent
+    with ``--quiet``). Library chatter is silenced unless ``debug``."""
 
-    def __init__(self, console, debug: bool):
-        self.console, self.debug, self.total = console, debug, 0.0
+    def __init__(self, debug: bool):
+        self.debug = debug
 
     @contextlib.contextmanager
     def __call__(self, label: str):
-        spinner = (self.console.status(f"{label} …", spinner="dots") if self.console.is_terminal
-                   else contextlib.nullcontext())
-        start = time.perf_counter()
-        with spinner, self._quiet():
+        with progress.phase(label), self._quiet():
             yield
-        seconds = time.perf_counter() - start
-        self.total += seconds
-        self.console.print(f"[green]✓[/green] {label} [dim]({seconds:.1f} s)[/dim]")
 
     def _quiet(self):
         return contextlib.nullcontext() if self.debug else quiet(stdout=True)
@@ -173,8 +168,7 @@ def main(args: argparse.Namespace) -> int:
     wall_start = time.perf_counter()
     debug = bool(getattr(args, "debug", False))
     out_console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200, highlight=False)
-    err_console = Console(file=sys.stderr, width=None if sys.stderr.isatty() else 200, highlight=False)
-    step = _Steps(err_console, debug)
+    step = _Steps(debug)
 
     model_dir = args.model
     if model_dir is None:

@@ -21,7 +21,7 @@ def _option(default, help: str, **meta):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    loss: str = _option("causal_lm", "training objective (see docs/training.md)", choices=LOSSES)
+    loss: str = _option("causal_lm", "the training objective, see docs/training.md", choices=LOSSES)
     steps: int = _option(100, "optimizer steps", min=1)
     lr: float = _option(2e-4, "peak learning rate")
     batch_size: int = _option(4, "examples per micro-batch", min=1)
@@ -30,10 +30,10 @@ class TrainConfig:
     warmup: int = _option(0, "linear warm-up steps", min=0)
     schedule: str = _option("linear", "learning-rate decay after warm-up", choices=SCHEDULES)
     weight_decay: float = _option(0.0, "AdamW weight decay")
-    max_grad_norm: float = _option(1.0, "gradient clipping (0 = off)")
-    eval_every: int = _option(0, "also evaluate every N steps (0 = only before and after)", min=0)
+    max_grad_norm: float = _option(1.0, "gradient-norm clipping, 0 = off")
+    eval_every: int = _option(0, "also evaluate every N steps, 0 = only before and after", min=0)
     checkpoint_every: int = _option(50, "steps between checkpoints", min=0)
-    seed: int = _option(0, "random seed (batch order, dropout)")
+    seed: int = _option(0, "random seed: batch order, dropout")
 
     def __post_init__(self):
         for f in fields(self):

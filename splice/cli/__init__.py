@@ -1,0 +1,133 @@
+"""The ``splice`` command (also ``python -m splice``).
+
+    splice passes [NAME]                          list passes, or one pass's options
+    splice inspect MODEL|ARTIFACT                 layers, sizes, op counts, pass history
+    splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib FILE] -o OUT [--force]
+    splice export ARTIFACT --onnx FILE [--check] [--force]      (one flag per export target)
+    splice eval MODEL|ARTIFACT --ppl FILE [--seq-len N] [--stride N] [--max-tokens N] [--ref MODEL [--layers]]
+    splice train MODEL|ARTIFACT --data FILE [--eval FILE] [-p SPEC ...] --steps N --lr LR -o OUT [--resume]
+    splice demo ...                               the end-to-end demo (splice/demo.py)
+
+One module per command (``splice/cli/<command>.py``: ``add_parser`` beside ``run``); shared
+output helpers in ``splice/cli/ui.py``. Building the parser imports nothing heavy: each command
+imports torch and the rest only when it runs, so ``--help`` is fast.
+
+Bad input (a :class:`~splice.errors.SpliceError`) prints one line ``splice: error: ...`` (at
+most a few hundred characters) on stderr and exits 1 (argparse usage errors exit 2);
+``--debug`` re-raises with the traceback. Ctrl-C prints ``splice: interrupted`` and exits 130.
+Every check that needs no model runs before the model is captured, and outputs are only
+written once everything succeeded. Progress lines go to stderr on a terminal (``--quiet``:
+none); library chatter is silenced unless ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Sequence
+
+from splice import progress
+from splice.cli import demo, export, inspect, passes, run, train
+from splice.cli import eval as evaluate
+from splice.cli.ui import PROG, UI, UsageError, error, one_line
+from splice.errors import SpliceError
+
+COMMANDS = (passes, inspect, run, export, evaluate, train, demo)  # `splice --help` lists them in this order
+INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show library output and full tracebacks")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress lines on stderr")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="splice: capture a model once, rewrite it with passes, export it to ONNX Runtime.",
+        epilog="Run `splice COMMAND --help` for a command's options.")
+    parser.add_argument("--debug", action="store_true", default=False, help="show library output and full tracebacks")
+    parser.add_argument("--quiet", action="store_true", default=False, help="no progress lines on stderr")
+    from splice import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub, common)
+    return parser
+
+
+def _exit_code(e: SystemExit, default: int) -> int:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else default)
+
+
+def _exit_at_once(signum, frame) -> None:
+    """A second Ctrl-C while the first one's clean-up runs."""
+    os.write(2, f"{PROG}: interrupted\n".encode())
+    os._exit(INTERRUPTED)
+
+
+def _on_interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGINT, _exit_at_once)
+    raise KeyboardInterrupt
+
+
+def _catch_interrupts():
+    """Turn Ctrl-C into KeyboardInterrupt handled by ``main`` (before any heavy import); the previous
+    handler, to restore. ``None`` where SIGINT is ignored (``nohup``) or not the main thread."""
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return None
+        return signal.signal(signal.SIGINT, _on_interrupt)
+    except ValueError:  # not the main thread
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    previous = _catch_interrupts()
+    debug = False
+    try:
+        parser = build_parser()
+        try:
+            args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+            if extra and args.command != "demo":
+                parser.error(f"unrecognized arguments: {one_line(' '.join(extra))}")
+        except SystemExit as e:  # --help / --version (0) or a usage error (2)
+            return _exit_code(e, 2)
+        args.extra = extra
+        debug = args.debug
+        progress.configure(enabled=False if args.quiet else None, stream=sys.stderr)
+        return args.func(args, UI(debug))
+    except SystemExit as e:  # a nested parser (demo) exiting
+        return _exit_code(e, 1)
+    except UsageError as e:
+        if debug:
+            raise
+        error(e)
+        return 2
+    except SpliceError as e:
+        if debug:
+            raise
+        error(e)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except OSError as e:  # FileNotFoundError, PermissionError, disk full …
+        if debug:
+            raise
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        error(f"{where}{e.strerror or e}")
+        return 1
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        progress.configure()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

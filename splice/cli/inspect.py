@@ -1,0 +1,84 @@
+"""``splice inspect MODEL|ARTIFACT``: layers, stored bytes by role, op counts and the pass history."""
+from __future__ import annotations
+
+from splice.cli.tables import history_table
+from splice.cli.ui import UI, capture, esc, fmt_bytes, is_artifact, positive_int
+
+HELP = "layers, sizes, op counts and pass history of a model"
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("inspect", parents=[common], help=HELP,
+                       description="Capture MODEL (HF directory, .gguf, .pt2) or load ARTIFACT and print its layers "
+                                   "(path, op, kind, weight shape, bytes), stored bytes by role, op counts and, "
+                                   "for artifacts, the pass history with fidelity numbers.")
+    p.add_argument("model", metavar="MODEL|ARTIFACT")
+    p.add_argument("--top-ops", type=positive_int, default=12, metavar="N", help="op types listed (default 12)")
+    p.set_defaults(func=run)
+
+
+def _input_desc(graph) -> list[str]:
+    out = []
+    for name, ex in zip(graph.input_names, graph.example_inputs):
+        axes = graph.dynamic.get(name, {})
+        dims = [axes.get(i, str(d)) for i, d in enumerate(getattr(ex, "shape", ()))]
+        out.append(f"{name}[{', '.join(map(str, dims))}]")
+    return out
+
+
+def _layers_table(graph):
+    from rich.table import Table
+
+    layers = graph.layers()
+    table = Table(title=f"layers ({len(layers)})", title_justify="left")
+    for col, just in (("path", "left"), ("op", "left"), ("kind", "left"), ("weight shape", "left"), ("bytes", "right")):
+        table.add_column(col, justify=just, overflow="fold")
+    for row in layers:
+        shape = "×".join(map(str, row["shape"])) if row["shape"] else "—"
+        table.add_row(esc(row["path"] or "(top)"), esc(row["op"]), esc(row["kind"]), shape, f"{row['bytes']:,}")
+    return table
+
+
+def _sizes_table(by_role: dict[str, int]):
+    from rich.table import Table
+
+    total = sum(by_role.values())
+    sizes = Table(title="stored bytes by role", title_justify="left")
+    sizes.add_column("role")
+    sizes.add_column("bytes", justify="right")
+    sizes.add_column("share", justify="right")
+    for role, n in sorted(by_role.items(), key=lambda kv: -kv[1]):
+        sizes.add_row(esc(role), f"{n:,}", f"{100 * n / total:.1f}%" if total else "—")
+    sizes.add_row("[bold]total[/bold]", f"[bold]{total:,}[/bold]", f"({fmt_bytes(total)})")
+    return sizes
+
+
+def run(args, ui: UI) -> int:
+    graph, seconds = capture(args.model, ui)
+    artifact = is_artifact(args.model)
+    src = graph.source
+    kind = "artifact" if artifact else src.get("kind", "?")  # artifacts keep their source
+    if artifact and src.get("kind"):
+        kind = f"artifact of {src['kind']}"
+    ui.print(f"[bold]{esc(src.get('name', args.model))}[/bold]  ({esc(kind)}"
+             + (f", {esc(src['model_type'])}" if src.get("model_type") else "") + f"; loaded in {seconds:.1f} s)")
+    ui.print(f"inputs: {esc(', '.join(_input_desc(graph)))}    outputs: {esc(', '.join(graph.output_names))}")
+    ui.print(_layers_table(graph))
+    by_role = graph.bytes_by_role()
+    total = sum(by_role.values())
+    ui.print(_sizes_table(by_role))
+
+    counts = graph.op_counts()
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = top[:args.top_ops]
+    ops = ", ".join(f"{esc(op)} ×{n}" for op, n in shown)
+    rest = len(top) - len(shown)
+    ui.print(f"ops: {sum(counts.values()):,} calls of {len(counts)} op types: {ops}"
+             + (f", … {rest} more types" if rest > 0 else ""))
+    ui.print(f"params: {graph.num_params():,}    bytes: {total:,} ({fmt_bytes(total)})")
+    if graph.history:
+        out = graph.output_names[0] if graph.output_names else None
+        ui.print(history_table(graph.history, out, f"pass history (fidelity of '{out}' vs the captured model)"))
+    elif artifact:
+        ui.print("pass history: none")
+    return 0

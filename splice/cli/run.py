@@ -1,0 +1,108 @@
+"""``splice run MODEL -p SPEC … -o OUT``: run passes on a model and save an artifact.
+
+Everything that needs no model (pass specs, recipe, PEFT directories, calibration file, OUT) is
+checked before the model is captured; OUT is written only once every pass succeeded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from splice import progress
+from splice.cli.tables import history_table, plan_table
+from splice.cli.ui import UI, UsageError, capture, check_output, esc, positive_int, require_exists, require_file
+from splice.errors import ConfigError, SpliceError
+
+HELP = "run passes on a model and save an artifact"
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("run", parents=[common], help=HELP,
+                       description="Capture MODEL, run the passes (recipe first, then each -p in order), and save "
+                                   "the result as an artifact directory OUT. Specs, recipe, calibration file and "
+                                   "OUT are all checked before the model is captured; OUT is only written if "
+                                   "every pass succeeds.",
+                       epilog="example: splice run ./llama -p quantize.rtn:bits=4,group_size=32 -o llama-int4")
+    p.add_argument("model", metavar="MODEL", help="HF directory, .gguf, .pt2 or splice artifact")
+    p.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
+                   help="a pass, 'name:key=value,...' (repeatable; see `splice passes NAME`)")
+    p.add_argument("--recipe", metavar="FILE", help="YAML recipe with a 'passes' list")
+    p.add_argument("--calib", metavar="TEXTFILE", help="calibration text, for passes that need it")
+    p.add_argument("--peft", action="append", metavar="DIR",
+                   help="attach a PEFT adapter directory to the base before the passes (repeatable)")
+    p.add_argument("--calib-samples", type=positive_int, default=16, metavar="N",
+                   help="calibration samples (default 16)")
+    p.add_argument("--calib-seqlen", type=positive_int, default=256, metavar="N",
+                   help="tokens per calibration sample (default 256)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=run)
+
+
+def _pipeline(args):
+    """The pipeline of --recipe then every -p, validated without a model."""
+    from splice.passes.manager import Pipeline
+    from splice.passes.spec import load_recipe, parse_spec
+
+    steps = []
+    if args.recipe:
+        steps += load_recipe(require_file(args.recipe, "--recipe"))
+    for spec in args.passes or []:
+        steps.append(parse_spec(spec))
+    if not steps and not args.peft:
+        raise UsageError("run: no passes given; use -p PASS[:key=value,...] or --recipe FILE (see `splice passes`)")
+    return Pipeline(steps)
+
+
+def run(args, ui: UI) -> int:
+    # 1. everything that needs no model: pass specs, recipe, calibration file, output path
+    pipeline = _pipeline(args)
+    for peft_dir in args.peft or []:
+        if not (Path(peft_dir) / "adapter_config.json").is_file():
+            raise SpliceError(f"--peft {peft_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    needs = [info.name for info, _ in pipeline.steps if info.needs_calibration]
+    if needs and not args.calib:
+        raise ConfigError(f"{needs[0]}: needs calibration data; pass --calib TEXTFILE")
+    text = None
+    if args.calib:
+        from splice.eval.data import read_text, text_calibration
+
+        text = read_text(args.calib)
+    out = check_output(args.output, args.force)
+    require_exists(args.model)
+
+    # 2. capture, calibrate, run, save
+    graph, cap_s = capture(args.model, ui)
+    ui.print(f"captured {esc(graph.source.get('name', args.model))}: {graph.num_params():,} params, "
+             f"{len(graph.layers())} layers in {cap_s:.1f} s")
+    for peft_dir in args.peft or []:
+        import splice
+
+        with ui.phase(f"load PEFT adapter {peft_dir}"):
+            name = "default" if len(args.peft) == 1 else Path(peft_dir).resolve().name
+            graph = splice.load_peft(graph, peft_dir, name=name)
+        ui.print(f"attached PEFT adapter {esc(peft_dir)}")
+    calibration = None
+    if needs:
+        with ui.phase("tokenize calibration text"):
+            calibration = text_calibration(graph, text, args.calib_samples, args.calib_seqlen)
+        ui.print(f"calibration: {len(calibration)} samples × {args.calib_seqlen} tokens from {esc(args.calib)}")
+    elif text is not None:
+        ui.print(f"note: --calib ignored, no pass in {esc(str(pipeline))} needs calibration")
+    before = graph.nbytes()
+    with ui.quiet(redirect=not progress.enabled()):  # each pass shows its own progress line
+        result = pipeline.run(graph, calibration=calibration, progress=True)
+    with ui.phase(f"save {out}"):
+        result.graph.save(out, force=args.force)
+
+    # 3. summary
+    new = result.graph
+    output = new.output_names[0] if new.output_names else None
+    ui.print(history_table(result.reports, output, f"passes (fidelity of '{output}' vs the captured model)"))
+    for entry in result.reports:  # mixed-precision passes report their per-layer plan
+        if "plan" in (entry.get("report") or {}):
+            ui.print(plan_table(entry))
+    after = new.nbytes()
+    ratio = f" ({before / after:.2f}× smaller)" if after and after < before else ""
+    ui.print(f"model bytes: {before:,} → {after:,}{ratio}")
+    ui.print(f"saved artifact: {esc(out)}")
+    return 0
