@@ -13,7 +13,6 @@ so it is Haar-distributed), as SpinQuant's random-orthogonal start.
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 import torch
 
 
@@ -51,6 +50,8 @@ def paley(m: int) -> np.ndarray | None:
 
 def hadamard(n: int) -> np.ndarray | None:
     """A ±1 Hadamard matrix of order ``n`` (``H Hᵀ = n I``), or None when no construction here reaches it."""
+    import scipy.linalg  # kept off the pass registry's import
+
     k = 0
     while n % (2 << k) == 0:
         k += 1
