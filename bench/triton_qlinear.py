@@ -50,8 +50,8 @@ def time_ms(fn, repeats: int) -> float:
 
 
 def bench_layer(n: int, k: int, rows: int, bits: int, group_size: int, repeats: int) -> dict:
-    from splice.kernels.quant import GroupGrid, dequantize_packed
-    from splice.kernels.triton import qlinear as kernel
+    from splice.kernels.quant.grid import GroupGrid, dequantize_packed
+    from splice.kernels.quant import triton as kernel
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen) * 0.02

@@ -11,7 +11,7 @@ from zoo_graphs import captured, input_grid
 import splice
 from splice.errors import ConfigError
 from splice.eval import zoo
-from splice.kernels import base_deltas
+from splice.kernels.adapters import base_deltas
 
 peft = pytest.importorskip("peft")
 ops = torch.ops.splice

@@ -13,7 +13,7 @@ from splice.errors import ConfigError
 from splice.eval import zoo
 from splice.passes.adapters._common import sites
 from splice.passes.adapters.adalora import adalora_hook
-from splice.kernels.adapter_math import bat_update
+from splice.kernels.adapters.adapter_math import bat_update
 from splice.passes.adapters.bone import balance_update
 from tests.zoo_graphs import captured, input_grid
 

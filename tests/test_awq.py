@@ -6,7 +6,7 @@ import torch
 import splice
 from splice.errors import ConfigError
 from splice.ir.select import module_path
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import get_pass
 from splice.passes.quantize._smooth import input_groups, migrate_scales
 from splice.passes.quantize.awq import _fake_quant, search_clip, search_scale

@@ -5,8 +5,8 @@ import torch
 import splice
 from splice.ir.graph import set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
-from splice.kernels.observe import StatsStore
-from splice.kernels.quant import GroupGrid
+from splice.kernels.instrument.store import StatsStore
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
 from zoo_graphs import calibration, captured

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import splice
-from splice.kernels.quant import dequantize_packed
+from splice.kernels.quant.grid import dequantize_packed
 from zoo_graphs import calibration, captured
 
 

@@ -5,7 +5,7 @@ import torch
 
 import splice
 from splice.errors import ConfigError
-from splice.kernels.lut import lut_dequantize, pack_indices
+from splice.kernels.quant.lut import lut_dequantize, pack_indices
 from splice.passes.quantize.nonuniform import NonUniformConfig, fit_kmeans, fit_layer, power_levels
 from zoo_graphs import captured, input_grid
 
@@ -84,7 +84,7 @@ def _sqnr(w, q):
 
 
 def _rtn_sqnr(w, bits, group):
-    from splice.kernels.quant import GroupGrid
+    from splice.kernels.quant.grid import GroupGrid
 
     grid = GroupGrid(bits, group, True)
     scale, zero = grid.params(w)

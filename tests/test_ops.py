@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import splice
-from splice.kernels.packing import pack_bits, unpack_bits
-from splice.kernels.quant import GroupGrid, dequantize_packed
+from splice.kernels.quant.packing import pack_bits, unpack_bits
+from splice.kernels.quant.grid import GroupGrid, dequantize_packed
 
 BITS = range(2, 9)
 

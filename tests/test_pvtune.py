@@ -10,7 +10,7 @@ from test_discquant import _calib, _kl
 from zoo_graphs import captured
 
 import splice
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ import torch
 import splice
 from splice.errors import ConfigError
 from splice.eval.data import ByteTokenizer, builtin_text
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.quantize._oscillation import _Layer, oscillation_hook
 from tests.test_cli import assert_error
 from tests.zoo_graphs import captured, input_grid

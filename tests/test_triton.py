@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import splice  # noqa: F401  (registers the ops)
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 
 pytest.importorskip("triton")
-from splice.kernels.triton import qlinear as kernel  # noqa: E402
+from splice.kernels.quant import triton as kernel  # noqa: E402
 
 
 def _layer(bits, group_size, symmetric, n=40, k=128, seed=0):

@@ -8,7 +8,7 @@ import torch
 
 import splice
 from splice.errors import ConfigError
-from splice.kernels.w8a8 import quantize_weight
+from splice.kernels.quant.w8a8 import quantize_weight
 from splice.passes.quantize.smoothquant import smoothing_scale
 from test_cli import assert_error
 from zoo_graphs import calibration, captured, input_grid

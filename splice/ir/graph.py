@@ -20,6 +20,7 @@ from torch import fx
 from torch.export import Dim
 
 from splice.ir.select import module_path, op_kind
+from splice.kernels.registry import record
 
 aten = torch.ops.aten
 
@@ -35,12 +36,16 @@ _ATEN_ROLES = {
     aten._native_batch_norm_legit_no_training.default: {1: "norm", 2: "norm", 3: "norm", 4: "norm"},
     aten.batch_norm.default: {1: "norm", 2: "norm", 3: "norm", 4: "norm"},
 }
-_ARG_ROLES: dict[Any, dict[int, str]] = dict(_ATEN_ROLES)
 
 
-def register_arg_roles(op, roles: dict[int, str]) -> None:
-    """Declare which argument of a custom op holds which kind of stored tensor."""
-    _ARG_ROLES[op] = roles
+def arg_roles(op) -> dict[int, str]:
+    """Which argument of ``op`` holds which kind of stored tensor: ATen's table above, a splice
+    op's registry record (``kernels/registry.py``; ``select`` has registered every op)."""
+    roles = _ATEN_ROLES.get(op)
+    if roles is None:
+        rec = record(op)
+        roles = rec.roles if rec is not None else {}
+    return roles
 
 
 @dataclass
@@ -147,7 +152,7 @@ class Graph:
                 continue
             for i, arg in enumerate(node.args):
                 if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                    role = _ARG_ROLES.get(node.target, {}).get(i)
+                    role = arg_roles(node.target).get(i)
                     if role and arg.target not in roles:
                         roles[arg.target] = role
         return {t: roles.get(t, "buffer") for t in self.tensors()}

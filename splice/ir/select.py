@@ -21,6 +21,8 @@ import torch
 from torch import fx
 
 from splice.errors import ConfigError
+from splice.kernels import families  # noqa: F401  (registers every splice op before a kind is read)
+from splice.kernels.registry import record
 
 aten = torch.ops.aten
 
@@ -32,19 +34,18 @@ ATEN_KINDS = {
     aten.convolution.default: "conv",
     aten.embedding.default: "embedding",
 }
-_CUSTOM_KINDS: dict[object, str] = {}
 KIND_NAMES = ("linear", "conv", "embedding", "all")
 
 
-def register_kind(op, kind: str) -> None:
-    """Let selection see a custom op as a kind (``splice::qlinear`` is a ``linear``)."""
-    _CUSTOM_KINDS[op] = kind
-
-
 def op_kind(node: fx.Node) -> str | None:
+    """The kind of an ATen op (``ATEN_KINDS``) or of a splice op (its registry record:
+    ``splice::qlinear`` is a ``linear``); None for every other node."""
     if node.op != "call_function":
         return None
-    return ATEN_KINDS.get(node.target) or _CUSTOM_KINDS.get(node.target)
+    kind = ATEN_KINDS.get(node.target)
+    if kind is None and (rec := record(node.target)) is not None:
+        kind = rec.kind
+    return kind
 
 
 def module_path(node: fx.Node) -> str:

@@ -1,7 +1,7 @@
 """ONNX export, ONNX Runtime sessions, and the parity check against ``graph.module()``.
 
 ``export_onnx`` re-exports the Graph, lowers it with ``torch.onnx`` (dynamo) using the
-translations of every splice op (``kernels/onnx.py``), names the dynamic dims after the
+translations of every splice op (``kernels.registry.translations("onnx")``), names the dynamic dims after the
 Graph's labels (``batch``, ``seq``), and writes the file atomically, with weights in an
 external ``.data`` file when the model is large.
 """
@@ -19,39 +19,35 @@ import torch
 from splice.errors import ExportError
 from splice.ir.atomic import atomic_files, check_writable
 from splice.ir.graph import Graph
+from splice.kernels.registry import ONNX_OPSET, missing_translations, op_name, translations
 from splice.runtime.adapter_inputs import with_adapter_inputs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to an external file
 
 
-def untranslatable_ops(graph: Graph) -> list[tuple[str, str]]:
-    """(op, pass that introduced it) for custom ops with no ONNX translation."""
-    from splice.kernels.onnx import TRANSLATIONS
-
-    missing = []
+def untranslatable_ops(graph: Graph, backend: str = "onnx") -> list[tuple[str, str]]:
+    """(op, pass that introduced it) for custom ops with no ``backend`` translation in the op registry."""
+    introduced = {}
     for node in graph.gm.graph.nodes:
-        target = node.target
-        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
-                and target.namespace not in ("aten", "prims") and target not in TRANSLATIONS:
-            missing.append((f"{target.namespace}::{target._opname}", node.meta.get("splice_pass", "capture")))
-    return missing
+        if node.op == "call_function":
+            introduced.setdefault(node.target, node.meta.get("splice_pass", "capture"))
+    return [(op_name(op), introduced[op]) for op in missing_translations(backend, introduced)]
 
 
 def to_onnx_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
     """Lower ``graph`` to ONNX. ``accuracy_level`` goes to every MatMulNBits (0 exact, 4 int8 compute)."""
-    from splice.kernels.onnx import OPSET, TRANSLATIONS
     from splice.passes.instrument.observe import strip_observers
 
     graph = strip_observers(graph.copy())
     missing = untranslatable_ops(graph)
     if missing:
-        op, by = missing[0]
-        raise ExportError(f"ONNX export: op {op} (introduced by pass {by}) has no ONNX translation")
+        raise ExportError("ONNX export: no onnx translation for " + ", ".join(
+            f"op {op} (introduced by pass {by})" for op, by in missing))
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not torchvision's missing ops
     try:
-        program = torch.onnx.export(graph.export_program(), (), dynamo=True, custom_translation_table=TRANSLATIONS,
+        program = torch.onnx.export(graph.export_program(), (), dynamo=True, custom_translation_table=translations("onnx"),
                                     input_names=graph.input_names, output_names=graph.output_names,
-                                    opset_version=OPSET, optimize=True, verbose=False)
+                                    opset_version=ONNX_OPSET, optimize=True, verbose=False)
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     model = program.model_proto

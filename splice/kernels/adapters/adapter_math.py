@@ -1,4 +1,4 @@
-"""Plain-torch forwards of the VeRA, MiSS/Bone and AdaLoRA delta ops (``kernels/ops.py``), and
+"""Plain-torch forwards of the VeRA, MiSS/Bone and AdaLoRA delta ops (``kernels/adapters/delta_ops.py``), and
 the Bat block update (Bat's op, which recomputes the layer, is in ``base_deltas.py``).
 
 Each forward is written as PEFT 0.21's layer ``forward`` computes it (same operations, same

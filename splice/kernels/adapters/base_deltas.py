@@ -1,4 +1,4 @@
-"""Plain-torch forwards of the adapter ops that read the base layer (``kernels/ops.py``): DoRA
+"""Plain-torch forwards of the adapter ops that read the base layer (``kernels/adapters/base_ops.py``): DoRA
 (base output, weight, bias) and SSF (base output) return what is *added* to the base output
 ``y = x Wᵀ + b``; IA3 (both forms) and MiSS's Bat *recompute* the layer's output as PEFT 0.21
 does (``y·l``; ``linear(x·l, W, b)``; ``linear(x, W + ΔW, b)``), which replaces ``y``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from splice.kernels.adapter_math import bat_update
+from splice.kernels.adapters.adapter_math import bat_update
 
 
 def dora_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, lora_scale: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Plain-torch math of the factored adapter updates (NOLA, SVFit, SORSA, FLoRA, TeRA), shared by
-their custom ops (``kernels/ops.py``, the reference implementations), their ``Method.delta_weight``
+their custom ops (``kernels/adapters/delta_ops.py``, the reference implementations), their ``Method.delta_weight``
 (folding) and their autograd.
 
 Each update is built from small factors into a dense weight-shaped tensor:

@@ -1,4 +1,4 @@
-"""Observers: what ``splice::observe`` records while calibration data flows through a graph.
+"""Observers: what ``splice::observe`` (``instrument/ops.py``) records while calibration data flows
 
 An instrumented graph carries ``observe(x, key)`` nodes (identity ops). While a
 :class:`StatsStore` is active (``with store.recording():``) each call folds ``x`` into the

@@ -1,7 +1,7 @@
 """Fake quantization with learnable step sizes: the math of ``splice::fake_quant_linear``.
 
 LSQ (Esser et al., https://arxiv.org/abs/1902.08153): a latent float weight ``w[N, K]`` is
-rounded onto its group grid (``kernels/quant.py``: scales ``[N, G]``, integer zero points, packed
+rounded onto its group grid (``kernels/quant/grid.py``: scales ``[N, G]``, integer zero points, packed
 like ``splice::qlinear``'s or ``None`` for symmetric grids) and dequantized,
 ``fq(w) = (clamp(round(w/s) + z, 0, maxq) - z) * s``: elementwise the same float operations as
 ``GroupGrid.quantize`` / ``dequantize`` (which ``splice::qlinear`` runs after ``quantize.convert``),
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 
 
 def _rounded(weight, scales, zeros, bits: int, group_size: int):

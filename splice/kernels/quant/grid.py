@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splice.kernels.packing import pack_bits, packed_width, unpack_bits
+from splice.kernels.quant.packing import pack_bits, packed_width, unpack_bits
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,14 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     codes = grid.unpack_codes(qweight)
     zero = grid.unpack_zeros(zeros, qweight.shape[1], qweight)
     return grid.dequantize(codes, scales, zero)
+
+
+def quantize_packed(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Float ``w [N, K]`` on a fresh min/max grid of this format, packed as ``dequantize_packed``
+    reads it: ``(qweight, scales, zeros or None)``."""
+    grid = GroupGrid(bits, group_size, symmetric)
+    scale, zero = grid.params(w)
+    packed_zero = grid.pack_zeros(zero)
+    return (grid.pack_codes(grid.quantize(w, scale, zero)).contiguous(), scale.to(scale_dtype).contiguous(),
+            None if packed_zero is None else packed_zero.contiguous())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from splice.kernels.packing import pack_bits, unpack_bits
+from splice.kernels.quant.packing import pack_bits, unpack_bits
 
 
 def pack_indices(idx: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -47,3 +47,16 @@ def lut_dequantize(qweight: torch.Tensor, lut: torch.Tensor, scales: torch.Tenso
                    group_size: int) -> torch.Tensor:
     """Packed storage -> float ``[N, K]`` in the table's dtype."""
     return apply_scales(lut_lookup(unpack_indices(qweight, bits, group_size), lut), scales)
+
+
+def snap_indices(w: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor | None, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """Packed indices of the table levels nearest to ``w [N, K]`` (divided by ``scales`` first):
+    a new dense weight put back on an existing table, levels and scales unchanged."""
+    n, k = w.shape
+    if scales is not None:
+        safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
+        w = (w.float().reshape(n, scales.shape[1], -1) / safe.unsqueeze(-1)).reshape(n, k)
+    levels = lut.float().unsqueeze(2)                                   # [N, G_lut, 1, L]
+    idx = (w.float().reshape(n, lut.shape[1], -1, 1) - levels).abs().argmin(-1)
+    return pack_indices(idx.reshape(n, k).to(torch.uint8), bits, group_size)

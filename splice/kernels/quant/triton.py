@@ -1,7 +1,7 @@
 """Fused dequantize + matmul for ``splice::qlinear`` (int4 / int8, group-wise), in Triton.
 
 ``y[M, N] = x[M, K] @ dequant(qweight)[N, K].T + bias`` on splice's packed layout
-(``kernels/quant.py``): ``qweight`` uint8 ``[N, K/g, g*bits/8]`` (row-major, so row ``n`` is
+(``kernels/quant/grid.py``): ``qweight`` uint8 ``[N, K/g, g*bits/8]`` (row-major, so row ``n`` is
 ``K*bits/8`` contiguous bytes, code ``k`` in bits ``(k % (8/bits))*bits`` of byte ``k*bits/8``,
 low nibble first), ``scales`` ``[N, K/g]``, ``zeros`` packed the same way per row
 (``[N, ceil(G*bits/8)]``) or None for symmetric grids (zero ``2**(bits-1)``). Each program
@@ -9,7 +9,7 @@ computes a ``BLOCK_M x BLOCK_N`` tile of ``y``, walking K in blocks that lie ins
 (one scale and zero per output row per block): unpack the codes, ``(code - zero) * scale`` in
 fp32, cast to the activation dtype, ``tl.dot`` into an fp32 accumulator (as the Marlin /
 GPTQ-Triton kernels do, without their weight re-layouts). Matches the reference op
-(``kernels/ops.py``) to float rounding; tested on CPU with ``TRITON_INTERPRET=1``.
+(``kernels/quant/ops.py``) to float rounding; tested on CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ llm-compressor's W8A8 int8 scheme, torchao's ``int8_dynamic_activation_int8_weig
   by construction, so no clamp);
 * ``y = (float32(Σ_k q_tk · codes_nk) · s_n) · s_t + bias`` with the integer sum exact.
 
-The products and their order are the ones the ONNX form computes (``kernels/onnx.py``:
+The products and their order are the ones the ONNX form computes (``kernels/quant/onnx.py``:
 ``MatMulIntegerToFloat`` gives ``acc · (1 · s_n)``, then ``Mul`` by ``s_t``), so ONNX Runtime
 reproduces the reference bit for bit. Computed in float32 (the input is cast, the output cast back).
 """

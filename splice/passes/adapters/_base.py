@@ -22,7 +22,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, attr_users, set_attr
-from splice.kernels.quant import GroupGrid, dequantize_packed
+from splice.kernels.quant.grid import GroupGrid, dequantize_packed
 from splice.passes.adapters._common import layer_path
 from splice.passes.quantize._common import _sqnr_db
 

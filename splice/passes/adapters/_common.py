@@ -48,7 +48,6 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, validate_targets
 from splice.ir.train_hooks import set_input_dropout
-from splice.kernels import ops  # noqa: F401  (registers splice::lora_delta / splice::folded_adapter)
 from splice.passes.base import PassConfig
 
 ADD = torch.ops.aten.add.Tensor

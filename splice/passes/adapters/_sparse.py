@@ -1,7 +1,7 @@
 """Sparse fine-tuning masks as adapters: what ``adapter.lift``/``s2ft``/``sara``/``hft``/``dsee`` share.
 
 Only the selected entries of ``ΔW`` are stored and trainable; a fixed bool mask says where they
-go, and its shape carries the layer's dims (``kernels/ops.py``)::
+go, and its shape carries the layer's dims (``kernels/adapters/sparse_ops.py``)::
 
     sparse  splice::sparse_delta(x, values[nnz], mask[out, in], scale)   ΔW[mask] = values
     rows    splice::row_delta(x, values[k, in], mask[out], scale)        ΔW[mask, :] = values
@@ -25,7 +25,7 @@ import torch
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
-from splice.kernels.ops import scatter_mask
+from splice.kernels.adapters.sparse_ops import scatter_mask
 from splice.passes.adapters._base import base_op
 from splice.passes.adapters._common import AdapterConfig, Method, attach, layer_path, register_method, taken_names
 

@@ -31,7 +31,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.kernels.adapter_math import bat_update
+from splice.kernels.adapters.adapter_math import bat_update
 from splice.passes.adapters._base import float_base
 from splice.passes.adapters._common import AdapterConfig, Method, attach, check_rank_dropout, register_method, sites
 from splice.passes.adapters._inject import Layer, inject

@@ -21,7 +21,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.kernels.base_deltas import dora_norm
+from splice.kernels.adapters.base_deltas import dora_norm
 from splice.passes.adapters._base import float_base
 from splice.passes.adapters._common import Method, check_rank, register_method
 from splice.passes.adapters._inject import Layer, inject

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from splice.ir.graph import Graph
-from splice.kernels.factored import tucker4
+from splice.kernels.adapters.factored import tucker4
 from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     Layer,

@@ -24,7 +24,7 @@ import torch
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes, validate_targets
-from splice.kernels.base_deltas import mix
+from splice.kernels.adapters.base_deltas import mix
 from splice.passes.adapters._base import float_base
 from splice.passes.adapters._common import (
     AdapterConfig,

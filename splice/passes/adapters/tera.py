@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.ir.graph import Graph
-from splice.kernels.factored import tera_update
+from splice.kernels.adapters.factored import tera_update
 from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     FrozenRandom,

@@ -14,7 +14,6 @@ from torch import fx
 
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
-from splice.kernels import ops  # noqa: F401  (registers splice::observe)
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 
 OBSERVE = torch.ops.splice.observe.default

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
-from splice.kernels.observe import LayerStats, StatsStore
-from splice.kernels.quant import GroupGrid
+from splice.kernels.instrument.store import LayerStats, StatsStore
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize._common import WeightQuantConfig, layer_grid
 

@@ -16,8 +16,7 @@ from torch import fx
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
-from splice.kernels import ops  # noqa: F401  (registers splice::qlinear / splice::qembedding)
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig
 
 aten = torch.ops.aten

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from splice.ir.graph import Graph, attr_users
 from splice.ir.segments import SegmentRunner
 from splice.ir.select import select_nodes
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.quantize._common import WeightQuantConfig, layer_grid
 
 aten = torch.ops.aten

@@ -24,8 +24,8 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.train_hooks import TrainHook, register_train_hook
-from splice.kernels.fake_quant import fake_quantize, quantize_codes
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.fake_quant import fake_quantize, quantize_codes
+from splice.kernels.quant.grid import GroupGrid
 
 MOMENTUM = 0.01
 _OP = torch.ops.splice.fake_quant_linear.default

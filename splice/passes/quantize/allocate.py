@@ -40,8 +40,8 @@ from torch import fx
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
-from splice.kernels.packing import packed_width
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.packing import packed_width
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import input_hessians
 from splice.passes.quantize._common import check_not_quantized, quantize_layers, resolve_group

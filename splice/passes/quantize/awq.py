@@ -26,8 +26,8 @@ from torch import fx
 
 from splice.ir.graph import Graph, attr_users
 from splice.ir.select import module_path, op_kind, select_nodes
-from splice.kernels.observe import LayerStats
-from splice.kernels.quant import GroupGrid
+from splice.kernels.instrument.store import LayerStats
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup, solve_groups
 from splice.passes.quantize._common import (

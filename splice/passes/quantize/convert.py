@@ -15,8 +15,8 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.kernels.fake_quant import quantize_codes
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.fake_quant import quantize_codes
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._common import replace_node
 

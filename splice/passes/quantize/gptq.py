@@ -24,8 +24,8 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes
-from splice.kernels.observe import LayerStats
-from splice.kernels.quant import GroupGrid
+from splice.kernels.instrument.store import LayerStats
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup, solve_layers
 from splice.passes.quantize._common import WeightQuantConfig, quantize_layers

@@ -1,5 +1,5 @@
 """``quantize.nonuniform``: non-uniform weight grids stored as indices into a look-up table
-(``splice::lut_linear``, ``kernels/lut.py``). Two grid kinds (``grid=``):
+(``splice::lut_linear``, ``kernels/quant/lut.py``). Two grid kinds (``grid=``):
 
 * ``power`` — NUPES' power-exponent grid (https://arxiv.org/abs/2308.05600): levels
   ``sign(t)·|t|^p`` over ``2**bits`` uniform ``t`` in ``[-1, 1]``, times a scale per group of
@@ -29,7 +29,7 @@ from torch import fx
 
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
-from splice.kernels.lut import apply_scales, lut_lookup, pack_indices
+from splice.kernels.quant.lut import apply_scales, lut_lookup, pack_indices
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import input_hessians
 from splice.passes.quantize._common import _sqnr_db, check_not_quantized, resolve_group

@@ -44,7 +44,7 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
 from splice.passes.quantize._common import (WeightQuantConfig, check_not_quantized, layer_grid, quantize_layers,

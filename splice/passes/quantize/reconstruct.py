@@ -30,7 +30,7 @@ from torch import fx
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
 from splice.ir.select import module_path
-from splice.kernels.quant import GroupGrid
+from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
 from splice.passes.quantize._common import WeightQuantConfig, quantize_layers

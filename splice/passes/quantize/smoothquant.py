@@ -23,7 +23,7 @@ import torch
 
 from splice.ir.graph import Graph, attr_users
 from splice.ir.select import module_path, select_nodes, validate_targets
-from splice.kernels.observe import LayerStats
+from splice.kernels.instrument.store import LayerStats
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solve_groups
 from splice.passes.quantize._common import check_not_quantized

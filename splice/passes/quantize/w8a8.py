@@ -5,8 +5,8 @@ per-token dynamic activations; llm-compressor's ``W8A8`` int8 scheme, torchao's
 activation outliers into the weights first: ``-p quantize.smoothquant:alpha=0.5 -p quantize.w8a8``.
 
 Every selected ``aten.linear`` becomes ``splice::w8a8_linear(x, qweight int8 [N, K], w_scale [N],
-bias)``; the arithmetic (and why ONNX Runtime reproduces it exactly) is in ``kernels/w8a8.py``.
-In ONNX it runs on ORT's integer GEMM (``MatMulIntegerToFloat``, ``kernels/onnx.py``). A weight
+bias)``; the arithmetic (and why ONNX Runtime reproduces it exactly) is in ``kernels/quant/w8a8.py``.
+In ONNX it runs on ORT's integer GEMM (``MatMulIntegerToFloat``, ``kernels/quant/onnx.py``). A weight
 read by several linears is quantized once; a weight also read by an embedding (tied LM head)
 gets its own int8 copy and the embedding keeps the float table. Quantized layers are refused,
 as by every quantizer (quantize the float model).
@@ -19,8 +19,7 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
-from splice.kernels import ops  # noqa: F401  (registers splice::w8a8_linear)
-from splice.kernels.w8a8 import dequantize_weight, quantize_weight
+from splice.kernels.quant.w8a8 import dequantize_weight, quantize_weight
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._common import _sqnr_db, check_not_quantized, replace_node
 
