@@ -70,7 +70,7 @@ def with_tensors(graph: Graph, params: dict[str, torch.nn.Parameter]) -> Graph:
     return out
 
 
-def add_input_dropout(graph: Graph) -> int:
+def add_adapter_dropout(graph: Graph) -> int:
     """Put ``aten.dropout(x, p, train=True)`` on the first input of every node the IR marks for
     dropout (``ir/train_hooks.set_input_dropout``: an adapter's ``dropout`` option), in place, on
     the training copy only. Returns how many."""
@@ -159,7 +159,7 @@ def _prepare(graph: Graph, targets: list[str], data, cfg: TrainConfig, tokenizer
     examples = load_examples(data, cfg.loss, tokenizer, cfg.seq_len)
     params = {t: torch.nn.Parameter(graph.tensor(t).detach().clone(), requires_grad=True) for t in targets}
     work = with_tensors(graph, params)
-    add_input_dropout(work)
+    add_adapter_dropout(work)
     evaluator = with_tensors(graph, params)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
