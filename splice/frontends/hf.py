@@ -14,6 +14,7 @@ import torch
 from splice.errors import CaptureError, SpliceError
 from splice.frontends.torch_export import capture_module
 from splice.ir.graph import Graph
+from splice.progress import phase
 
 
 def find_gguf(path: Path) -> tuple[Path, str | None]:
@@ -45,8 +46,9 @@ def load_hf_model(path: Path) -> torch.nn.Module:
     cls = cls or (transformers.AutoModelForCausalLM if gguf else transformers.AutoModel)
     config.use_cache = False
     try:
-        model = cls.from_pretrained(directory, config=config, local_files_only=True, dtype=torch.float32,
-                                    attn_implementation="sdpa", **kw)
+        with phase(f"load {gguf} (GGUF dequantization)" if gguf else f"load {directory.name} weights"):
+            model = cls.from_pretrained(directory, config=config, local_files_only=True, dtype=torch.float32,
+                                        attn_implementation="sdpa", **kw)
     except Exception as e:
         raise SpliceError(f"{path}: cannot load {cls.__name__}: {str(e).splitlines()[0]}") from e
     return model.eval()
@@ -77,7 +79,8 @@ def capture_hf(path: str | Path) -> Graph:
     source = {"kind": "hf", "path": str(directory.resolve()), "gguf_file": gguf,
               "name": (gguf or directory.name), "model_type": model.config.model_type}
     try:
-        return capture_module(model, example_inputs_for(model), dynamic=True, source=source)
+        with phase(f"torch.export {source['name']}"):
+            return capture_module(model, example_inputs_for(model), dynamic=True, source=source)
     except CaptureError as e:
         raise CaptureError(f"{path}: {e}") from e
 

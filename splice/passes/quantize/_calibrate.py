@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
-from tqdm import tqdm
 
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
@@ -24,6 +23,7 @@ from splice.kernels.instrument.store import LayerStats, StatsStore
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize._common import WeightQuantConfig, layer_grid
+from splice.progress import track
 
 # (node, float weight [N, K], its input statistics, grid) -> (codes [N, K], scale [N, G], zero [N, G])
 SolveFn = Callable[[fx.Node, torch.Tensor, LayerStats, GroupGrid], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -85,7 +85,8 @@ def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], k
         runner = SegmentRunner(work.gm, calibration)
         observers = sorted(runner.nodes.index(m.args[0]) for members in groups.values() for m in members[:1])
         last = next(reversed(block_keys), None)
-        for block, block_key_list in tqdm(block_keys.items(), desc=pass_name, disable=not progress):
+        for block, block_key_list in track(block_keys.items(), f"{pass_name}: calibrate", unit="block",
+                                           show=progress):
             members = [m for key in block_key_list for m in groups[key]]
             end = max(block_end(work.gm, block), *(runner.nodes.index(m) for m in members))
             observed_end = max(i for i in observers if i <= end)  # statistics need the block only up to here
