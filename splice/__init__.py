@@ -36,8 +36,31 @@ def __getattr__(name: str):
     if name not in _HOME:
         raise AttributeError(f"module 'splice' has no attribute {name!r}")
     value = getattr(importlib.import_module(_HOME[name]), name)
+    if name in ("capture", "load"):
+        value = _with_passes(value)
     globals()[name] = value
     return value
+
+
+def _with_passes(make):
+    """``make`` (capture / load) for the API: its graphs get ``Graph.apply`` (the pass manager plugs
+    itself in when imported), passes that read a model by path (``adapter.extract:source=DIR``)
+    get the frontends' loader, and a loaded graph's pass versions are checked."""
+    import functools
+
+    from splice.frontends import capture
+    from splice.passes.base import check_history
+    from splice.passes.manager import set_graph_loader
+
+    set_graph_loader(capture)
+
+    @functools.wraps(make)
+    def checked(*args, **kwargs):
+        graph = make(*args, **kwargs)
+        check_history(graph)
+        return graph
+
+    return checked
 
 
 def __dir__() -> list[str]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy as _copy
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx
 from torch.export import Dim
 
+from splice.errors import SpliceError
 from splice.ir.select import module_path, op_kind
 from splice.kernels.registry import record
 
@@ -46,6 +47,14 @@ def arg_roles(op) -> dict[int, str]:
         rec = record(op)
         roles = rec.roles if rec is not None else {}
     return roles
+
+
+_APPLY: list[Callable[..., "Graph"]] = []  # what Graph.apply runs: the pass manager's apply
+
+
+def set_apply(fn: Callable[..., "Graph"]) -> None:
+    """Plug in ``Graph.apply``'s implementation (``splice.passes.manager`` does, on import)."""
+    _APPLY[:] = [fn]
 
 
 @dataclass
@@ -202,10 +211,12 @@ class Graph:
 
     # -------------------------------------------------------------- user API
     def apply(self, *specs: str, calibration=None, verify: bool = True) -> "Graph":
-        """Run passes given as ``name:key=val,...`` strings; returns the new Graph."""
-        from splice.passes.manager import Pipeline
-
-        return Pipeline.parse(list(specs)).run(self, calibration=calibration, verify=verify).graph
+        """Run passes given as ``name:key=val,...`` strings; returns the new Graph. The pass
+        manager plugs itself in here (``set_apply``) when it is imported, as the API does."""
+        if not _APPLY:
+            raise SpliceError("Graph.apply: no pass manager loaded (import splice.passes.manager, or make the "
+                              "graph with splice.capture / splice.load)")
+        return _APPLY[0](self, *specs, calibration=calibration, verify=verify)
 
     def save(self, path, *, force: bool = False) -> None:
         from splice.ir.artifact import save

@@ -109,7 +109,7 @@ ADALORA = register_method(Method("adalora", torch.ops.splice.adalora_delta.defau
                                  ("A", "E", "B"), _delta_weight))
 
 
-@register_pass("adapter.adalora", AdaLoraConfig, reference="https://arxiv.org/abs/2303.10512")
+@register_pass("adapter.adalora", AdaLoraConfig, reference="https://arxiv.org/abs/2303.10512", provides=("adapter",))
 def adalora(graph: Graph, cfg: AdaLoraConfig, ctx: PassContext) -> PassResult:
     who, r = "adapter.adalora", cfg.init_r
     gen = ctx.generator()

@@ -104,7 +104,7 @@ def _bat_layers(graph: Graph) -> set[str]:
     return {s.path for s in sites(graph) if s.method is BAT}
 
 
-@register_pass("adapter.bone", BoneConfig, reference="https://arxiv.org/abs/2409.15371")
+@register_pass("adapter.bone", BoneConfig, reference="https://arxiv.org/abs/2409.15371", provides=("adapter",))
 def bone(graph: Graph, cfg: BoneConfig, ctx: PassContext) -> PassResult:
     who, r = "adapter.bone", cfg.rank
     gen, has_bat = ctx.generator(), _bat_layers(graph)

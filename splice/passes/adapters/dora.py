@@ -66,7 +66,7 @@ def dora_tensors(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, scaling: flo
     return {"A": a, "B": b, "magnitude": m, "lora_scale": s}
 
 
-@register_pass("adapter.dora", DoraConfig, reference="https://arxiv.org/abs/2402.09353")
+@register_pass("adapter.dora", DoraConfig, reference="https://arxiv.org/abs/2402.09353", provides=("adapter",))
 def dora(graph: Graph, cfg: DoraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.dora"
     scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)

@@ -32,7 +32,7 @@ def residual_mask(w, rank: int, k: int):
     return top_k_mask((w - low_rank(w, rank)).abs(), k)
 
 
-@register_pass("adapter.dsee", DseeConfig, reference="https://arxiv.org/abs/2111.00160")
+@register_pass("adapter.dsee", DseeConfig, reference="https://arxiv.org/abs/2111.00160", provides=("adapter",))
 def dsee(graph: Graph, cfg: DseeConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 

@@ -1,8 +1,9 @@
 """``adapter.extract``: a fine-tuned model's weight delta as a LoRA adapter of a given rank.
 
 As PEFT's / mergekit's LoRA extraction (``mergekit-extract-lora``): the graph the pass runs on is
-the base; ``source`` is the fine-tuned model of the same architecture (an HF directory, a saved
-artifact or a ``.pt2``). For every targeted linear, ``ΔW = W_source − W_base`` is truncated to
+the base; the graph ``source`` (``ctx.graphs["source"]``) is the fine-tuned model of the same
+architecture, given as ``graphs={"source": g}`` or by path with the option ``source`` (an HF
+directory, a saved artifact or a ``.pt2``, which the API/CLI load). For every targeted linear, ``ΔW = W_source − W_base`` is truncated to
 its top-``rank`` SVD ``U S Vᵀ`` and split as ``A = √S Vᵀ [r, in]``, ``B = U √S [out, r]`` (PEFT
 layout, ``scale = 1``, i.e. ``lora_alpha = r``), attached with ``adapter.lora``'s method, so
 fold/unfold, ``save_peft`` and export treat it as any LoRA. The report gives the relative
@@ -13,11 +14,10 @@ Reference: https://arxiv.org/abs/2106.09685 (LoRA), mergekit's ``extract_lora.py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from splice.errors import ConfigError, SpliceError
+from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.passes.adapters._base import base_op
 from splice.passes.adapters._common import AdapterConfig, check_rank, layer_path
@@ -51,18 +51,8 @@ def low_rank_factors(dw: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     return a, b, float((dw - b @ a).norm()) / norm if norm > 0 else 0.0
 
 
-def _source_weights(path: str) -> dict[str, tuple[str, torch.Tensor]]:
+def _source_weights(src: Graph) -> dict[str, tuple[str, torch.Tensor]]:
     """``{layer path: (parameter name, float [out, in] weight)}`` of the fine-tuned model."""
-    from splice.frontends import capture
-
-    if not path:
-        raise ConfigError(f"{WHO}: option source is required (the fine-tuned model: HF dir, artifact or .pt2)")
-    if not Path(path).exists():
-        raise ConfigError(f"{WHO}: source '{path}': no such file or directory")
-    try:
-        src = capture(path)
-    except SpliceError as e:
-        raise ConfigError(f"{WHO}: source '{path}': {e}") from None
     out = {}
     for node in src.nodes("linear"):
         arg = node.args[1]
@@ -71,14 +61,17 @@ def _source_weights(path: str) -> dict[str, tuple[str, torch.Tensor]]:
     return out
 
 
-@register_pass(WHO, ExtractConfig, reference="https://arxiv.org/abs/2106.09685")
+@register_pass(WHO, ExtractConfig, reference="https://arxiv.org/abs/2106.09685", graphs=("source",),
+               provides=("adapter",), report_fields={"layers": "layers", "rel_error_mean": "mean rel. error",
+                                                     "rel_error_max": "max rel. error"})
 def extract(graph: Graph, cfg: ExtractConfig, ctx: PassContext) -> PassResult:
-    tuned = _source_weights(cfg.source)
+    tuned = _source_weights(ctx.graphs["source"])
+    where = cfg.source or "graphs['source']"
     errors = {}
 
     def build(path, w):
         if path not in tuned:
-            raise ConfigError(f"{WHO}: layer '{path}' is not in source '{cfg.source}' (a different architecture?)")
+            raise ConfigError(f"{WHO}: layer '{path}' is not in source '{where}' (a different architecture?)")
         name, w_tuned = tuned[path]
         if w_tuned.shape != w.shape:
             raise ConfigError(f"{WHO}: source parameter '{name}' has shape {list(w_tuned.shape)} but the base's is "

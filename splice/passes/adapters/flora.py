@@ -32,7 +32,7 @@ from splice.passes.adapters._inject import (
     inject,
     orthonormal,
 )
-from splice.passes.base import PassContext, PassResult, register_pass
+from splice.passes.base import Applies, PassContext, PassResult, register_pass
 
 _FACTORS = ("U_out", "U_in", "U_h", "U_w")
 _CONV_DEFAULTS = {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1}
@@ -68,7 +68,8 @@ FLORA = register_method(Method("flora", torch.ops.splice.flora_conv2d_delta.defa
                                ("core", *_FACTORS), _delta_weight, base_args=conv_args))
 
 
-@register_pass("adapter.flora", FloraConfig, reference="https://arxiv.org/abs/2403.14541")
+@register_pass("adapter.flora", FloraConfig, reference="https://arxiv.org/abs/2403.14541", provides=("adapter",),
+               applies=Applies("models with a conv layer", kinds=("conv",)))
 def flora(graph: Graph, cfg: FloraConfig, ctx: PassContext) -> PassResult:
     who, gen = "adapter.flora", ctx.generator()
 

@@ -60,7 +60,7 @@ class UnfoldConfig(_ByName):
     """Restore folded adapters: base weights back as they were, adapters re-created."""
 
 
-@register_pass("adapter.fold", FoldConfig, reference=_REF, requires=("adapter.lora",))
+@register_pass("adapter.fold", FoldConfig, reference=_REF, requires=("adapter",))
 def fold(graph: Graph, cfg: FoldConfig, ctx: PassContext) -> PassResult:
     who = "adapter.fold"
     every = sites(graph)
@@ -122,7 +122,7 @@ def _record(graph: Graph, base, group, originals, replaced: bool) -> None:
     rec.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
 
 
-@register_pass("adapter.unfold", UnfoldConfig, reference=_REF, requires=("adapter.lora", "adapter.fold"))
+@register_pass("adapter.unfold", UnfoldConfig, reference=_REF, requires=("adapter.fold",), provides=("adapter",))
 def unfold(graph: Graph, cfg: UnfoldConfig, ctx: PassContext) -> PassResult:
     who, recs = "adapter.unfold", records(graph)
     picked = [r for r in recs if not cfg.name or any(a["name"] == cfg.name for a in r.spec["adapters"])]

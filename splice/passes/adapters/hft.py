@@ -33,7 +33,7 @@ def half_rows(out_features: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
-@register_pass("adapter.hft", HftConfig, reference="https://arxiv.org/abs/2404.18466")
+@register_pass("adapter.hft", HftConfig, reference="https://arxiv.org/abs/2404.18466", provides=("adapter",))
 def hft(graph: Graph, cfg: HftConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()  # Pipeline.run(seed=...)
 

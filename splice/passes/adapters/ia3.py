@@ -73,7 +73,7 @@ IA3_FF = register_method(Method("ia3_ff", torch.ops.splice.ia3_ff_linear.default
                                 reads=("out", "x", "weight", "bias"), affine=_in_affine, recomputes=True))
 
 
-@register_pass("adapter.ia3", IA3Config, reference="https://arxiv.org/abs/2205.05638")
+@register_pass("adapter.ia3", IA3Config, reference="https://arxiv.org/abs/2205.05638", provides=("adapter",))
 def ia3(graph: Graph, cfg: IA3Config, ctx: PassContext) -> PassResult:
     who = "adapter.ia3"
     chosen = select_nodes(graph.gm, cfg.targets, ("linear",), who)

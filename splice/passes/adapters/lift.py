@@ -29,7 +29,7 @@ def principal_mask(w, rank: int, k: int):
     return top_k_mask(low_rank(w, rank).abs(), k)
 
 
-@register_pass("adapter.lift", LiftConfig, reference="https://arxiv.org/abs/2506.00772")
+@register_pass("adapter.lift", LiftConfig, reference="https://arxiv.org/abs/2506.00772", provides=("adapter",))
 def lift(graph: Graph, cfg: LiftConfig, ctx: PassContext) -> PassResult:
     def build(path, w):
         check_rank("adapter.lift", cfg.rank, path, *w.shape)

@@ -88,7 +88,7 @@ def init_lora(init: str, w: torch.Tensor | None, rank: int, out_f: int, in_f: in
     return a, b, w - scaling * (b @ a)
 
 
-@register_pass("adapter.lora", LoraConfig, reference="https://arxiv.org/abs/2106.09685")
+@register_pass("adapter.lora", LoraConfig, reference="https://arxiv.org/abs/2106.09685", provides=("adapter",))
 def lora(graph: Graph, cfg: LoraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.lora"
     scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)

@@ -55,7 +55,7 @@ NOLA = register_method(Method("nola", torch.ops.splice.nola_delta.default,
                               ("coef_a", "coef_b", "basis_a", "basis_b", "scale"), ("coef_a", "coef_b"), _delta_weight))
 
 
-@register_pass("adapter.nola", NolaConfig, reference="https://arxiv.org/abs/2310.02556")
+@register_pass("adapter.nola", NolaConfig, reference="https://arxiv.org/abs/2310.02556", provides=("adapter",))
 def nola(graph: Graph, cfg: NolaConfig, ctx: PassContext) -> PassResult:
     who, k, r = "adapter.nola", cfg.num_basis, cfg.rank
     bases, gen = FrozenRandom(graph, cfg.name, cfg.seed), ctx.generator()

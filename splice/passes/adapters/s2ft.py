@@ -59,7 +59,7 @@ def channel_mask(w: torch.Tensor, cfg: S2ftConfig, gen: torch.Generator, path: s
     return unit_mask.repeat_interleave(cfg.group)
 
 
-@register_pass("adapter.s2ft", S2ftConfig, reference="https://arxiv.org/abs/2412.06289")
+@register_pass("adapter.s2ft", S2ftConfig, reference="https://arxiv.org/abs/2412.06289", provides=("adapter",))
 def s2ft(graph: Graph, cfg: S2ftConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 

@@ -36,7 +36,7 @@ def small_weights_mask(w, density: float, threshold: float):
     return top_k_mask(-w.abs(), count(density, w.numel()))
 
 
-@register_pass("adapter.sara", SaraConfig, reference="https://arxiv.org/abs/2409.06633")
+@register_pass("adapter.sara", SaraConfig, reference="https://arxiv.org/abs/2409.06633", provides=("adapter",))
 def sara(graph: Graph, cfg: SaraConfig, ctx: PassContext) -> PassResult:
     def build(path, w):
         mask = small_weights_mask(w, cfg.density, cfg.threshold)

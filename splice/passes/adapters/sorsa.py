@@ -47,7 +47,7 @@ SORSA = register_method(Method("sorsa", torch.ops.splice.sorsa_delta.default, ("
                                ("U", "S", "Vh"), partial(svd_delta_weight, s_key="S")))
 
 
-@register_pass("adapter.sorsa", SorsaConfig, reference="https://arxiv.org/abs/2409.00055")
+@register_pass("adapter.sorsa", SorsaConfig, reference="https://arxiv.org/abs/2409.00055", provides=("adapter",))
 def sorsa(graph: Graph, cfg: SorsaConfig, ctx: PassContext) -> PassResult:
     who = "adapter.sorsa"
 

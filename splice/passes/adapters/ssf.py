@@ -42,7 +42,7 @@ SSF = register_method(Method("ssf", torch.ops.splice.ssf_delta.default, ("gamma"
                              None, reads=("out",), affine=_affine))
 
 
-@register_pass("adapter.ssf", SSFConfig, reference="https://arxiv.org/abs/2210.08823")
+@register_pass("adapter.ssf", SSFConfig, reference="https://arxiv.org/abs/2210.08823", provides=("adapter",))
 def ssf(graph: Graph, cfg: SSFConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 

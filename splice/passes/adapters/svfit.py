@@ -41,7 +41,7 @@ SVFIT = register_method(Method("svfit", torch.ops.splice.svfit_delta.default, ("
                                partial(svd_delta_weight, s_key="ds")))
 
 
-@register_pass("adapter.svfit", SvfitConfig, reference="https://arxiv.org/abs/2409.05926")
+@register_pass("adapter.svfit", SvfitConfig, reference="https://arxiv.org/abs/2409.05926", provides=("adapter",))
 def svfit(graph: Graph, cfg: SvfitConfig, ctx: PassContext) -> PassResult:
     who = "adapter.svfit"
 

@@ -65,7 +65,7 @@ TERA = register_method(Method("tera", torch.ops.splice.tera_delta.default, ("lam
                               ("lam",), _delta_weight))
 
 
-@register_pass("adapter.tera", TeraConfig, reference="https://arxiv.org/abs/2509.03234")
+@register_pass("adapter.tera", TeraConfig, reference="https://arxiv.org/abs/2509.03234", provides=("adapter",))
 def tera(graph: Graph, cfg: TeraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.tera"
     shared = FrozenRandom(graph, cfg.name, cfg.seed)

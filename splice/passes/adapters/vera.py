@@ -78,7 +78,7 @@ def largest_shape(graph: Graph, targets: str, who: str) -> tuple[int, int]:
     return max(s[0] for s in shapes), max(s[1] for s in shapes)
 
 
-@register_pass("adapter.vera", VeraConfig, reference="https://arxiv.org/abs/2310.11454")
+@register_pass("adapter.vera", VeraConfig, reference="https://arxiv.org/abs/2310.11454", provides=("adapter",))
 def vera(graph: Graph, cfg: VeraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.vera"
     max_out, max_in = largest_shape(graph, cfg.targets, who)

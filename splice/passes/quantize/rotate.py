@@ -38,7 +38,7 @@ from torch import fx
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, attr_users, set_attr
 from splice.ir.select import module_path, op_kind
-from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
+from splice.passes.base import Applies, PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._common import check_not_quantized
 from splice.passes.quantize._hadamard import rotation
 from splice.passes.quantize._smooth import is_last_dim, last_dim
@@ -226,7 +226,17 @@ def _drop_norm_weight(graph: Graph, norm: _Norm) -> None:
         graph.gm.graph.erase_node(norm.out)
 
 
-@register_pass(NAME, RotateConfig, reference="https://arxiv.org/abs/2404.00456")
+def rotatable(graph: Graph) -> bool:
+    """Whether ``trace_stream`` finds a residual stream to rotate (an RMSNorm decoder)."""
+    try:
+        trace_stream(graph)
+    except ConfigError:
+        return False
+    return True
+
+
+@register_pass(NAME, RotateConfig, reference="https://arxiv.org/abs/2404.00456",
+               applies=Applies("decoders whose residual stream only RMSNorms read (Llama, Qwen2, ...)", check=rotatable))
 def rotate(graph: Graph, cfg: RotateConfig, ctx: PassContext) -> PassResult:
     stream = trace_stream(graph)
     dim = graph.tensor(stream.roots[0].args[0].target).shape[1]
