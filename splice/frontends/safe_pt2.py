@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,9 @@ def _sample_inputs(archive: _Archive, allowed: bool) -> tuple | None:
     if not allowed:
         raise archive.refuse(member, "pickled sample inputs (a splice artifact keeps them in inputs.safetensors)")
     try:
-        inputs = torch.load(io.BytesIO(data), weights_only=True)
+        with warnings.catch_warnings():  # "pickle protocol 4" and the like: the refusal below says it all
+            warnings.simplefilter("ignore")
+            inputs = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and containers
         raise archive.refuse(member, f"sample inputs need more than weights_only ({type(e).__name__})") from None
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple)
