@@ -18,6 +18,7 @@ from splice.frontends.safe_pt2 import read_program
 from splice.frontends.torch_export import graph_from_program
 from splice.ir.artifact import INPUTS, MANIFEST, PROGRAM, read_manifest
 from splice.ir.graph import Graph
+from splice.progress import phase
 
 
 def _example_inputs(path: Path, names: list) -> tuple:
@@ -40,9 +41,11 @@ def load(path: str | Path) -> Graph:
         return graph_from_program(ep, inputs, {"kind": "pt2", "path": str(path.resolve()), "name": path.stem})
     if not (path / MANIFEST).is_file():
         raise SpliceError(f"{path}: not a splice artifact (no {MANIFEST})")
-    manifest = read_manifest(path)
+    with phase(f"check {path.name} (manifest, file hashes)"):
+        manifest = read_manifest(path)
     inputs = _example_inputs(path, manifest["inputs"])
-    ep, _ = read_program(path / PROGRAM)
+    with phase(f"read {path.name}/{PROGRAM} (program, weights)"):
+        ep, _ = read_program(path / PROGRAM)
     try:
         dynamic = {k: {int(a): v for a, v in d.items()} for k, d in manifest["dynamic"].items()}
     except (AttributeError, TypeError, ValueError):
