@@ -81,7 +81,7 @@ def load_recipe(path: str | Path) -> list[tuple[PassInfo, PassConfig]]:
         try:
             out.append(_recipe_item(item))
         except ConfigError as e:
-            raise ConfigError(f"recipe {path}, pass #{i}: {e}") from None
+            raise type(e)(f"recipe {path}, pass #{i}: {e}") from None
     return out
 
 

@@ -77,6 +77,10 @@ def check_rank_dropout(rank: int, dropout: float) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
+# the report fields of every pass that attaches adapters (``report_fields=``)
+ADAPTER_REPORT = {"adapter": "adapter name", "layers": "layers adapted", "trainable_params": "trainable parameters"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdapterConfig(PassConfig):
     """Fields every adapter pass takes."""

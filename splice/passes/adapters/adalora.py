@@ -35,6 +35,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.passes.adapters._common import (
+    ADAPTER_REPORT,
     AdapterConfig,
     Method,
     Site,
@@ -109,7 +110,8 @@ ADALORA = register_method(Method("adalora", torch.ops.splice.adalora_delta.defau
                                  ("A", "E", "B"), _delta_weight))
 
 
-@register_pass("adapter.adalora", AdaLoraConfig, reference="https://arxiv.org/abs/2303.10512", provides=("adapter",))
+@register_pass("adapter.adalora", AdaLoraConfig, reference="https://arxiv.org/abs/2303.10512", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def adalora(graph: Graph, cfg: AdaLoraConfig, ctx: PassContext) -> PassResult:
     who, r = "adapter.adalora", cfg.init_r
     gen = ctx.generator()

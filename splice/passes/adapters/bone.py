@@ -33,7 +33,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.kernels.adapters.adapter_math import bat_update
 from splice.passes.adapters._base import float_base
-from splice.passes.adapters._common import AdapterConfig, Method, attach, check_rank_dropout, register_method, sites
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, attach, check_rank_dropout, register_method, sites
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, most_common, register_peft_format
 from splice.passes.adapters.lora_peft import refuse_options
@@ -104,7 +104,8 @@ def _bat_layers(graph: Graph) -> set[str]:
     return {s.path for s in sites(graph) if s.method is BAT}
 
 
-@register_pass("adapter.bone", BoneConfig, reference="https://arxiv.org/abs/2409.15371", provides=("adapter",))
+@register_pass("adapter.bone", BoneConfig, reference="https://arxiv.org/abs/2409.15371", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def bone(graph: Graph, cfg: BoneConfig, ctx: PassContext) -> PassResult:
     who, r = "adapter.bone", cfg.rank
     gen, has_bat = ctx.generator(), _bat_layers(graph)

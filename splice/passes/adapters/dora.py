@@ -23,7 +23,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.kernels.adapters.base_deltas import dora_norm
 from splice.passes.adapters._base import float_base
-from splice.passes.adapters._common import Method, check_rank, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, Method, check_rank, register_method
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, register_peft_format
 from splice.passes.adapters.lora import LoraConfig, init_lora, lora_scaling
@@ -66,7 +66,8 @@ def dora_tensors(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, scaling: flo
     return {"A": a, "B": b, "magnitude": m, "lora_scale": s}
 
 
-@register_pass("adapter.dora", DoraConfig, reference="https://arxiv.org/abs/2402.09353", provides=("adapter",))
+@register_pass("adapter.dora", DoraConfig, reference="https://arxiv.org/abs/2402.09353", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def dora(graph: Graph, cfg: DoraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.dora"
     scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)

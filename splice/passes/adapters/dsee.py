@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import check_rank
+from splice.passes.adapters._common import ADAPTER_REPORT, check_rank
 from splice.passes.adapters._sparse import DSEE, RankDensityConfig, attach_per_layer, count, low_rank, \
     sparse_update, top_k_mask
 from splice.passes.adapters.lora import init_lora
@@ -32,7 +32,8 @@ def residual_mask(w, rank: int, k: int):
     return top_k_mask((w - low_rank(w, rank)).abs(), k)
 
 
-@register_pass("adapter.dsee", DseeConfig, reference="https://arxiv.org/abs/2111.00160", provides=("adapter",))
+@register_pass("adapter.dsee", DseeConfig, reference="https://arxiv.org/abs/2111.00160", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def dsee(graph: Graph, cfg: DseeConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 

@@ -25,7 +25,7 @@ from torch import fx
 
 from splice.ir.graph import Graph
 from splice.kernels.adapters.factored import tucker4
-from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     Layer,
     check_options,
@@ -69,7 +69,8 @@ FLORA = register_method(Method("flora", torch.ops.splice.flora_conv2d_delta.defa
 
 
 @register_pass("adapter.flora", FloraConfig, reference="https://arxiv.org/abs/2403.14541", provides=("adapter",),
-               applies=Applies("models with a conv layer", kinds=("conv",)))
+               applies=Applies("models with a conv layer", kinds=("conv",)),
+               report_fields=ADAPTER_REPORT)
 def flora(graph: Graph, cfg: FloraConfig, ctx: PassContext) -> PassResult:
     who, gen = "adapter.flora", ctx.generator()
 

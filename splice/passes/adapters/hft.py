@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig
 from splice.passes.adapters._sparse import attach_per_layer, channel_update
 from splice.passes.base import PassContext, PassResult, register_pass
 
@@ -33,7 +33,8 @@ def half_rows(out_features: int, gen: torch.Generator) -> torch.Tensor:
     return mask
 
 
-@register_pass("adapter.hft", HftConfig, reference="https://arxiv.org/abs/2404.18466", provides=("adapter",))
+@register_pass("adapter.hft", HftConfig, reference="https://arxiv.org/abs/2404.18466", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def hft(graph: Graph, cfg: HftConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()  # Pipeline.run(seed=...)
 

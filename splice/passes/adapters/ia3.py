@@ -27,6 +27,7 @@ from splice.ir.select import select_nodes, validate_targets
 from splice.kernels.adapters.base_deltas import mix
 from splice.passes.adapters._base import float_base
 from splice.passes.adapters._common import (
+    ADAPTER_REPORT,
     AdapterConfig,
     Method,
     attach,
@@ -73,7 +74,8 @@ IA3_FF = register_method(Method("ia3_ff", torch.ops.splice.ia3_ff_linear.default
                                 reads=("out", "x", "weight", "bias"), affine=_in_affine, recomputes=True))
 
 
-@register_pass("adapter.ia3", IA3Config, reference="https://arxiv.org/abs/2205.05638", provides=("adapter",))
+@register_pass("adapter.ia3", IA3Config, reference="https://arxiv.org/abs/2205.05638", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def ia3(graph: Graph, cfg: IA3Config, ctx: PassContext) -> PassResult:
     who = "adapter.ia3"
     chosen = select_nodes(graph.gm, cfg.targets, ("linear",), who)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import check_rank
+from splice.passes.adapters._common import ADAPTER_REPORT, check_rank
 from splice.passes.adapters._sparse import SPARSE, RankDensityConfig, attach_per_layer, count, low_rank, \
     sparse_update, top_k_mask
 from splice.passes.base import PassContext, PassResult, register_pass
@@ -29,7 +29,8 @@ def principal_mask(w, rank: int, k: int):
     return top_k_mask(low_rank(w, rank).abs(), k)
 
 
-@register_pass("adapter.lift", LiftConfig, reference="https://arxiv.org/abs/2506.00772", provides=("adapter",))
+@register_pass("adapter.lift", LiftConfig, reference="https://arxiv.org/abs/2506.00772", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def lift(graph: Graph, cfg: LiftConfig, ctx: PassContext) -> PassResult:
     def build(path, w):
         check_rank("adapter.lift", cfg.rank, path, *w.shape)

@@ -26,7 +26,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.base import PassContext, PassResult, register_pass
 
@@ -88,7 +88,8 @@ def init_lora(init: str, w: torch.Tensor | None, rank: int, out_f: int, in_f: in
     return a, b, w - scaling * (b @ a)
 
 
-@register_pass("adapter.lora", LoraConfig, reference="https://arxiv.org/abs/2106.09685", provides=("adapter",))
+@register_pass("adapter.lora", LoraConfig, reference="https://arxiv.org/abs/2106.09685", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def lora(graph: Graph, cfg: LoraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.lora"
     scaling = lora_scaling(cfg.alpha, cfg.rank, cfg.rslora)

@@ -21,7 +21,7 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.kernels.adapters.factored import nola_factors
-from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     FrozenRandom,
     Layer,
@@ -55,7 +55,8 @@ NOLA = register_method(Method("nola", torch.ops.splice.nola_delta.default,
                               ("coef_a", "coef_b", "basis_a", "basis_b", "scale"), ("coef_a", "coef_b"), _delta_weight))
 
 
-@register_pass("adapter.nola", NolaConfig, reference="https://arxiv.org/abs/2310.02556", provides=("adapter",))
+@register_pass("adapter.nola", NolaConfig, reference="https://arxiv.org/abs/2310.02556", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def nola(graph: Graph, cfg: NolaConfig, ctx: PassContext) -> PassResult:
     who, k, r = "adapter.nola", cfg.num_basis, cfg.rank
     bases, gen = FrozenRandom(graph, cfg.name, cfg.seed), ctx.generator()

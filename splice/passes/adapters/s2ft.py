@@ -19,7 +19,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig
 from splice.passes.adapters._sparse import attach_per_layer, channel_update, check_fraction, count
 from splice.passes.base import PassContext, PassResult, register_pass
 
@@ -59,7 +59,8 @@ def channel_mask(w: torch.Tensor, cfg: S2ftConfig, gen: torch.Generator, path: s
     return unit_mask.repeat_interleave(cfg.group)
 
 
-@register_pass("adapter.s2ft", S2ftConfig, reference="https://arxiv.org/abs/2412.06289", provides=("adapter",))
+@register_pass("adapter.s2ft", S2ftConfig, reference="https://arxiv.org/abs/2412.06289", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def s2ft(graph: Graph, cfg: S2ftConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 

@@ -15,6 +15,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.passes.adapters._sparse import SPARSE, DensityConfig, attach_per_layer, count, sparse_update, top_k_mask
 from splice.passes.base import PassContext, PassResult, register_pass
+from splice.passes.adapters._common import ADAPTER_REPORT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +37,8 @@ def small_weights_mask(w, density: float, threshold: float):
     return top_k_mask(-w.abs(), count(density, w.numel()))
 
 
-@register_pass("adapter.sara", SaraConfig, reference="https://arxiv.org/abs/2409.06633", provides=("adapter",))
+@register_pass("adapter.sara", SaraConfig, reference="https://arxiv.org/abs/2409.06633", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def sara(graph: Graph, cfg: SaraConfig, ctx: PassContext) -> PassResult:
     def build(path, w):
         mask = small_weights_mask(w, cfg.density, cfg.threshold)

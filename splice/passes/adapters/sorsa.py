@@ -20,7 +20,7 @@ import torch
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, get_attr
 from splice.ir.train_hooks import TrainHook, register_train_hook
-from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method, sites
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, check_rank, register_method, sites
 from splice.passes.adapters._inject import (
     Layer,
     check_options,
@@ -47,7 +47,8 @@ SORSA = register_method(Method("sorsa", torch.ops.splice.sorsa_delta.default, ("
                                ("U", "S", "Vh"), partial(svd_delta_weight, s_key="S")))
 
 
-@register_pass("adapter.sorsa", SorsaConfig, reference="https://arxiv.org/abs/2409.00055", provides=("adapter",))
+@register_pass("adapter.sorsa", SorsaConfig, reference="https://arxiv.org/abs/2409.00055", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def sorsa(graph: Graph, cfg: SorsaConfig, ctx: PassContext) -> PassResult:
     who = "adapter.sorsa"
 

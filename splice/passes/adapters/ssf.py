@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig, Method, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, register_method
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.base import PassContext, PassResult, register_pass
 
@@ -42,7 +42,8 @@ SSF = register_method(Method("ssf", torch.ops.splice.ssf_delta.default, ("gamma"
                              None, reads=("out",), affine=_affine))
 
 
-@register_pass("adapter.ssf", SSFConfig, reference="https://arxiv.org/abs/2210.08823", provides=("adapter",))
+@register_pass("adapter.ssf", SSFConfig, reference="https://arxiv.org/abs/2210.08823", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def ssf(graph: Graph, cfg: SSFConfig, ctx: PassContext) -> PassResult:
     gen = ctx.generator()
 

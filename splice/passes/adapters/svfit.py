@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from splice.ir.graph import Graph
-from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     Layer,
     check_options,
@@ -41,7 +41,8 @@ SVFIT = register_method(Method("svfit", torch.ops.splice.svfit_delta.default, ("
                                partial(svd_delta_weight, s_key="ds")))
 
 
-@register_pass("adapter.svfit", SvfitConfig, reference="https://arxiv.org/abs/2409.05926", provides=("adapter",))
+@register_pass("adapter.svfit", SvfitConfig, reference="https://arxiv.org/abs/2409.05926", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def svfit(graph: Graph, cfg: SvfitConfig, ctx: PassContext) -> PassResult:
     who = "adapter.svfit"
 

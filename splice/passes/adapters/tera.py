@@ -25,7 +25,7 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.kernels.adapters.factored import tera_update
-from splice.passes.adapters._common import AdapterConfig, Method, check_rank, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, check_rank, register_method
 from splice.passes.adapters._inject import (
     FrozenRandom,
     Layer,
@@ -65,7 +65,8 @@ TERA = register_method(Method("tera", torch.ops.splice.tera_delta.default, ("lam
                               ("lam",), _delta_weight))
 
 
-@register_pass("adapter.tera", TeraConfig, reference="https://arxiv.org/abs/2509.03234", provides=("adapter",))
+@register_pass("adapter.tera", TeraConfig, reference="https://arxiv.org/abs/2509.03234", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def tera(graph: Graph, cfg: TeraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.tera"
     shared = FrozenRandom(graph, cfg.name, cfg.seed)

@@ -25,7 +25,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import AdapterConfig, Method, attach, check_rank_dropout, register_method
+from splice.passes.adapters._common import ADAPTER_REPORT, AdapterConfig, Method, attach, check_rank_dropout, register_method
 from splice.passes.adapters._inject import Layer, inject
 from splice.passes.adapters._peft import PeftLoad, base_config, register_peft_format
 from splice.passes.adapters.lora_peft import refuse_options
@@ -78,7 +78,8 @@ def largest_shape(graph: Graph, targets: str, who: str) -> tuple[int, int]:
     return max(s[0] for s in shapes), max(s[1] for s in shapes)
 
 
-@register_pass("adapter.vera", VeraConfig, reference="https://arxiv.org/abs/2310.11454", provides=("adapter",))
+@register_pass("adapter.vera", VeraConfig, reference="https://arxiv.org/abs/2310.11454", provides=("adapter",),
+               report_fields=ADAPTER_REPORT)
 def vera(graph: Graph, cfg: VeraConfig, ctx: PassContext) -> PassResult:
     who = "adapter.vera"
     max_out, max_in = largest_shape(graph, cfg.targets, who)

@@ -6,18 +6,23 @@ Sequential mode (``sequential=True``, as llm-compressor's sequential pipeline): 
 graph order; each block's statistics are gathered on activations produced by the blocks
 before it *already quantized*, the block's layers are solved, then the block is re-run with its
 quantized weights to produce the next block's inputs. Only one block's statistics are alive at
-a time. Otherwise the whole graph runs once and every layer is solved from those statistics.
+a time. Otherwise the whole graph runs once and every layer is solved from those statistics:
+those are statistics of the float graph, so ``input_stats`` shares them through the pipeline's
+analysis cache (``PassContext.cache``), keyed by each input value's fingerprint and the
+calibration data: GPTQ, AWQ, SmoothQuant, allocate and nonuniform on the same weights gather once.
 Observer kind ``asym`` (GPTAQ) also runs the float graph block by block beside the quantized
 copy, so each layer sees how its quantized-model inputs differ from the float model's.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import fx
 
 from splice.ir.graph import Graph, set_attr
+from splice.passes.analysis import AnalysisCache, tensors_fingerprint, value_fingerprints
 from splice.ir.segments import SegmentRunner, block_end, blocks
 from splice.kernels.instrument.store import LayerStats, StatsStore
 from splice.kernels.quant.grid import GroupGrid
@@ -31,6 +36,7 @@ Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # (layers reading one input tensor, their float weights, that input's statistics)
 #   -> the float weights the rest of calibration should see (e.g. dequantized), one per layer
 GroupSolveFn = Callable[[list[fx.Node], list[torch.Tensor], LayerStats], list[torch.Tensor]]
+CACHED = {"hessian": ("xtx",), "act": ("abs_sum", "abs_max")}  # kinds input_stats caches: their LayerStats fields
 
 
 class _FloatReference:
@@ -51,12 +57,58 @@ class _FloatReference:
         self.runner.run_to(end)
 
 
+def _merged(held: tuple[frozenset, LayerStats] | None, new: LayerStats, kinds: tuple[str, ...]):
+    """A cache entry holding ``held``'s kinds and ``new``'s (same rows: the same data)."""
+    if held is None:
+        return frozenset(kinds), new
+    stats = dataclasses.replace(held[1])
+    for kind in kinds:
+        for name in CACHED[kind]:
+            setattr(stats, name, getattr(new, name))
+    return held[0] | frozenset(kinds), stats
+
+
+def _gather(graph: Graph, nodes: list[fx.Node], calibration: list[tuple],
+            kinds: tuple[str, ...]) -> dict[str, LayerStats]:
+    """Run ``calibration`` once through an observed copy of ``graph``: statistics of each node's input."""
+    work = graph.copy()
+    by_name = {n.name: n for n in work.gm.graph.nodes}
+    keys = insert_observers(work, [by_name[n.name] for n in nodes])
+    store = StatsStore({k: kinds for k in keys.values()})
+    with store.recording(), torch.no_grad():
+        for sample in calibration:
+            work.gm(*sample)
+    return {node.name: store.stats.get(key, LayerStats()) for node, key in keys.items()}
+
+
+def input_stats(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], kinds: tuple[str, ...],
+                cache: AnalysisCache | None = None) -> dict[str, LayerStats]:
+    """Statistics (``kinds``) of the input of each of ``nodes`` (of ``graph``) on ``calibration``
+    with the float graph run once, by node name; do not modify them (they may be shared). With a
+    ``cache``, kinds in ``CACHED`` are looked up by the input value's fingerprint and the
+    calibration's, and the graph runs only for inputs (and kinds) not gathered before."""
+    if cache is None or not set(kinds) <= CACHED.keys():
+        return _gather(graph, nodes, calibration, kinds)
+    fps, data = value_fingerprints(graph), tensors_fingerprint(calibration)
+    held = {fps[n.args[0]]: cache.get("input_stats", fps[n.args[0]], data) for n in nodes}
+    missing = [n for n in nodes if held[fps[n.args[0]]] is None or not set(kinds) <= held[fps[n.args[0]]][0]]
+    if missing:
+        cache.ran("input_stats")
+        fresh = _gather(graph, missing, calibration, kinds)
+        for fp, node in {fps[n.args[0]]: n for n in missing}.items():  # one node per input value
+            held[fp] = _merged(held[fp], fresh[node.name], kinds)
+            cache.put("input_stats", fp, data, held[fp])
+    return {n.name: held[fps[n.args[0]]][1] for n in nodes}
+
+
 def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], kinds: tuple[str, ...],
-                 solve_group: GroupSolveFn, *, sequential: bool, pass_name: str, progress: bool = False) -> None:
+                 solve_group: GroupSolveFn, *, sequential: bool, pass_name: str, progress: bool = False,
+                 cache: AnalysisCache | None = None) -> None:
     """Call ``solve_group`` once per set of ``nodes`` (linears of ``graph``, left untouched) that
     read the same input tensor (q/k/v, gate/up), in graph order, with that input's statistics.
     ``solve_group`` receives the nodes of a private working copy; their weights there are
-    replaced by what it returns, so later blocks calibrate on the solved layers' outputs."""
+    replaced by what it returns, so later blocks calibrate on the solved layers' outputs.
+    Not sequential, the statistics come from ``input_stats`` (through ``cache``)."""
     work = graph.copy()
     by_name = {n.name: n for n in work.gm.graph.nodes}
     targets = [by_name[n.name] for n in nodes]
@@ -72,10 +124,10 @@ def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], k
     by_block = blocks(work.gm, [members[0] for members in groups.values()])
     block_keys = {block: [keys[m] for m in firsts] for block, firsts in by_block.items()}
 
-    def solve_block(block_key_list: list[str]) -> None:
+    def solve_block(block_key_list: list[str], take: Callable[[str], LayerStats]) -> None:
         for key in block_key_list:
             members = groups[key]
-            stats = store.pop(key)
+            stats = take(key)
             weights = [work.tensor(m.args[1].target).detach().float() for m in members]
             for node, new in zip(members, solve_group(members, weights, stats)):
                 old = work.tensor(node.args[1].target)
@@ -95,21 +147,19 @@ def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], k
             snap = runner.snapshot()
             with store.recording():
                 runner.run_to(observed_end)
-            solve_block(block_key_list)
+            solve_block(block_key_list, store.pop)
             if block != last:  # the next blocks' inputs, through this block's solved layers
                 runner.restore(snap)
                 runner.run_to(end)
     else:
-        with store.recording(), torch.no_grad():
-            for sample in calibration:
-                work.gm(*sample)
+        by_input = input_stats(graph, nodes, calibration, tuple(x for x in kinds if x != "asym"), cache)
         for block_key_list in block_keys.values():
-            solve_block(block_key_list)
+            solve_block(block_key_list, lambda key: by_input[groups[key][0].name])
 
 
 def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, calibration: list[tuple],
                  kinds: tuple[str, ...], solve: SolveFn, *, sequential: bool, pass_name: str,
-                 progress: bool = False) -> dict[str, Solution]:
+                 progress: bool = False, cache: AnalysisCache | None = None) -> dict[str, Solution]:
     """Solutions keyed by weight target for the linear ``nodes`` of ``graph`` (untouched),
     each layer solved on its own by ``solve``."""
     solutions: dict[str, Solution] = {}
@@ -128,7 +178,7 @@ def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, cal
         return out
 
     solve_groups(graph, nodes, calibration, kinds, solve_each, sequential=sequential,
-                 pass_name=pass_name, progress=progress)
+                 pass_name=pass_name, progress=progress, cache=cache)
     return solutions
 
 
@@ -146,20 +196,16 @@ def solution_lookup(solutions: dict[str, Solution]):
     return lookup
 
 
-def input_hessians(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], *, pass_name: str,
-                   progress: bool = False) -> dict[str, torch.Tensor]:
+def input_hessians(graph: Graph, nodes: list[fx.Node], calibration: list[tuple],
+                   cache: AnalysisCache | None = None) -> dict[str, torch.Tensor]:
     """``H = 2XᵀX/n`` of the input of each linear in ``nodes`` on ``calibration``, the float
-    model run once (not sequential), keyed by weight target; layers that saw no rows are left
-    out. Layers reading one input share one tensor."""
-    hessians: dict[str, torch.Tensor] = {}
-
-    def keep(members, weights, stats: LayerStats):
+    model run once (not sequential, through ``cache``), keyed by weight target; layers that saw
+    no rows are left out. Layers reading one input share one tensor."""
+    hessians: dict[int, torch.Tensor] = {}  # by LayerStats: one tensor per shared input
+    out = {}
+    by_node = input_stats(graph, nodes, calibration, ("hessian",), cache)
+    for node in nodes:
+        stats = by_node[node.name]
         if stats.rows:
-            h = stats.hessian()
-            for node in members:
-                hessians[node.args[1].target] = h
-        return weights
-
-    solve_groups(graph, nodes, calibration, ("hessian",), keep, sequential=False, pass_name=pass_name,
-                 progress=progress)
-    return hessians
+            out[node.args[1].target] = hessians.setdefault(id(stats), stats.hessian())
+    return out

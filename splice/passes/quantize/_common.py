@@ -66,6 +66,11 @@ def check_not_quantized(node: fx.Node, pass_name: str) -> None:
 QuantizeFn = Callable[[fx.Node, torch.Tensor, GroupGrid], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+# the report fields of quantize_layers' report (``report_fields=`` of the passes that use it)
+QUANT_REPORT = {"layers": "layers quantized", "weight_bytes_before": "weight bytes before",
+                "weight_bytes_after": "weight bytes after"}
+
+
 def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quantize: QuantizeFn,
                     bits_of: Callable[[str], int] | None = None) -> dict:
     """Rewrite every selected linear/embedding of ``graph`` (in place: the pass's own copy)

@@ -44,7 +44,7 @@ from splice.kernels.quant.packing import packed_width
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import input_hessians
-from splice.passes.quantize._common import check_not_quantized, quantize_layers, resolve_group
+from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, quantize_layers, resolve_group
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
 
 PASS = "quantize.allocate"
@@ -194,7 +194,8 @@ def _is_language_model(graph: Graph) -> bool:
 # ------------------------------------------------------------------------------- pass
 
 
-@register_pass(PASS, AllocateConfig, reference="https://arxiv.org/abs/2011.10680", needs_calibration=True)
+@register_pass(PASS, AllocateConfig, reference="https://arxiv.org/abs/2011.10680", needs_calibration=True,
+               report_fields={**QUANT_REPORT, "avg_bits": "average bits per weight"})
 def allocate(graph: Graph, cfg: AllocateConfig, ctx: PassContext) -> PassResult:
     nodes = select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), PASS)
     for node in nodes:
@@ -208,7 +209,7 @@ def allocate(graph: Graph, cfg: AllocateConfig, ctx: PassContext) -> PassResult:
             raise ConfigError(f"{PASS}: targets select embedding '{module_path(node)}'; allocate plans linear "
                               "layers only (quantize embeddings with quantize.rtn)")
     cands = cfg.candidates()
-    hessians = input_hessians(graph, linears, ctx.calibration, pass_name=PASS, progress=ctx.progress)
+    hessians = input_hessians(graph, linears, ctx.calibration, ctx.cache)
     weighted = cfg.weighting == "fisher" and _is_language_model(graph)
     fisher = output_fisher(graph, linears, ctx.calibration) if weighted else {}
 

@@ -31,6 +31,7 @@ from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup, solve_groups
 from splice.passes.quantize._common import (
+    QUANT_REPORT,
     WeightQuantConfig,
     layer_grid,
     quantize_layers,
@@ -144,7 +145,8 @@ def _feeds_attention_scores(node: fx.Node, depth: int = 16) -> bool:
 # -------------------------------------------------------------------------------- pass
 
 
-@register_pass("quantize.awq", AWQConfig, reference="https://arxiv.org/abs/2306.00978", needs_calibration=True)
+@register_pass("quantize.awq", AWQConfig, reference="https://arxiv.org/abs/2306.00978", needs_calibration=True,
+               report_fields={**QUANT_REPORT, "mean_err_awq": "mean AWQ output error"})
 def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
     nodes = [n for n in select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), "quantize.awq")
              if n.target == aten.linear.default]
@@ -192,7 +194,7 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
         return out
 
     solve_groups(graph, nodes, ctx.calibration, ("act", "hessian"), solve_group,
-                 sequential=cfg.sequential, pass_name="quantize.awq", progress=ctx.progress)
+                 sequential=cfg.sequential, pass_name="quantize.awq", progress=ctx.progress, cache=ctx.cache)
     leaders = [name for name in by_leader if name in scales]
     sites = migrate_scales(graph, [by_leader[n] for n in leaders], [scales[n] for n in leaders], solutions,
                            tag="awq")

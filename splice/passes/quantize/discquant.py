@@ -27,7 +27,7 @@ import torch
 from splice.ir.graph import Graph
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup
-from splice.passes.quantize._common import WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
 from splice.passes.quantize._finetune import Distiller, trainable_layers
 
 PASS = "quantize.discquant"
@@ -76,7 +76,8 @@ class _Rounding:
         return float(((x == 0) | (x == 1)).float().mean())
 
 
-@register_pass(PASS, DiscQuantConfig, reference="https://arxiv.org/abs/2409.19246", needs_calibration=True)
+@register_pass(PASS, DiscQuantConfig, reference="https://arxiv.org/abs/2409.19246", needs_calibration=True,
+               report_fields=QUANT_REPORT)
 def discquant(graph: Graph, cfg: DiscQuantConfig, ctx: PassContext) -> PassResult:
     _, weights = trainable_layers(graph, cfg, PASS)
     layers = {t: _Rounding(w, grid) for t, (w, grid) in weights.items()}

@@ -28,7 +28,7 @@ from splice.kernels.instrument.store import LayerStats
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup, solve_layers
-from splice.passes.quantize._common import WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +108,8 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
     return codes, scale.float(), zero, retries
 
 
-@register_pass("quantize.gptq", GPTQConfig, reference="https://arxiv.org/abs/2210.17323", needs_calibration=True)
+@register_pass("quantize.gptq", GPTQConfig, reference="https://arxiv.org/abs/2210.17323", needs_calibration=True,
+               report_fields=QUANT_REPORT)
 def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
     nodes = [n for n in select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), "quantize.gptq")
              if n.target == torch.ops.aten.linear.default]
@@ -126,7 +127,8 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
 
     kinds = ("hessian", "asym") if cfg.gptaq else ("hessian",)
     solutions = solve_layers(graph, nodes, cfg, ctx.calibration, kinds, solve,
-                             sequential=cfg.sequential, pass_name="quantize.gptq", progress=ctx.progress)
+                             sequential=cfg.sequential, pass_name="quantize.gptq", progress=ctx.progress,
+                             cache=ctx.cache)
 
     report = quantize_layers(graph, cfg, "quantize.gptq", solution_lookup(solutions))
     report["damped_layers"] = damped

@@ -32,7 +32,7 @@ from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.lut import apply_scales, lut_lookup, pack_indices
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import input_hessians
-from splice.passes.quantize._common import _sqnr_db, check_not_quantized, resolve_group
+from splice.passes.quantize._common import QUANT_REPORT, _sqnr_db, check_not_quantized, resolve_group
 
 PASS = "quantize.nonuniform"
 POWERS = torch.arange(5, 21) / 10  # p searched: 0.5, 0.6, ..., 2.0
@@ -148,7 +148,8 @@ def _replace(graph: Graph, node: fx.Node, stored: tuple) -> None:
     graph.gm.graph.erase_node(node)
 
 
-@register_pass(PASS, NonUniformConfig, reference="https://arxiv.org/abs/2308.05600")
+@register_pass(PASS, NonUniformConfig, reference="https://arxiv.org/abs/2308.05600",
+               report_fields=QUANT_REPORT)
 def nonuniform(graph: Graph, cfg: NonUniformConfig, ctx: PassContext) -> PassResult:
     nodes = select_nodes(graph.gm, cfg.targets, ("linear",), PASS)
     for node in nodes:
@@ -156,7 +157,7 @@ def nonuniform(graph: Graph, cfg: NonUniformConfig, ctx: PassContext) -> PassRes
     nodes = [n for n in nodes if n.target == torch.ops.aten.linear.default]  # not adapters' ops
     diag = {}
     if ctx.calibration:
-        hessians = input_hessians(graph, nodes, ctx.calibration, pass_name=PASS, progress=ctx.progress)
+        hessians = input_hessians(graph, nodes, ctx.calibration, ctx.cache)
         diag = {target: torch.diag(h) for target, h in hessians.items()}
     stored: dict[str, tuple] = {}
     layers, before, after = {}, 0, 0

@@ -47,7 +47,7 @@ from splice.ir.select import select_nodes
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
-from splice.passes.quantize._common import (WeightQuantConfig, check_not_quantized, layer_grid, quantize_layers,
+from splice.passes.quantize._common import (QUANT_REPORT, WeightQuantConfig, check_not_quantized, layer_grid, quantize_layers,
                                               stored_solution)
 from splice.passes.quantize._finetune import Distiller, trainable_layers
 from splice.passes.quantize.gptq import GPTQConfig, gptq
@@ -309,7 +309,8 @@ def _moved(layers: dict[str, _Layer], steps: dict[str, torch.Tensor], mask: torc
     return out
 
 
-@register_pass(PASS, PVTuneConfig, reference="https://arxiv.org/abs/2405.14852", needs_calibration=True)
+@register_pass(PASS, PVTuneConfig, reference="https://arxiv.org/abs/2405.14852", needs_calibration=True,
+               report_fields=QUANT_REPORT)
 def pvtune(graph: Graph, cfg: PVTuneConfig, ctx: PassContext) -> PassResult:
     t0 = time.perf_counter()
     for node in select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), PASS):

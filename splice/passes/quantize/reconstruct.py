@@ -33,7 +33,7 @@ from splice.ir.select import module_path
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
-from splice.passes.quantize._common import WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
 from splice.passes.quantize._finetune import mse_loss, ste_round, trainable_layers
 
 PASS = "quantize.reconstruct"
@@ -152,7 +152,8 @@ def _correct_biases(work: Graph, runner: SegmentRunner, ref: SegmentRunner, memb
     return out
 
 
-@register_pass(PASS, ReconstructConfig, reference="https://arxiv.org/abs/2312.07950", needs_calibration=True)
+@register_pass(PASS, ReconstructConfig, reference="https://arxiv.org/abs/2312.07950", needs_calibration=True,
+               report_fields=QUANT_REPORT)
 def reconstruct(graph: Graph, cfg: ReconstructConfig, ctx: PassContext) -> PassResult:
     nodes, weights = trainable_layers(graph, cfg, PASS)
     # float twins of one structure: work's weights get quantized block by block, ref stays float

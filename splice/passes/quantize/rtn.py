@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from splice.ir.graph import Graph
 from splice.passes.base import PassContext, PassResult, register_pass
-from splice.passes.quantize._common import WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +22,8 @@ def _round_to_nearest(node, w, grid):
     return grid.quantize(w, scale, zero), scale, zero
 
 
-@register_pass("quantize.rtn", RTNConfig, reference="https://arxiv.org/abs/2208.07339")
+@register_pass("quantize.rtn", RTNConfig, reference="https://arxiv.org/abs/2208.07339",
+               report_fields=QUANT_REPORT)
 def rtn(graph: Graph, cfg: RTNConfig, ctx: PassContext) -> PassResult:
     report = quantize_layers(graph, cfg, "quantize.rtn", _round_to_nearest)
     return PassResult(graph, True, report)

@@ -71,7 +71,7 @@ def smoothquant(graph: Graph, cfg: SmoothQuantConfig, ctx: PassContext) -> PassR
             x_max[members[0].name] = stats.abs_max
         return weights  # statistics only: nothing is quantized here
 
-    solve_groups(graph, nodes, ctx.calibration, ("act",), record, sequential=False, pass_name=NAME)
+    solve_groups(graph, nodes, ctx.calibration, ("act",), record, sequential=False, pass_name=NAME, cache=ctx.cache)
     users = attr_users(graph.gm)
     chosen = [m for m in groups if m[0].name in x_max and (cfg.mul or plan_fold(m, users) is not None)]
     scales = [smoothing_scale(x_max[m[0].name], [graph.tensor(n.args[1].target) for n in m], cfg.alpha)

@@ -21,7 +21,7 @@ from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.w8a8 import dequantize_weight, quantize_weight
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
-from splice.passes.quantize._common import _sqnr_db, check_not_quantized, replace_node
+from splice.passes.quantize._common import QUANT_REPORT, _sqnr_db, check_not_quantized, replace_node
 
 NAME = "quantize.w8a8"
 W8A8_LINEAR = torch.ops.splice.w8a8_linear.default
@@ -41,7 +41,8 @@ class W8A8Config(PassConfig):
         validate_targets(self.targets)
 
 
-@register_pass(NAME, W8A8Config, reference="https://arxiv.org/abs/2211.10438")
+@register_pass(NAME, W8A8Config, reference="https://arxiv.org/abs/2211.10438",
+               report_fields=QUANT_REPORT)
 def w8a8(graph: Graph, cfg: W8A8Config, ctx: PassContext) -> PassResult:
     nodes = select_nodes(graph.gm, cfg.targets, ("linear",), NAME)
     for node in nodes:
