@@ -25,7 +25,7 @@ from splice.passes.base import PassConfig, PassContext, PassResult, register_pas
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 WHO = "adapter.peft"
-RANKS = ("r", "init_r", "target_r", "mini_r")  # positive integers (rank_pattern values too)
+RANKS = ("r", "init_r", "target_r", "mini_r")  # positive integers (LoRA's rank_pattern values too)
 NUMBERS = ("lora_alpha", "d_initial", "beta1", "beta2", "orth_reg_weight")  # finite numbers (alpha_pattern too)
 DROPOUTS = ("lora_dropout", "vera_dropout", "miss_dropout")  # in [0, 1)
 
@@ -70,7 +70,8 @@ def check_config(cfg, file: Path) -> dict:
         if not isinstance(patterns, dict):
             raise _error(file, f"{key} must be an object of module pattern -> value, got {patterns!r}")
         for pattern, value in patterns.items():
-            _check_value(file, f"{base}[{pattern!r}]", value)
+            if not isinstance(value, list):  # AdaLoRA's rank_pattern is a kept-triplet mask, its loader checks it
+                _check_value(file, f"{base}[{pattern!r}]", value)
     return cfg
 
 
