@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tqdm import tqdm
-
 from splice.errors import ConfigError, SpliceError
 from splice.ir import graph as ir_graph
 from splice.ir.graph import Graph
@@ -29,6 +27,7 @@ from splice.passes.analysis import AnalysisCache
 from splice.passes.base import PassConfig, PassContext, PassInfo, PassResult, check_history, get_pass, providers
 from splice.passes.instruments import PassInstrument, after, default_instruments
 from splice.passes.spec import format_spec, load_recipe, parse_spec
+from splice.progress import phase
 
 GraphLoader = Callable[[str], Graph]
 _LOADER: list[GraphLoader] = []
@@ -119,17 +118,18 @@ class Pipeline:
         for inst in used:
             inst.before_pipeline(graph, ctx)
         start, reports, done = graph, [], []
-        for (info, cfg), named in tqdm(list(zip(self.steps, step_graphs)), desc="passes",
-                                       disable=not progress or len(self.steps) < 2):
+        for i, ((info, cfg), named) in enumerate(zip(self.steps, step_graphs), 1):
             for inst in used:
                 inst.before_pass(graph, info, cfg)
-            result = self._guarded(graph, info, cfg, dataclasses.replace(ctx, graphs=named), done)
+            with phase(f"pass {i}/{len(self.steps)} {format_spec(info, cfg)}", show=progress):
+                result = self._guarded(graph, info, cfg, dataclasses.replace(ctx, graphs=named), done)
             entry = {"pass": info.name, "spec": format_spec(info, cfg), "config": cfg.to_dict(),
                      "version": info.version, "modified": result.modified, "report": result.report}
             if target is not None:
                 entry["target"] = target
-            for inst in reversed(used):
-                inst.after_pass(graph, info, cfg, result, entry)
+            with phase(f"check pass {i} ({', '.join(type(inst).__name__ for inst in used)})", show=progress):
+                for inst in reversed(used):
+                    inst.after_pass(graph, info, cfg, result, entry)
             if ctx.cache.entries:
                 ctx.cache.retain(start, result.graph)
             graph = result.graph
