@@ -260,6 +260,14 @@ def taken_names(graph: Graph) -> set[tuple[str, str]]:
     return names
 
 
+def free_layer_path(who: str, node: fx.Node, name: str, taken: set[tuple[str, str]]) -> str:
+    """``node``'s layer path, after checking that no adapter in ``taken`` (``taken_names``) has ``name`` there."""
+    path = layer_path(node)
+    if (path, name) in taken:
+        raise ConfigError(f"{who}: layer '{path}' already has an adapter named '{name}'; choose another name")
+    return path
+
+
 def attach(graph: Graph, base: fx.Node, name: str, method: Method,
            tensors: dict[str, torch.Tensor | fx.Node], meta: dict[str, Any]) -> dict[str, fx.Node]:
     """Add adapter ``name`` beside ``base`` (in place on the pass's copy). Tensors given as

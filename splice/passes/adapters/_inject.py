@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import fx
 
-from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.passes.adapters._base import BaseOp, base_op
@@ -29,6 +28,7 @@ from splice.passes.adapters._common import (
     AdapterConfig,
     Method,
     attach,
+    free_layer_path,
     layer_path,
     taken_names,
 )
@@ -68,9 +68,7 @@ def inject(graph: Graph, cfg: AdapterConfig, who: str, method: Method, kinds: tu
     made: dict[str, dict[str, fx.Node]] = {}
     params = 0
     for node in nodes:
-        path = layer_path(node)
-        if (path, cfg.name) in taken:
-            raise ConfigError(f"{who}: layer '{path}' already has an adapter named '{cfg.name}'; choose another name")
+        path = free_layer_path(who, node, cfg.name, taken)
         handler = base_op(node, who)
         out_f, in_f = handler.shape(graph, node, who)
         if path not in made:

@@ -22,12 +22,18 @@ from typing import Any
 
 import torch
 
-from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import select_nodes
 from splice.kernels.adapters.sparse_ops import scatter_mask
 from splice.passes.adapters._base import base_op
-from splice.passes.adapters._common import AdapterConfig, Method, attach, layer_path, register_method, taken_names
+from splice.passes.adapters._common import (
+    AdapterConfig,
+    Method,
+    attach,
+    free_layer_path,
+    register_method,
+    taken_names,
+)
 
 Built = tuple[Method, dict[str, torch.Tensor], dict[str, Any]]  # method, tensors, layer report
 
@@ -141,9 +147,7 @@ def attach_per_layer(graph: Graph, cfg, who: str, build: Callable[[str, torch.Te
     made: dict[str, tuple] = {}
     params, layers = 0, {}
     for node in nodes:
-        path = layer_path(node)
-        if (path, cfg.name) in taken:
-            raise ConfigError(f"{who}: layer '{path}' already has an adapter named '{cfg.name}'; choose another name")
+        path = free_layer_path(who, node, cfg.name, taken)
         if path in made:
             attach(graph, node, cfg.name, *made[path])
             continue
