@@ -30,14 +30,15 @@ BACKENDS = ("onnx", "triton")  # the backends a translation may be declared for 
 class WeightAccess:
     """How an op's stored weight reads as a dense float tensor and takes a new one.
 
-    ``args``: the argument positions of the stored tensors the weight is kept in. ``read(args)``:
+    ``args``: ``{position: name}`` of the stored tensors the weight is kept in (the names fold
+    records keep, e.g. ``qweight``, ``scales``, ``qzeros``). ``read(args)``:
     the op's arguments (stored tensors in place of their nodes) -> dense float weight (``[out, in]``
     for a linear). ``write(args, dense)`` -> ``{position: new tensor or None}`` for the positions in
     ``args``: the dense weight put back on the op's own format (re-quantized on the same grid,
     masked, or as is).
     """
 
-    args: tuple[int, ...]
+    args: dict[int, str]
     read: Callable[[tuple], torch.Tensor]
     write: Callable[[tuple, torch.Tensor], dict[int, torch.Tensor | None]]
     lossy: bool = False  # True when ``write`` rounds (re-quantizes): callers keep the originals for an exact undo

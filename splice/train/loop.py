@@ -48,7 +48,7 @@ _SUMMARY_STEPS = 10  # first/last losses are averaged over this many steps
 
 
 def register_trainable_role(role: str) -> None:
-    """Make tensors of ``role`` (an op argument role, ``register_arg_roles``) trainable."""
+    """Make tensors of ``role`` (an op argument role: ``ir.graph.arg_roles``, from the op registry) trainable."""
     TRAINABLE_ROLES.add(role)
 
 

@@ -105,7 +105,7 @@ def _packed_access(bits_at: int) -> WeightAccess:
         q, s, z = quantize_packed(w, a[bits_at], a[bits_at + 1], a[3] is None, a[2].dtype)
         return {1: q, 2: s, 3: z}
 
-    return WeightAccess((1, 2, 3), read, write, lossy=True)
+    return WeightAccess({1: "qweight", 2: "scales", 3: "qzeros"}, read, write, lossy=True)
 
 
 def _qlinear_sample():
@@ -204,7 +204,7 @@ register_op(fake_quant_linear, family="quant", kind="linear", trainable=True,
             roles={1: "weight", 2: "scale", 3: "zero_point", 4: "bias"}, sample_inputs=_fql_sample,
             # the dense weight is the one the layer computes with; a new one becomes the latent
             # weight, so the layer rounds it onto its grid (same scales)
-            weight=WeightAccess((1,), lambda a: fake_quantize(a[1], a[2], a[3], a[5], a[6]).float(),
+            weight=WeightAccess({1: "weight"}, lambda a: fake_quantize(a[1], a[2], a[3], a[5], a[6]).float(),
                                 lambda a, w: {1: w.to(a[1].dtype)}, lossy=True),
             translations={"onnx": f"{ONNX}:fake_quant_linear"})
 
@@ -249,7 +249,7 @@ def _lut_sample():
 register_op(lut_linear, family="quant", kind="linear", roles={1: "qweight", 2: "lut", 3: "scale", 4: "bias"},
             sample_inputs=_lut_sample, translations={"onnx": f"{ONNX}:lut_linear"},
             # a new weight snaps to the nearest levels of the layer's own tables (levels, scales kept)
-            weight=WeightAccess((1,), lambda a: lut_dequantize(a[1], a[2], a[3], a[5], a[6]).float(),
+            weight=WeightAccess({1: "qweight"}, lambda a: lut_dequantize(a[1], a[2], a[3], a[5], a[6]).float(),
                                 lambda a, w: {1: snap_indices(w, a[2], a[3], a[5], a[6])}, lossy=True))
 
 # ---------------------------------------------------------------------- w8a8_linear
@@ -274,9 +274,11 @@ def _(x, qweight, w_scale, bias):
 
 
 def _w8a8_sample():
+    """Codes within +-60: MLAS's u8 x s8 kernel sums pairs of products in int16, which full-range
+    random codes overflow (real layers' activations sit near the zero point and do not)."""
     gen = torch.Generator().manual_seed(0)
-    codes, scale = quantize_weight(torch.randn(24, 64, generator=gen))
-    return _x(2, 3, 64), codes, scale, torch.randn(24, generator=gen)
+    codes = torch.randint(-60, 61, (24, 64), generator=gen, dtype=torch.int8)
+    return _x(2, 3, 64), codes, torch.rand(24, generator=gen) * 0.02 + 0.01, torch.randn(24, generator=gen)
 
 
 def _w8a8_write(a, w):
@@ -286,4 +288,4 @@ def _w8a8_write(a, w):
 
 register_op(w8a8_linear, family="quant", kind="linear", roles={1: "qweight", 2: "scale", 3: "bias"},
             sample_inputs=_w8a8_sample, translations={"onnx": f"{ONNX}:w8a8_linear"},
-            weight=WeightAccess((1, 2), lambda a: dequantize_weight(a[1], a[2]), _w8a8_write, lossy=True))
+            weight=WeightAccess({1: "qweight", 2: "scales"}, lambda a: dequantize_weight(a[1], a[2]), _w8a8_write, lossy=True))

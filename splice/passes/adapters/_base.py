@@ -1,15 +1,13 @@
 """How adapters read and change the weight of each kind of base op.
 
-``BASE_OPS`` maps a base op to a ``BaseOp``: the layer's ``(out, in)`` shape, its weight as a float
-``[out, in]`` matrix, ``fold`` (add a dense update; return the stored tensors ``unfold`` needs back)
-and ``restore`` (undo ``fold``). Float ``aten.linear`` folds exactly and unfolds by subtraction
-(or, for a weight it had to untie, by pointing back at the original); ``splice::qlinear`` is
-dequantized, updated and re-quantized on the same format (bits, group size, symmetry; fresh
-min/max scales), and keeps its original packed tensors for an exact unfold.
-
-Sparsity masks (a later issue): a base op that carries a mask registers its own ``BaseOp`` with
-``register_base_op`` whose ``fold`` multiplies the update by the mask before adding it, so folding
-an adapter never fills pruned weights; nothing else in the adapter passes needs to change.
+``base_op`` gives a layer's ``BaseOp``: its ``(out, in)`` shape, its weight as a dense float matrix,
+``fold`` (add a dense update; return the stored tensors ``unfold`` needs back) and ``restore`` (undo
+``fold``). Reading and writing the weight is the IR's weight-access protocol (``ir/weights.py``), so
+any op that declares one in its registry record carries adapters without this module knowing its
+storage: float ``aten.linear`` folds exactly and unfolds by subtraction (or, for a weight it had to
+untie, by pointing back at the original); a quantized op (``splice::qlinear``, …) is dequantized,
+updated and re-quantized on its own format, and keeps its original tensors for an exact unfold.
+Float linears also offer ``bias`` / ``replace`` / ``unreplace`` for methods that read the base.
 """
 from __future__ import annotations
 
@@ -21,13 +19,13 @@ import torch
 from torch import fx
 
 from splice.errors import ConfigError
-from splice.ir.graph import Graph, attr_users, set_attr
-from splice.kernels.quant.grid import GroupGrid, dequantize_packed
+from splice.ir.graph import Graph
+from splice.ir.select import op_kind
+from splice.ir.weights import (Originals, dense_weight, is_lossy, replace_weight, requantization_error,
+                               restore_weight, weight_args)
 from splice.passes.adapters._common import layer_path
-from splice.passes.quantize._common import _sqnr_db
 
 aten = torch.ops.aten
-Originals = dict[str, fx.Node]
 
 
 @dataclass(frozen=True)
@@ -52,9 +50,12 @@ def register_base_op(op, handler: BaseOp) -> None:
 
 
 def base_op(node: fx.Node, who: str) -> BaseOp:
-    if node.target not in BASE_OPS:
-        raise ConfigError(f"{who}: layer '{layer_path(node)}' ({node.target}) cannot carry adapters yet")
-    return BASE_OPS[node.target]
+    """The handler of ``node``: a float ATen op's, or that of any linear whose op declares weight access."""
+    if node.target in BASE_OPS:
+        return BASE_OPS[node.target]
+    if op_kind(node) == "linear" and weight_args(node):
+        return _STORED
+    raise ConfigError(f"{who}: layer '{layer_path(node)}' ({node.target}) cannot carry adapters yet")
 
 
 def stored(graph: Graph, node: fx.Node, index: int, who: str = "adapter") -> torch.Tensor:
@@ -64,19 +65,6 @@ def stored(graph: Graph, node: fx.Node, index: int, who: str = "adapter") -> tor
     return graph.tensor(arg.target)
 
 
-def replace_stored(graph: Graph, nodes: list[fx.Node], index: int, value: torch.Tensor, suffix: str) -> fx.Node | None:
-    """Give ``nodes`` a new tensor at argument ``index``. Replaced under its own name when only
-    ``nodes`` read it; otherwise (tied weights) stored anew and the old node returned."""
-    old = nodes[0].args[index]
-    if all(any(u is n for n in nodes) for u in attr_users(graph.gm)[old.target]):
-        set_attr(graph.gm, old.target, value)
-        return None
-    new = graph.add_tensor(old.target + suffix, value)
-    for n in nodes:
-        n.update_arg(index, new)
-    return old
-
-
 # ----------------------------------------------------------------------- aten.linear
 
 
@@ -84,23 +72,23 @@ def _linear_shape(graph, node, who):
     return tuple(stored(graph, node, 1, who).shape)
 
 
-def _linear_fold(graph, node, dw):
-    w = stored(graph, node, 1)
-    tied = replace_stored(graph, [node], 1, (w.float() + dw).to(w.dtype), "_folded")
-    return ({"weight": tied} if tied is not None else {}), {}
+def _fold(graph, node, dw):
+    """``W + ΔW`` onto the layer's own format (``ir.weights.replace_weight``); re-quantized formats
+    report how far the stored weight landed from ``W + ΔW``."""
+    w = dense_weight(graph, node) + dw
+    originals = replace_weight(graph, node, w, "_folded")
+    return originals, (requantization_error(w, dense_weight(graph, node)) if is_lossy(node) else {})
 
 
-def _linear_restore(graph, node, originals, dw):
-    if "weight" in originals:  # was untied at fold time: the original is still stored, exactly
-        node.update_arg(1, originals["weight"])
+def _restore(graph, node, originals, dw):
+    if originals:  # stored anew at fold time (tied or re-quantized): the originals come back exactly
+        restore_weight(node, originals)
         return
-    w = stored(graph, node, 1)
-    replace_stored(graph, [node], 1, (w.float() - dw).to(w.dtype), "_unfolded")
+    replace_weight(graph, node, dense_weight(graph, node) - dw, "_unfolded")
 
 
 def _linear_set(graph, nodes, w):
-    old = stored(graph, nodes[0], 1)
-    replace_stored(graph, nodes, 1, w.to(old.dtype), "_residual")
+    replace_weight(graph, nodes[0], w, "_residual")
 
 
 def _linear_bias(graph, node):
@@ -136,8 +124,7 @@ def float_base(graph: Graph, node: fx.Node, who: str, method: str) -> BaseOp:
     return handler
 
 
-register_base_op(aten.linear.default, BaseOp(_linear_shape, lambda g, n: stored(g, n, 1).float(),
-                                             _linear_fold, _linear_restore, _linear_set,
+register_base_op(aten.linear.default, BaseOp(_linear_shape, dense_weight, _fold, _restore, _linear_set,
                                              _linear_bias, _linear_replace, _linear_unreplace))
 
 # ----------------------------------------------------------------------- aten.conv2d
@@ -150,41 +137,16 @@ def _conv_shape(graph, node, who):
     return w.shape[0], w[0].numel()
 
 
-register_base_op(aten.conv2d.default, BaseOp(_conv_shape, lambda g, n: stored(g, n, 1).float(),
-                                             _linear_fold, _linear_restore, _linear_set))
+register_base_op(aten.conv2d.default, BaseOp(_conv_shape, dense_weight, _fold, _restore, _linear_set))
 
-# ---------------------------------------------------------------------- splice::qlinear
-_Q_KEYS = ("qweight", "scales", "qzeros")
-
-
-def _q_shape(graph, node, who):
-    q = stored(graph, node, 1, who)
-    return q.shape[0], q.shape[1] * node.args[6]
+# ------------------------------------------------------- ops with declared weight access
+# A quantized linear of any family (``splice::qlinear``, ``lut_linear``, …): read, folded and
+# restored through its registry record's weight access; no float weight for methods that read it.
 
 
-def _q_weight(graph, node):
-    q, s, z = (None if node.args[i] is None else graph.tensor(node.args[i].target) for i in (1, 2, 3))
-    return dequantize_packed(q, s, z, node.args[5], node.args[6]).float()
+def _stored_shape(graph, node, who):
+    stored(graph, node, min(weight_args(node)), who)
+    return tuple(dense_weight(graph, node).shape)
 
 
-def _q_fold(graph, node, dw):
-    w = _q_weight(graph, node) + dw
-    old = {k: node.args[i] for i, k in enumerate(_Q_KEYS, 1) if node.args[i] is not None}
-    grid = GroupGrid(node.args[5], node.args[6], "qzeros" not in old)
-    scale, zero = grid.params(w)
-    codes = grid.quantize(w, scale, zero)
-    err = w - grid.dequantize(codes, scale, zero)
-    new = {"qweight": grid.pack_codes(codes), "scales": scale.to(graph.tensor(old["scales"].target).dtype),
-           "qzeros": grid.pack_zeros(zero)}
-    for i, k in enumerate(_Q_KEYS, 1):
-        if k in old:
-            node.update_arg(i, graph.add_tensor(old[k].target + "_folded", new[k].contiguous()))
-    return old, {"requant_sqnr_db": round(_sqnr_db(w, w - err), 2), "requant_max_abs_err": float(err.abs().max())}
-
-
-def _q_restore(graph, node, originals, dw):
-    for i, k in enumerate(_Q_KEYS, 1):
-        node.update_arg(i, originals.get(k))
-
-
-register_base_op(torch.ops.splice.qlinear.default, BaseOp(_q_shape, _q_weight, _q_fold, _q_restore))
+_STORED = BaseOp(_stored_shape, dense_weight, _fold, _restore)
