@@ -53,3 +53,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def byte_tokenizer(monkeypatch):
+    """The tokenizer of every captured HF model is the byte tokenizer (vocab 256 = the zoo's;
+    the tiny zoo directories carry none)."""
+    from splice.eval.data import ByteTokenizer
+    from splice.frontends import hf
+
+    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
+
+
+@pytest.fixture
+def no_capture(monkeypatch):
+    """Fail the test if the CLI captures or loads a model (checks that fail fast)."""
+    import splice
+
+    def boom(*a, **k):
+        pytest.fail("the model was captured before the bad input was reported")
+
+    monkeypatch.setattr(splice, "capture", boom)
+    monkeypatch.setattr(splice, "load", boom)
+
+
+@pytest.fixture
+def calib_text(tmp_path):
+    """A calibration text file (``--calib``) of 1,000 characters."""
+    path = tmp_path / "calib.txt"
+    path.write_text("splice calibration text. " * 40)
+    return path

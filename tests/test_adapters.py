@@ -3,7 +3,8 @@
 import onnx
 import pytest
 import torch
-from zoo_graphs import captured, input_grid
+from zoo_graphs import assert_bad_option, assert_one_line_error, captured, computed_weight_graph, first_output, \
+    input_grid, max_diff
 
 import splice
 from splice.runtime.adapter_inputs import with_adapter_inputs
@@ -13,14 +14,6 @@ from splice.ir.select import module_path
 from splice.runtime.onnx import run_session, session
 
 LORA = torch.ops.splice.lora_delta.default
-
-
-def _logits(graph, inputs):
-    return next(iter(graph.run(*inputs).values()))
-
-
-def _max_diff(a, b, inputs):
-    return float((_logits(a, inputs) - _logits(b, inputs)).abs().max())
 
 
 # ----------------------------------------------------------------------------- the op
@@ -74,7 +67,7 @@ def test_residual_inits_keep_outputs_and_rewrite_base(init):
     w, a, b = (out.tensor(f"{path}.{k}") for k in ("weight", "adapters.default.A", "adapters.default.B"))
     torch.testing.assert_close(w + 4.0 * b @ a, g.tensor(f"{path}.weight"), atol=1e-5, rtol=0)
     assert float((w - g.tensor(f"{path}.weight")).abs().max()) > 1e-2  # the base really holds the residual
-    assert _max_diff(g, out, g.example_inputs) <= 1e-5
+    assert max_diff(g, out, g.example_inputs) <= 1e-5
 
 
 def test_rslora_scaling_and_report():
@@ -111,11 +104,11 @@ def test_multiple_named_adapters_weight_and_switch():
     off = splice.deactivate_adapter(two, "b")
     assert off.op_counts() == two.op_counts()  # the graph is the same, only scales changed
     inputs = g.example_inputs
-    assert _max_diff(off, only_a, inputs) == 0.0
-    assert _max_diff(splice.activate_adapter(off, "b"), two, inputs) == 0.0
+    assert max_diff(off, only_a, inputs) == 0.0
+    assert max_diff(splice.activate_adapter(off, "b"), two, inputs) == 0.0
     half = splice.set_adapter_weight(only_a, "a", 0.5)
-    delta = _logits(only_a, inputs) - _logits(g, inputs)
-    half_delta = _logits(half, inputs) - _logits(g, inputs)
+    delta = first_output(only_a, inputs) - first_output(g, inputs)
+    half_delta = first_output(half, inputs) - first_output(g, inputs)
     assert 0.2 < float(half_delta.norm() / delta.norm()) < 0.8
     assert float(two.tensor("model.layers.0.self_attn.v_proj.adapters.b.scale")) == 4.0  # input untouched
     assert {(i.name, i.weight, i.active) for i in splice.list_adapters(half)} == {("a", 0.5, True)}
@@ -132,12 +125,12 @@ def test_fold_then_unfold_round_trip():
     assert folded.op_counts()["splice.folded_adapter"] == 14
     assert all(i.folded for i in splice.list_adapters(folded))
     for inputs in input_grid(zm, g)[:2]:
-        assert _max_diff(folded, two, inputs) <= 1e-5
+        assert max_diff(folded, two, inputs) <= 1e-5
     back = folded.apply("adapter.unfold")
     assert back.op_counts() == two.op_counts()
     assert set(back.tensors()) == set(two.tensors())
     assert max(float((back.tensor(k) - t).detach().abs().max()) for k, t in two.tensors().items()) <= 1e-6
-    assert _max_diff(back, two, g.example_inputs) <= 1e-5
+    assert max_diff(back, two, g.example_inputs) <= 1e-5
     assert set(splice.adapter_parameters(back)) == set(splice.adapter_parameters(two))
 
 
@@ -149,7 +142,7 @@ def test_fold_named_or_active_only_and_unload():
     folded = off.apply("adapter.fold")
     state = {(i.name, i.folded) for i in splice.list_adapters(folded)}
     assert state == {("a", True), ("b", False)}
-    assert _max_diff(folded, off, g.example_inputs) <= 1e-5
+    assert max_diff(folded, off, g.example_inputs) <= 1e-5
     only_b = two.apply("adapter.fold:name=b,keep=false")
     assert {(i.name, i.folded) for i in splice.list_adapters(only_b)} == {("a", False)}
     assert "splice.folded_adapter" not in only_b.op_counts()
@@ -163,11 +156,11 @@ def test_fold_untied_lm_head_restores_the_tie_exactly():
     folded = out.apply("adapter.fold")
     emb = next(n for n in folded.nodes("embedding")).args[0].target
     torch.testing.assert_close(folded.tensor(emb), g.tensor(emb), atol=0, rtol=0)  # the embedding is untouched
-    assert _max_diff(folded, out, g.example_inputs) <= 1e-5
+    assert max_diff(folded, out, g.example_inputs) <= 1e-5
     back = folded.apply("adapter.unfold")
     head = next(n for n in back.nodes("linear") if module_path(n) == "lm_head")
     assert head.args[1].target == emb  # tied again, exactly
-    assert _max_diff(back, out, g.example_inputs) == 0.0
+    assert max_diff(back, out, g.example_inputs) == 0.0
 
 
 def test_save_load_keeps_adapters_and_fold_records(tmp_path):
@@ -179,7 +172,7 @@ def test_save_load_keeps_adapters_and_fold_records(tmp_path):
         back = splice.load(tmp_path / name)
         assert splice.list_adapters(back) == splice.list_adapters(graph)
     unfolded = splice.load(tmp_path / "f").apply("adapter.unfold")
-    assert _max_diff(unfolded, out, g.example_inputs) <= 1e-5
+    assert max_diff(unfolded, out, g.example_inputs) <= 1e-5
 
 
 def test_every_zoo_model_lora_fold_unfold():
@@ -189,7 +182,7 @@ def test_every_zoo_model_lora_fold_unfold():
         lora = g.apply("adapter.lora:init=random,rank=4")
         res = splice.Pipeline(["adapter.fold", "adapter.unfold"]).run(lora)
         assert res.reports[0]["report"]["folded"] >= 1
-        assert _max_diff(res.graph, lora, g.example_inputs) <= 1e-5, model
+        assert max_diff(res.graph, lora, g.example_inputs) <= 1e-5, model
 
 
 # ------------------------------------------------------------------------ quantized base
@@ -200,7 +193,7 @@ def test_lora_on_quantized_base_folds_requantized_and_unfolds_exactly(tmp_path):
     q = g.apply("quantize.rtn:bits=4,group_size=32")
     ql = q.apply("adapter.lora:init=random,rank=4,targets=q_proj|v_proj")
     assert ql.op_counts()["splice.qlinear"] == 15 and ql.op_counts()["splice.lora_delta"] == 4
-    assert _max_diff(ql, q, g.example_inputs) > 1e-2
+    assert max_diff(ql, q, g.example_inputs) > 1e-2
     folded = ql.apply("adapter.fold")
     layer = folded.history[-1]["report"]["layers"]["model.layers.0.self_attn.q_proj"]
     assert layer["requant_sqnr_db"] > 10 and layer["requant_max_abs_err"] > 0
@@ -255,10 +248,7 @@ def test_export_unfolded_folded_and_adapter_inputs(tmp_path):
     (["adapter.lora:targets=q_proj", "adapter.fold", "quantize.rtn", "adapter.unfold"], "rewritten after adapter.fold"),
 ])
 def test_bad_input_is_one_line(specs, message):
-    _, g = captured("llama")
-    with pytest.raises(ConfigError, match=message) as err:
-        splice.Pipeline(specs).run(g, probe=False)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(specs, message)
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -266,8 +256,7 @@ def test_bad_input_is_one_line(specs, message):
     ("adapter.lora:name=a.b", "name must be an identifier"), ("adapter.lora:init=svd", "init must be one of"),
 ])
 def test_bad_options(spec, message):
-    with pytest.raises(ConfigError, match=message):
-        splice.Pipeline([spec])
+    assert_bad_option(spec, message)
 
 
 def test_unfold_order_on_quantized_base_and_unknown_names():
@@ -282,14 +271,6 @@ def test_unfold_order_on_quantized_base_and_unknown_names():
 
 
 def test_target_without_a_stored_weight():
-    class Computed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(8, 16))
-
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.w * 2)
-
-    g = splice.capture(Computed(), (torch.randn(2, 3, 16),))
+    g = computed_weight_graph()
     with pytest.raises(ConfigError, match="adapter.lora: layer '.*' has no stored weight"):
         g.apply("adapter.lora:targets=linear")

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from zoo_graphs import captured, input_grid
+from zoo_graphs import assert_bad_option, assert_one_line_error, captured, computed_weight_graph, input_grid, max_diff
 
 import splice
 from splice.errors import ConfigError
@@ -18,14 +18,6 @@ ops = torch.ops.splice
 RANDOM = {"dora": "adapter.dora:init=random,rank=4,targets=q_proj|v_proj|down_proj",
           "ia3": "adapter.ia3:init=random,targets=q_proj|v_proj|down_proj,feedforward=down_proj",
           "ssf": "adapter.ssf:init=random,targets=q_proj|v_proj|down_proj"}
-
-
-def _logits(graph, inputs):
-    return next(iter(graph.run(*inputs).values()))
-
-
-def _max_diff(a, b, inputs):
-    return float((_logits(a, inputs) - _logits(b, inputs)).abs().max())
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -107,15 +99,15 @@ def test_fold_unfold_exact_and_onnx_parity(method, tmp_path):
     zm, g = captured("llama")
     out = g.apply(RANDOM[method])
     grid = input_grid(zm, g)
-    assert _max_diff(out, g, g.example_inputs) > 1e-2
+    assert max_diff(out, g, g.example_inputs) > 1e-2
     folded = out.apply("adapter.fold")
     assert not any(k in folded.op_counts() for k in ("splice.dora_delta", "splice.ia3_scale", "splice.ssf_delta"))
     for inputs in grid[:2]:
-        assert _max_diff(folded, out, inputs) <= 1e-5
+        assert max_diff(folded, out, inputs) <= 1e-5
     back = folded.apply("adapter.unfold")
     assert back.op_counts() == out.op_counts() and set(back.tensors()) == set(out.tensors())
     assert max(float((back.tensor(k) - t).detach().abs().max()) for k, t in out.tensors().items()) <= 1e-6
-    assert _max_diff(back, out, g.example_inputs) == 0.0
+    assert max_diff(back, out, g.example_inputs) == 0.0
     for graph, name in ((out, "unfolded"), (folded, "folded")):
         path = splice.export_onnx(graph, tmp_path / f"{name}.onnx")
         assert splice.parity(graph, path, grid) <= 1e-4, name
@@ -140,16 +132,16 @@ def test_mixed_chain_folds_together_and_unfolds_in_order():
     chain = g.apply("adapter.lora:name=a,init=random,rank=2,targets=q_proj", RANDOM["dora"].replace("rank=4", "name=d,rank=4"),
                     "adapter.ssf:name=s,init=random,targets=q_proj")
     everything = chain.apply("adapter.fold")
-    assert _max_diff(everything, chain, g.example_inputs) <= 1e-5
+    assert max_diff(everything, chain, g.example_inputs) <= 1e-5
     back = everything.apply("adapter.unfold")
-    assert _max_diff(back, chain, g.example_inputs) <= 1e-6
+    assert max_diff(back, chain, g.example_inputs) <= 1e-6
     assert all(torch.equal(back.tensor(k), t) for k, t in chain.tensors().items() if k.endswith(".weight"))
     staged = chain.apply("adapter.fold:name=a", "adapter.fold:name=s")  # ssf folded onto W + ΔW_a
     with pytest.raises(ConfigError, match="unfold 's' first"):
         staged.apply("adapter.unfold:name=a")
     restored = staged.apply("adapter.unfold:name=s", "adapter.unfold:name=a")
     assert all(torch.equal(restored.tensor(k), t) for k, t in chain.tensors().items() if k.endswith(".weight"))
-    assert _max_diff(restored, chain, g.example_inputs) <= 1e-6  # DoRA reads the restored weight again
+    assert max_diff(restored, chain, g.example_inputs) <= 1e-6  # DoRA reads the restored weight again
 
 
 def test_ia3_recomputes_the_layer_at_the_head_of_the_chain():
@@ -158,9 +150,9 @@ def test_ia3_recomputes_the_layer_at_the_head_of_the_chain():
     _, g = captured("llama")
     both = g.apply(RANDOM["ia3"], "adapter.lora:name=a,init=random,rank=2,targets=q_proj|down_proj")
     x = g.example_inputs
-    assert _max_diff(both.apply("adapter.fold"), both, x) <= 1e-5
-    assert _max_diff(both.apply("adapter.fold:name=default"), both, x) <= 1e-5  # the LoRA deltas stay unfolded
-    assert _max_diff(splice.deactivate_adapter(both, "a"), g.apply(RANDOM["ia3"]), x) == 0.0
+    assert max_diff(both.apply("adapter.fold"), both, x) <= 1e-5
+    assert max_diff(both.apply("adapter.fold:name=default"), both, x) <= 1e-5  # the LoRA deltas stay unfolded
+    assert max_diff(splice.deactivate_adapter(both, "a"), g.apply(RANDOM["ia3"]), x) == 0.0
     counts = both.op_counts()
     assert counts["splice.ia3_scale"] == 4 and counts["splice.ia3_ff_linear"] == 2 and counts["splice.lora_delta"] == 4
     with pytest.raises(ConfigError, match="already has adapter 'default' \\(ia3\\), which recomputes the layer too") as err:
@@ -179,7 +171,7 @@ def test_trainable_tensors_weight_and_switch():
     for p in params.values():
         p.grad = None
     off = splice.deactivate_adapter(splice.deactivate_adapter(out, "default"), "s")
-    assert _max_diff(off, g, g.example_inputs) == 0.0
+    assert max_diff(off, g, g.example_inputs) == 0.0
 
 
 # ------------------------------------------------------------------------ PEFT parity
@@ -231,7 +223,7 @@ def test_peft_parity_round_trip(method, model, tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     loaded = splice.load_peft(g, tmp_path / "peft")
     _assert_matches(loaded, pm, zm)
-    assert _max_diff(loaded, g, g.example_inputs) > 1e-2
+    assert max_diff(loaded, g, g.example_inputs) > 1e-2
     assert sum(p.numel() for p in splice.adapter_parameters(loaded).values()) == pm.get_nb_trainable_parameters()[0]
     splice.save_peft(loaded, tmp_path / "back")
     _assert_matches(loaded, _peft_from_dir(model, tmp_path / "back"), zm)
@@ -248,18 +240,9 @@ def test_ia3_weight_goes_into_the_saved_vector(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-class _Computed(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(8, 16))
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.w * 2)
-
-
 @pytest.mark.parametrize("method", ["dora", "ia3", "ssf"])
 def test_target_without_a_stored_weight_and_duplicate_name(method):
-    g = splice.capture(_Computed(), (torch.randn(2, 3, 16),))
+    g = computed_weight_graph()
     with pytest.raises(ConfigError, match=f"adapter.{method}: layer '.*' has no stored weight") as err:
         g.apply(f"adapter.{method}:targets=linear")
     assert "\n" not in str(err.value)
@@ -276,10 +259,7 @@ def test_target_without_a_stored_weight_and_duplicate_name(method):
     (["adapter.dora:rank=65"], r"rank 65 exceeds min\(in, out\) = 64"),
 ])
 def test_graph_dependent_errors_are_one_line(specs, message):
-    _, g = captured("llama")
-    with pytest.raises(ConfigError, match=message) as err:
-        splice.Pipeline(specs).run(g, probe=False)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(specs, message)
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -287,8 +267,7 @@ def test_graph_dependent_errors_are_one_line(specs, message):
     ("adapter.ssf:init=zeros", "init must be one of"), ("adapter.dora:rank=0", "rank must be >= 1"),
 ])
 def test_bad_options(spec, message):
-    with pytest.raises(ConfigError, match=message):
-        splice.Pipeline([spec])
+    assert_bad_option(spec, message)
 
 
 def _peft_dir(tmp_path, method):

@@ -2,7 +2,7 @@
 unfold, ONNX (folded and unfolded) against ORT, the defining property, bad input; plus the ops."""
 import pytest
 import torch
-from zoo_graphs import captured, input_grid
+from zoo_graphs import assert_bad_option, assert_one_line_error, captured, computed_weight_graph, input_grid, max_diff
 
 import splice
 from splice.errors import ConfigError
@@ -19,14 +19,6 @@ CASES = {  # method: (zoo model, spec)
     "flora": ("cnn", "adapter.flora:rank=4"),
     "tera": ("llama", "adapter.tera:rank=8"),
 }
-
-
-def _outputs(graph, inputs):
-    return next(iter(graph.run(*inputs).values()))
-
-
-def _max_diff(a, b, inputs):
-    return float((_outputs(a, inputs) - _outputs(b, inputs)).abs().max())
 
 
 def _perturb(graph, seed=0, size=0.1):
@@ -63,11 +55,11 @@ def test_fold_unfold_and_onnx(case, tmp_path):
     method, zm, g, out = case
     trained = _perturb(g.apply(CASES[method][1]))  # a fresh adapter: the fixture's stays at init
     grid = input_grid(zm, g)
-    assert _max_diff(trained, g, grid[0]) > 1e-3
+    assert max_diff(trained, g, grid[0]) > 1e-3
     folded = trained.apply("adapter.fold")
     assert not sites(folded)
     for inputs in grid[:2]:
-        assert _max_diff(folded, trained, inputs) <= 1e-5
+        assert max_diff(folded, trained, inputs) <= 1e-5
     back = folded.apply("adapter.unfold")
     assert set(back.tensors()) == set(trained.tensors())
     assert max(float((back.tensor(k) - t).detach().abs().max()) for k, t in trained.tensors().items()) <= 1e-6
@@ -189,7 +181,7 @@ def test_on_a_quantized_base(spec):
     _, g = captured("llama")
     q = g.apply("quantize.rtn:bits=4,group_size=32")
     out = q.apply(f"{spec},targets=q_proj|v_proj")
-    assert _max_diff(out, q, g.example_inputs) == 0.0
+    assert max_diff(out, q, g.example_inputs) == 0.0
     trained = _perturb(out)
     folded = trained.apply("adapter.fold")
     layer = folded.history[-1]["report"]["layers"]["model.layers.0.self_attn.q_proj"]
@@ -215,10 +207,7 @@ def test_on_a_quantized_base(spec):
     ("llama", ["quantize.rtn", "adapter.sorsa:targets=q_proj"], "is quantized; SORSA rewrites the base weight"),
 ])
 def test_bad_input_is_one_line(model, specs, message):
-    _, g = captured(model)
-    with pytest.raises(ConfigError, match=message) as err:
-        splice.Pipeline(specs).run(g, probe=False)
-    assert "\n" not in str(err.value)
+    assert_one_line_error(specs, message, model)
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -227,21 +216,12 @@ def test_bad_input_is_one_line(model, specs, message):
     ("adapter.tera:alpha=0", "alpha must be > 0"), ("adapter.tera:name=a.b", "name must be an identifier"),
 ])
 def test_bad_options(spec, message):
-    with pytest.raises(ConfigError, match=message):
-        splice.Pipeline([spec])
+    assert_bad_option(spec, message)
 
 
 @pytest.mark.parametrize("method", ["nola", "svfit", "sorsa", "tera"])
 def test_target_without_a_stored_weight(method):
-    class Computed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(8, 16))
-
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.w * 2)
-
-    g = splice.capture(Computed(), (torch.randn(2, 3, 16),))
+    g = computed_weight_graph()
     with pytest.raises(ConfigError, match=f"adapter.{method}: layer '.*' has no stored weight"):
         g.apply(f"adapter.{method}:rank=2,targets=linear")
 

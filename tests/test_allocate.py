@@ -12,7 +12,7 @@ from splice.errors import ConfigError
 from splice.ir.select import module_path
 from splice.passes.quantize.allocate import AllocateConfig, choose_bits, stored_bytes
 from splice.passes.spec import format_spec, parse_spec
-from zoo_graphs import calibration, captured
+from zoo_graphs import assert_error, calibration, captured, run_cli
 
 
 def _instance(seed, layers=6, cands=(2, 3, 4, 8)):
@@ -129,10 +129,8 @@ def test_bad_config(spec, needle):
         parse_spec(spec)
 
 
-def test_bad_graph_inputs():
+def test_bad_graph_inputs():  # without calibration: tests/passes/test_needs_calibration.py
     zm, g = captured("llama")
-    with pytest.raises(ConfigError, match="needs calibration"):
-        g.apply("quantize.allocate")
     with pytest.raises(ConfigError, match="quantize.allocate: budget max_bytes 1,000 cannot be met: the minimum achievable is"):
         g.apply("quantize.allocate:avg_bits=none,max_bytes=1000", calibration=_calib(zm, g, 1))
     with pytest.raises(ConfigError, match="already quantized"):
@@ -146,14 +144,8 @@ def test_config_defaults_are_valid():
     assert cfg.candidates() == (2, 3, 4, 8) and cfg.avg_bits == 3.5 and cfg.method == "rtn"
 
 
-def test_cli_prints_plan_and_bad_budget(capsys, monkeypatch, llama_hf_dir, tmp_path):
-    from splice.eval.data import ByteTokenizer
-    from splice.frontends import hf
-    from test_cli import assert_error, run_cli
-
-    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
-    calib = tmp_path / "calib.txt"
-    calib.write_text("splice calibration text. " * 40)
+def test_cli_prints_plan_and_bad_budget(capsys, byte_tokenizer, calib_text, llama_hf_dir, tmp_path):
+    calib = calib_text
     out = tmp_path / "out"
     rc, stdout, err = run_cli(capsys, "run", llama_hf_dir, "-p", "quantize.allocate:avg_bits=3.5", "--calib", calib,
                               "--calib-samples", 2, "--calib-seqlen", 32, "-o", out)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo_graphs import assert_error, run_cli
 
 import splice
 from splice import cli
@@ -24,41 +25,6 @@ from splice.passes import base
 from splice.runtime.onnx import export_onnx
 
 RTN = "quantize.rtn:bits=4,group_size=32"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_error(capsys, argv, *needles, rc=1, absent=()):
-    """Run ``argv``; expect exit ``rc``, one ``splice: error:`` line containing every needle,
-    no traceback, and none of the ``absent`` paths on disk."""
-    code, out, err = run_cli(capsys, *argv)
-    assert code == rc, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("splice: error: "), err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    assert "Traceback" not in out + err
-    for path in absent:
-        assert not os.path.lexists(path), f"{path} was left behind"
-    return lines[0]
-
-
-@pytest.fixture
-def no_capture(monkeypatch):
-    """Fail the test if the CLI captures or loads a model (checks that fail fast)."""
-    def boom(*a, **k):
-        pytest.fail("the model was captured before the bad input was reported")
-
-    monkeypatch.setattr(splice, "capture", boom)
-    monkeypatch.setattr(splice, "load", boom)
 
 
 @pytest.fixture(scope="module")
@@ -383,13 +349,8 @@ def test_calibration_required_before_capture(capsys, no_capture, calib_pass, lla
                  absent=[out])
 
 
-def test_calibration_batches(capsys, monkeypatch, calib_pass, llama_hf_dir, tmp_path):
-    from splice.eval.data import ByteTokenizer
-    from splice.frontends import hf
-
-    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
-    calib = tmp_path / "calib.txt"
-    calib.write_text("splice calibration text. " * 40)
+def test_calibration_batches(capsys, byte_tokenizer, calib_pass, calib_text, llama_hf_dir, tmp_path):
+    calib = calib_text
     out = tmp_path / "out"
     rc, stdout, err = run_cli(capsys, "run", llama_hf_dir, "-p", "test.calib", "--calib", calib,
                               "--calib-samples", 3, "--calib-seqlen", 32, "-o", out)

@@ -1,40 +1,18 @@
 """`splice eval`: perplexity from the command line, the per-layer table, and one-line errors.
 
 The tiny zoo HF directories carry no tokenizer, so most tests patch
-``splice.frontends.hf.load_tokenizer`` to the byte tokenizer (vocab 256 = the zoo's).
+``splice.frontends.hf.load_tokenizer`` to the byte tokenizer (conftest's ``byte_tokenizer``).
 """
 
 import pytest
+from zoo_graphs import assert_error, run_cli
 
 import splice
 from splice import cli
 from splice.eval.data import ByteTokenizer, builtin_text
 from splice.eval.perplexity import perplexity
-from splice.frontends import hf
 
 TEXT = builtin_text("gpl3")[:3000]
-
-
-def run_cli(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_error(capsys, argv, *needles, rc=1):
-    code, out, err = run_cli(capsys, *argv)
-    assert code == rc, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("splice: error: "), err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    assert "Traceback" not in out + err
-    return lines[0]
-
-
-@pytest.fixture
-def bytes_tok(monkeypatch):
-    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
 
 
 @pytest.fixture
@@ -44,14 +22,6 @@ def text_file(tmp_path):
     return p
 
 
-@pytest.fixture
-def no_capture(monkeypatch):
-    def boom(*a, **k):
-        pytest.fail("the model was captured before the bad input was reported")
-
-    monkeypatch.setattr(splice, "capture", boom)
-
-
 @pytest.fixture(scope="module")
 def int3_artifact(llama_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "llama-int3"
@@ -59,7 +29,7 @@ def int3_artifact(llama_hf_dir, tmp_path_factory):
     return out
 
 
-def test_eval_prints_perplexity(capsys, bytes_tok, llama_hf_dir, text_file):
+def test_eval_prints_perplexity(capsys, byte_tokenizer, llama_hf_dir, text_file):
     rc, out, err = run_cli(capsys, "eval", llama_hf_dir, "--ppl", text_file, "--seq-len", 64, "--stride", 32)
     assert rc == 0, err
     assert "3,000 tokens" in out and "windows of 64, stride 32" in out and "2,999 tokens" in out
@@ -69,13 +39,13 @@ def test_eval_prints_perplexity(capsys, bytes_tok, llama_hf_dir, text_file):
     assert "reference" not in out and "sqnr" not in out.lower()
 
 
-def test_eval_max_tokens(capsys, bytes_tok, llama_hf_dir, text_file):
+def test_eval_max_tokens(capsys, byte_tokenizer, llama_hf_dir, text_file):
     rc, out, err = run_cli(capsys, "eval", llama_hf_dir, "--ppl", text_file, "--seq-len", 64, "--max-tokens", 640)
     assert rc == 0, err
     assert "10 windows of 64, stride 64" in out and "630 tokens" in out
 
 
-def test_eval_artifact_against_reference_with_layers(capsys, bytes_tok, llama_hf_dir, int3_artifact, text_file):
+def test_eval_artifact_against_reference_with_layers(capsys, byte_tokenizer, llama_hf_dir, int3_artifact, text_file):
     rc, out, err = run_cli(capsys, "eval", int3_artifact, "--ppl", text_file, "--seq-len", 64, "--max-tokens", 512,
                            "--ref", llama_hf_dir, "--layers", "--layer-samples", 2)
     assert rc == 0, err
@@ -87,7 +57,7 @@ def test_eval_artifact_against_reference_with_layers(capsys, bytes_tok, llama_hf
     assert "model.layers.0.self_attn.q_proj" in table and "worst layer:" in out
 
 
-def test_eval_reference_identical_gives_inf(capsys, bytes_tok, llama_hf_dir, text_file):
+def test_eval_reference_identical_gives_inf(capsys, byte_tokenizer, llama_hf_dir, text_file):
     rc, out, err = run_cli(capsys, "eval", llama_hf_dir, "--ppl", text_file, "--seq-len", 32, "--max-tokens", 64,
                            "--ref", llama_hf_dir, "--layers", "--layer-samples", 1)
     assert rc == 0, err
@@ -121,7 +91,7 @@ def test_usage_errors(capsys):
     assert rc == 0 and "usage: splice eval" in out and "--layers" in out
 
 
-def test_text_too_short(capsys, bytes_tok, llama_hf_dir, tmp_path):
+def test_text_too_short(capsys, byte_tokenizer, llama_hf_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("hello world")
     assert_error(capsys, ["eval", llama_hf_dir, "--ppl", short, "--seq-len", 64],
@@ -132,7 +102,7 @@ def test_text_too_short(capsys, bytes_tok, llama_hf_dir, tmp_path):
                  "--max-tokens 10")
 
 
-def test_model_without_logits(capsys, bytes_tok, zoo_hf_dir, text_file):
+def test_model_without_logits(capsys, byte_tokenizer, zoo_hf_dir, text_file):
     bert = zoo_hf_dir("bert")
     capsys.readouterr()  # save_pretrained's progress bar
     assert_error(capsys, ["eval", bert, "--ppl", text_file], "no 'logits' output", "last_hidden_state")
@@ -142,7 +112,7 @@ def test_missing_tokenizer(capsys, llama_hf_dir, text_file):
     assert_error(capsys, ["eval", llama_hf_dir, "--ppl", text_file], "cannot load the tokenizer", str(llama_hf_dir))
 
 
-def test_debug_reraises(bytes_tok, llama_hf_dir, tmp_path):
+def test_debug_reraises(byte_tokenizer, llama_hf_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("hi there")
     with pytest.raises(splice.SpliceError, match="text too short"):

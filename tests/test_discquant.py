@@ -5,20 +5,12 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import splice
 from splice.kernels.quant.grid import dequantize_packed
-from zoo_graphs import calibration, captured
-
+from zoo_graphs import calibration, captured, mean_kl
 
 _calib = functools.partial(calibration, seq=32)
-
-
-def _kl(g, q, samples):
-    return sum(float(F.kl_div(F.log_softmax(q.run(*x)["logits"], -1).flatten(0, -2),
-                              F.log_softmax(g.run(*x)["logits"], -1).flatten(0, -2),
-                              log_target=True, reduction="batchmean")) for x in samples) / len(samples)
 
 
 def test_discquant_beats_round_to_nearest_with_neighbouring_codes():
@@ -26,7 +18,7 @@ def test_discquant_beats_round_to_nearest_with_neighbouring_codes():
     calib, test = _calib(zm, g), _calib(zm, g, n=2, seed=100)
     rtn = g.apply("quantize.rtn:bits=3,group_size=16")
     q = g.apply("quantize.discquant:bits=3,group_size=16,steps=60", calibration=calib)
-    assert _kl(g, q, test) < 0.95 * _kl(g, rtn, test)
+    assert mean_kl(g, q, test) < 0.95 * mean_kl(g, rtn, test)
     report = q.history[-1]["report"]
     assert report["integral_fraction_before_final_rounding"] > 0.9  # the linear term reached a vertex
     # every weight sits on one of its two grid neighbours, on RTN's scales
@@ -40,9 +32,7 @@ def test_discquant_beats_round_to_nearest_with_neighbouring_codes():
     assert not torch.equal(a[target + ".qweight"], b[target + ".qweight"])
 
 
-def test_bad_options():
+def test_bad_options():  # without calibration: tests/passes/test_needs_calibration.py
     zm, g = captured("llama")
-    with pytest.raises(splice.SpliceError, match="quantize.discquant: needs calibration data"):
-        g.apply("quantize.discquant")
     with pytest.raises(splice.SpliceError, match="lr must be > 0 and reg >= 0"):
         g.apply("quantize.discquant:reg=-1", calibration=_calib(zm, g, n=1))

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_cli import assert_error
-from zoo_graphs import captured, input_grid
+from zoo_graphs import assert_error, captured, input_grid
 
 import splice
 from splice.errors import ConfigError

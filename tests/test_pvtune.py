@@ -1,13 +1,12 @@
 """quantize.pvtune: scales move only in P steps, codes only in V steps and at most
 ``v_fraction`` of them per step, every weight stays on the group grid, and the result is
 closer to the float model than round-to-nearest on held-out inputs."""
+import functools
 import re
 
 import pytest
 import torch
-from test_cli import assert_error, run_cli
-from test_discquant import _calib, _kl
-from zoo_graphs import captured
+from zoo_graphs import assert_error, calibration, captured, mean_kl, run_cli
 
 import splice
 from splice.kernels.quant.grid import GroupGrid
@@ -15,6 +14,7 @@ from splice.kernels.quant.grid import GroupGrid
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYER = "model.layers.1.mlp.down_proj"
+_calib = functools.partial(calibration, seq=32)  # as in tests/test_discquant.py
 
 
 def _stored(q, layer=LAYER, bits=2, group=16):
@@ -36,7 +36,7 @@ def test_pvtune_beats_round_to_nearest_at_2_bits(llama):
     report = q.history[-1]["report"]
     before, after = report["loss_before_after"]
     assert after < 0.75 * before  # training KL, whole quantized model (measured 0.0026 -> 0.0016)
-    assert _kl(g, q, held_out) < 0.9 * _kl(g, rtn, held_out)  # held out (measured 0.86x)
+    assert mean_kl(g, q, held_out) < 0.9 * mean_kl(g, rtn, held_out)  # held out (measured 0.86x)
     assert sum(report["codes_changed_per_v_step"]) > 0  # V steps did move codes
 
 
@@ -85,7 +85,7 @@ def test_gptq_start(llama):
     gptq = g.apply("quantize.gptq:bits=2,group_size=16", calibration=calib)
     before, after = q.history[-1]["report"]["loss_before_after"]
     assert after < before
-    assert _kl(g, q, calib) < _kl(g, gptq, calib)
+    assert mean_kl(g, q, calib) < mean_kl(g, gptq, calib)
 
 
 def test_a_p_step_that_raises_the_loss_is_undone_and_retried_at_half_the_rate(llama):
@@ -113,7 +113,7 @@ def test_held_out_samples_choose_the_result(llama):
     assert len(scores) == 3 + 2  # start, after each V step, end
     assert report["chosen_checkpoint"] == scores.index(min(scores)) and min(scores) <= scores[0]
     # the result is the chosen state: its loss on the two held-out samples is that checkpoint's
-    held_out = _kl(g, q, calib[6:])
+    held_out = mean_kl(g, q, calib[6:])
     assert held_out == pytest.approx(scores[report["chosen_checkpoint"]], rel=1e-3)
     # with holdout=0 every sample trains and the training loss chooses
     everything = g.apply("quantize.pvtune:bits=2,group_size=16,steps=1,p_steps=2,holdout=0", calibration=calib)
@@ -136,19 +136,13 @@ def test_bad_options(spec, needle):
         g.apply(spec, calibration=_calib(zm, g, n=1))
 
 
-def test_needs_calibration_and_a_float_model(llama):
+def test_needs_a_float_model(llama):  # and calibration: tests/passes/test_needs_calibration.py
     zm, g, calib, rtn = llama
-    with pytest.raises(splice.SpliceError, match="quantize.pvtune: needs calibration data"):
-        g.apply("quantize.pvtune")
     with pytest.raises(splice.SpliceError, match="quantize.pvtune: 'model.layers.0.self_attn.q_proj' is already quantized"):
         rtn.apply("quantize.pvtune", calibration=calib)
 
 
-def test_cli(capsys, monkeypatch, llama_hf_dir, tmp_path):
-    from splice.eval.data import ByteTokenizer
-    from splice.frontends import hf
-
-    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
+def test_cli(capsys, byte_tokenizer, llama_hf_dir, tmp_path):
     out = tmp_path / "out"
     assert_error(capsys, ["run", llama_hf_dir, "-p", "quantize.pvtune:bits=2,group_size=64", "-o", out],
                  "quantize.pvtune", "--calib", absent=[out])

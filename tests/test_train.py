@@ -8,14 +8,13 @@ import json
 
 import pytest
 import torch
+from zoo_graphs import assert_error, captured, run_cli
 
 import splice
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import ByteTokenizer, builtin_text
 from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.train.checkpoint import checkpoint_path
-from tests.test_cli import assert_error, run_cli
-from tests.zoo_graphs import captured
 
 TEXT = builtin_text("gpl3")
 TRAIN, HELD_OUT = TEXT[:20000], TEXT[20000:26000]
@@ -239,13 +238,6 @@ def test_bad_jsonl(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI
-
-
-@pytest.fixture
-def byte_tokenizer(monkeypatch):
-    from splice.frontends import hf
-
-    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import splice
 from splice.errors import ConfigError
 from splice.kernels.quant.w8a8 import quantize_weight
 from splice.passes.quantize.smoothquant import smoothing_scale
-from test_cli import assert_error
-from zoo_graphs import calibration, captured, input_grid
+from zoo_graphs import assert_error, calibration, captured, input_grid
 
 W8A8 = torch.ops.splice.w8a8_linear.default
 
@@ -130,12 +129,6 @@ def test_bad_options():
         splice.passes.base.get_pass("quantize.smoothquant").make_config({"alpha": "1.5"})
     with pytest.raises(ConfigError, match="quantize.w8a8: bits must be 8"):
         splice.passes.base.get_pass("quantize.w8a8").make_config({"bits": "4"})
-
-
-def test_smoothquant_needs_calibration():
-    _, g = captured("llama")
-    with pytest.raises(ConfigError, match="quantize.smoothquant: needs calibration data"):
-        g.apply("quantize.smoothquant")
 
 
 @pytest.mark.parametrize("first", ["quantize.rtn", "quantize.w8a8"])

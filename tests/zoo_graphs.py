@@ -47,6 +47,14 @@ def max_diff(a, b, inputs) -> float:
     return float((first_output(a, inputs) - first_output(b, inputs)).abs().max())
 
 
+def mean_kl(g, q, samples) -> float:
+    """KL(g ‖ q) of the next-token distributions (``logits``), per token, averaged over ``samples``."""
+    F = torch.nn.functional
+    return sum(float(F.kl_div(F.log_softmax(q.run(*x)["logits"], -1).flatten(0, -2),
+                              F.log_softmax(g.run(*x)["logits"], -1).flatten(0, -2),
+                              log_target=True, reduction="batchmean")) for x in samples) / len(samples)
+
+
 class ComputedWeight(torch.nn.Module):
     """A linear whose weight is computed (``2·w``), so no stored tensor backs the layer."""
 
@@ -60,6 +68,18 @@ class ComputedWeight(torch.nn.Module):
 
 def computed_weight_graph():
     return splice.capture(ComputedWeight(), (torch.randn(2, 3, 16),))
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm written out as HF's Llama code does: ``g · (x · rsqrt(mean(x², -1) + ε))``
+    (``aten.pow``/``mean``/``add``/``rsqrt``/``mul``, then ``mul(g, ·)``), weight ``g`` in [0.5, 1.5)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
 # ------------------------------------------------------------------------- one-line errors

@@ -5,20 +5,9 @@ preservation is tested in tests/test_rotate.py."""
 import re
 
 import torch
-from zoo_graphs import assert_structure, captured, structure
+from zoo_graphs import RMSNorm, assert_structure, captured, structure
 
 import splice
-
-
-class RMS(torch.nn.Module):
-    """RMSNorm written out as Llama's HF code does (pow/mean/add/rsqrt/mul, then ``mul(g, ·)``)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
 class TiedDecoder(torch.nn.Module):
@@ -27,7 +16,7 @@ class TiedDecoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.embed, self.norm1, self.norm = torch.nn.Embedding(32, 8), RMS(8), RMS(8)
+        self.embed, self.norm1, self.norm = torch.nn.Embedding(32, 8), RMSNorm(8), RMSNorm(8)
         self.up, self.down = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(16, 8, bias=False)
         self.head = torch.nn.Linear(8, 32, bias=False)
         self.head.weight = self.embed.weight

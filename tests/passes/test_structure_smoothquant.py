@@ -4,18 +4,9 @@ is unchanged; elsewhere exactly one ``mul(x, @<layer>.smoothquant_inv_scale)`` a
 the group, and ``mul=false`` leaves those groups (and so the whole program) alone. Output
 preservation is tested in tests/test_w8a8.py."""
 import torch
-from zoo_graphs import assert_structure
+from zoo_graphs import RMSNorm, assert_structure
 
 import splice
-
-
-class RMS(torch.nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
 
 class Block(torch.nn.Module):
@@ -25,7 +16,7 @@ class Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.norm = RMS(16)
+        self.norm = RMSNorm(16)
         self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
         self.c, self.down, self.head = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 8)
 
