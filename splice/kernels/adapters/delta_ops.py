@@ -129,7 +129,7 @@ def _flora_conv2d(x: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor, u_in
     """FLoRA's conv update (https://arxiv.org/abs/2403.14541): ``conv2d(x, ΔW·scale)`` with the same
     stride/padding/dilation/groups as the base conv and ``ΔW = core ×₁ u_out ×₂ u_in ×₃ u_h ×₄ u_w``
     (``[O, I/groups, kh, kw]``)."""
-    w = tucker4(core, u_out, u_in, u_h, u_w) * scale
+    w = (tucker4(core, u_out, u_in, u_h, u_w) * scale).contiguous()  # einsum may hand back channels-last strides
     return F.conv2d(x.to(w.dtype), w, None, stride, padding, dilation, groups).to(x.dtype)
 
 
