@@ -6,11 +6,11 @@ to ~1e-13 unless a translation differs (a wrong operand, a float32 constant, ano
 """
 import pytest
 import torch
+from zoo_graphs import captured, input_grid
 
 from splice.passes.adapters.api import adapter_parameters
 from splice.passes.adapters._common import adapter_passes
 from splice.runtime.float64 import double_module, double_parity
-from tests.zoo_graphs import captured, input_grid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

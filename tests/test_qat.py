@@ -6,14 +6,13 @@ Tiny zoo llama, byte tokenizer, one torch thread (see tests/test_train.py).
 """
 import pytest
 import torch
+from zoo_graphs import assert_error, captured, input_grid
 
 import splice
 from splice.errors import ConfigError
 from splice.eval.data import ByteTokenizer, builtin_text
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.quantize._oscillation import _Layer, oscillation_hook
-from tests.test_cli import assert_error
-from tests.zoo_graphs import captured, input_grid
 
 FQL = torch.ops.splice.fake_quant_linear.default
 TEXT = builtin_text("gpl3")
