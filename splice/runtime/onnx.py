@@ -19,7 +19,7 @@ import torch
 from splice.errors import ExportError
 from splice.ir.atomic import atomic_files, check_writable
 from splice.ir.graph import Graph
-from splice.kernels.registry import ONNX_OPSET, missing_translations, op_name, translations
+from splice.kernels.registry import ONNX_OPSET, missing_translations, op_name, record, translations
 from splice.runtime.adapter_inputs import with_adapter_inputs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to an external file
@@ -34,11 +34,19 @@ def untranslatable_ops(graph: Graph, backend: str = "onnx") -> list[tuple[str, s
     return [(op_name(op), introduced[op]) for op in missing_translations(backend, introduced)]
 
 
+def refuse_instruments(graph: Graph) -> None:
+    """ExportError when the graph still has instrument ops (observers): a pass removes them first."""
+    found = [n for n in graph.gm.graph.nodes
+             if n.op == "call_function" and getattr(record(n.target), "family", None) == "instrument"]
+    if found:
+        ops = sorted({op_name(n.target) for n in found})
+        raise ExportError(f"export: the graph still has {len(found)} instrument op(s) ({', '.join(ops)}); "
+                          "remove them first with the pass instrument.strip (-p instrument.strip)")
+
+
 def to_onnx_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
     """Lower ``graph`` to ONNX. ``accuracy_level`` goes to every MatMulNBits (0 exact, 4 int8 compute)."""
-    from splice.passes.instrument.observe import strip_observers
-
-    graph = strip_observers(graph.copy())
+    refuse_instruments(graph)
     missing = untranslatable_ops(graph)
     if missing:
         raise ExportError("ONNX export: no onnx translation for " + ", ".join(

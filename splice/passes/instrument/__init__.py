@@ -1,2 +1,2 @@
-"""Instrument passes: insert observer ops that gather calibration statistics."""
-from splice.passes.instrument import observe  # noqa: F401
+"""Instrument passes: insert observer ops that gather calibration statistics, and strip them."""
+from splice.passes.instrument import observe, strip  # noqa: F401

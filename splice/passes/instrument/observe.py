@@ -2,7 +2,8 @@
 
 Data then flows through the instrumented graph (``splice.passes.quantize._calibrate`` runs it,
 whole or block by block) and a later pass consumes the statistics gathered under each
-layer's key (its module path). ``strip_observers`` removes them; export refuses them.
+layer's key (its module path). ``strip_observers`` removes them (the pass ``instrument.strip``);
+export refuses them.
 Instrumenting for GPTQ-style Hessians: https://arxiv.org/abs/2210.17323
 """
 from __future__ import annotations
