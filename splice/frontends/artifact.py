@@ -26,7 +26,7 @@ def _example_inputs(path: Path, names: list) -> tuple:
         tensors = safetensors_load((path / INPUTS).read_bytes())
     except (OSError, SafetensorError) as e:
         raise ArtifactError(f"{path / INPUTS}: unreadable ({type(e).__name__})") from None
-    if not all(isinstance(n, str) for n in names) or set(tensors) != set(names):
+    if set(tensors) != set(names):
         raise ArtifactError(f"{path / INPUTS}: holds {sorted(tensors)}, the manifest's inputs are {names}")
     return tuple(tensors[n] for n in names)
 
@@ -52,5 +52,9 @@ def load(path: str | Path) -> Graph:
         raise ArtifactError(f"{path / MANIFEST}: manifest key 'dynamic' must map inputs to {{axis: label}}") from None
     graph = graph_from_program(ep, inputs, manifest["source"], output_names=manifest["outputs"],
                                history=manifest["passes"])
+    outputs = len(next(n for n in graph.gm.graph.nodes if n.op == "output").args[0])
+    if graph.input_names != manifest["inputs"] or len(manifest["outputs"]) != outputs:
+        raise ArtifactError(f"{path / MANIFEST}: inputs {manifest['inputs']} and {len(manifest['outputs'])} outputs "
+                            f"do not match {PROGRAM} (inputs {graph.input_names}, {outputs} outputs)")
     graph.dynamic = dynamic
     return graph

@@ -135,8 +135,8 @@ def _check_program(archive: _Archive, doc: Any, member: str) -> None:
                 op = resolve(target)
                 if not (isinstance(op, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or op in _SYM_OPS
                         or getattr(op, "__module__", None) in ("_operator", "math")):
-                    raise ArtifactError(f"{archive.path}: member {member}: node target {target!r} is not an "
-                                        "operator; refusing to load")
+                    raise ArtifactError(f"{archive.path}: member {member}: node target {target!r} is not a "
+                                        "registered operator; refusing to load")
             if isinstance(expr, str) and not _arithmetic(expr):
                 raise ArtifactError(f"{archive.path}: member {member}: shape expression {expr[:60]!r} is not "
                                     "arithmetic; refusing to evaluate it")

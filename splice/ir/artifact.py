@@ -117,6 +117,11 @@ def _parse(mpath: Path) -> dict[str, Any]:
             raise ArtifactError(f"{mpath}: manifest has no '{key}'")
         if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
             raise ArtifactError(f"{mpath}: manifest key '{key}' must be a {kind.__name__}")
+    for key in ("inputs", "outputs"):
+        if not all(isinstance(name, str) for name in manifest[key]):
+            raise ArtifactError(f"{mpath}: manifest key '{key}' must list names")
+    if not all(isinstance(entry, dict) for entry in manifest["passes"]):
+        raise ArtifactError(f"{mpath}: manifest key 'passes' must list pass entries")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ArtifactError(f"{mpath}: artifact format version {manifest['format_version']}, this splice reads "
                             f"version {FORMAT_VERSION}; re-create the artifact")

@@ -226,6 +226,8 @@ def atomic_files(path: str | os.PathLike, force: bool, write: Callable[[Path], N
     """Run ``write(tmpdir)`` (which writes ``tmpdir / path.name`` and any siblings, such as
     ``NAME.data``) and move every file it wrote beside ``path``, ``path`` itself last."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise OutputError(f"{path}: is a directory; give a file name")
     with _staged(path, force) as tmp:
         write(tmp)
         if not (tmp / path.name).is_file():

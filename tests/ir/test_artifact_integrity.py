@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import splice
 from splice.errors import ArtifactError, OutputError
 from splice.ir.artifact import INPUTS, MANIFEST, PROGRAM, manifest_checksum, sha256
 from splice.ir.atomic import atomic_dir
-from zoo_graphs import captured
+from zoo_graphs import assert_error, captured
 
 RTN = "quantize.rtn:bits=4,group_size=32"
 REPO = Path(__file__).resolve().parents[2]
@@ -248,6 +249,17 @@ def test_manifest_key_of_wrong_type(art_copy):
         splice.load(art_copy)
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.__setitem__("inputs", ["x"]), "the manifest's inputs are ['x']"),
+    (lambda m: m.__setitem__("outputs", m["outputs"] * 2), "do not match program.pt2"),
+    (lambda m: m.__setitem__("passes", ["quantize.rtn"]), "'passes' must list pass entries"),
+])
+def test_manifest_spec_must_match(art_copy, edit, needle):
+    reseal(art_copy, edit)
+    with pytest.raises(ArtifactError, match=re.escape(needle)):
+        splice.load(art_copy)
+
+
 # -------------------------------------------------------------------------------- writes
 
 
@@ -322,6 +334,30 @@ def test_onnx_export_into_an_artifact_is_refused(saved, tmp_path):
     with pytest.raises(OutputError, match="inside the splice artifact"):
         export_onnx(g, art / PROGRAM, force=True)
     assert sha256(art / PROGRAM) == before and sorted(os.listdir(art)) == sorted([MANIFEST, PROGRAM, INPUTS])
+
+
+def test_onnx_export_onto_a_directory_is_refused(saved, tmp_path):
+    from splice.runtime.onnx import export_onnx
+
+    _, g = saved
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="is a directory"):
+        export_onnx(g, tmp_path / "d", force=True)
+    assert os.listdir(tmp_path / "d") == ["keep.txt"]
+
+
+def test_cli_refuses_outputs_before_any_work(capsys, no_capture, saved, llama_hf_dir, tmp_path):
+    art, _ = saved
+    before = sha256(art / PROGRAM)
+    assert_error(capsys, ["export", art, "--onnx", art / PROGRAM, "--force"], str(art / PROGRAM),
+                 "inside the splice artifact")
+    assert sha256(art / PROGRAM) == before
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    assert_error(capsys, ["run", llama_hf_dir, "-p", RTN, "-o", tmp_path / "link", "--force"],
+                 str(tmp_path / "link"), "symbolic link")
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"] and os.listdir(tmp_path / "real") == []
 
 
 _KILLED_SAVE = """
