@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import splice  # noqa: E402
 from bench._common import machine_info, versions, write_json  # noqa: E402
-from splice.eval.metrics import compare_outputs  # noqa: E402
+from splice.ir.metrics import compare_outputs  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "extract_lora.json"
 TRUE_RANK, LOW_RANK_SHARE, NOISE_SHARE = 8, 0.05, 0.005

@@ -70,7 +70,7 @@ log = logger("rtn")
 
 def fidelity(ref_logits, test_logits, ids) -> dict:
     """compare() over all windows plus perplexity of the test logits on the text."""
-    from splice.eval.metrics import compare
+    from splice.ir.metrics import compare
 
     out = compare(ref_logits, test_logits, logits=True)
     out["ppl"] = perplexity(test_logits, ids)

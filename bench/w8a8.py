@@ -88,7 +88,7 @@ def fidelity(ref: list, test: list, targets: list) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from splice.eval.metrics import cosine, kl_logits, top1
+    from splice.ir.metrics import cosine, kl_logits, top1
 
     r = torch.from_numpy(np.concatenate(ref)).flatten(0, 1)
     t = torch.from_numpy(np.concatenate(test)).flatten(0, 1)

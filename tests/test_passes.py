@@ -13,7 +13,7 @@ import torch
 
 import splice
 from splice.eval import zoo
-from splice.eval.metrics import compare_outputs
+from splice.ir.metrics import compare_outputs
 from splice.passes.base import config_from_json, config_to_json, list_passes
 from splice.passes.spec import format_spec, parse_spec
 from zoo_graphs import captured, input_grid

@@ -88,7 +88,7 @@ def int4_emb_onnx(int4_emb, tmp_path_factory):
 
 
 def _fidelity(graph, gpl3):
-    from splice.eval.metrics import compare
+    from splice.ir.metrics import compare
 
     ids, mask, ref = gpl3
     return compare(ref, graph.run(ids, mask)["logits"], logits=True)

@@ -11,7 +11,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from splice.errors import SpliceError
-from splice.eval import data, metrics, zoo
+from splice.eval import data, zoo
+from splice.ir import metrics
 
 
 @pytest.fixture(scope="module", params=zoo.ZOO_NAMES)

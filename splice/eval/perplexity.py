@@ -25,6 +25,7 @@ from torch import fx
 
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import graph_inputs
+from splice.ir.metrics import sqnr_from_energy
 from splice.ir.select import module_path, op_kind
 
 
@@ -223,12 +224,7 @@ def layer_sqnr(graph_ref, graph_test, samples: Iterable, *, kinds: tuple[str, ..
     rows = []
     for key in common:
         a = acc[key]
-        if a["noise"] == 0.0:
-            sqnr = math.inf
-        elif a["signal"] == 0.0:
-            sqnr = -math.inf
-        else:
-            sqnr = 10.0 * math.log10(a["signal"] / a["noise"])
+        sqnr = sqnr_from_energy(a["signal"], a["noise"])
         denom = math.sqrt(a["signal"] * a["test2"])
         cos = a["dot"] / denom if denom > 0 else (1.0 if a["signal"] == a["test2"] == 0.0 else 0.0)
         path, i = key

@@ -16,6 +16,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, set_attr
+from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path
 from splice.kernels.registry import record
 
@@ -113,9 +114,7 @@ def requantization_error(requested: torch.Tensor, stored: torch.Tensor) -> dict[
     """How far a lossy ``replace_weight`` landed from the weight asked for: SQNR (dB) of the stored
     weight against the requested one and the largest absolute error."""
     err = stored - requested
-    noise = err.pow(2).sum()
-    sqnr = float("inf") if noise == 0 else float(10 * torch.log10(requested.pow(2).sum() / noise))
-    return {"requant_sqnr_db": round(sqnr, 2), "requant_max_abs_err": float(err.abs().max())}
+    return {"requant_sqnr_db": round(sqnr_db(requested, stored), 2), "requant_max_abs_err": float(err.abs().max())}
 
 
 def shared_tensors(graph: Graph) -> dict[str, list[fx.Node]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import VerifyError
-from splice.eval.metrics import compare_outputs
+from splice.ir.metrics import compare_outputs
 from splice.ir.verify import output_signature, verify as verify_graph
 
 

@@ -15,6 +15,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
+from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig
@@ -88,7 +89,7 @@ def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quanti
             grid = GroupGrid(cfg.bits if bits_of is None else bits_of(w_node.target), g, cfg.symmetric)
             codes, scale, zero = quantize(node, w.detach().float(), grid)
             deq = grid.dequantize(codes, scale, zero)
-            layers[module_path(node)] = round(_sqnr_db(w.detach().float(), deq), 2)
+            layers[module_path(node)] = round(sqnr_db(w.detach().float(), deq), 2)
             stored[w_node.target] = _store(graph, w_node.target, grid, codes, scale.to(w.dtype), zero)
             before += w.numel() * w.element_size()
             after += sum(graph.tensor(n.target).numel() * graph.tensor(n.target).element_size()
@@ -133,8 +134,3 @@ def replace_node(graph: Graph, node: fx.Node, op, args: tuple) -> fx.Node:
     node.replace_all_uses_with(new)
     fxg.erase_node(node)
     return new
-
-
-def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    noise = (ref - test).pow(2).sum()
-    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))

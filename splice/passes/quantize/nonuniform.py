@@ -28,11 +28,12 @@ import torch
 from torch import fx
 
 from splice.ir.graph import Graph
+from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.lut import apply_scales, lut_lookup, pack_indices
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import input_hessians
-from splice.passes.quantize._common import QUANT_REPORT, _sqnr_db, check_not_quantized, resolve_group
+from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, resolve_group
 
 PASS = "quantize.nonuniform"
 POWERS = torch.arange(5, 21) / 10  # p searched: 0.5, 0.6, ..., 2.0
@@ -168,7 +169,7 @@ def nonuniform(graph: Graph, cfg: NonUniformConfig, ctx: PassContext) -> PassRes
             wf = w.detach().float()
             g = resolve_group(cfg, wf.shape[1], module_path(node), PASS)
             idx, lut, scales = _fit_by_rows(wf, diag.get(target, torch.ones(wf.shape[1])), cfg, g)
-            layers[module_path(node)] = round(_sqnr_db(wf, apply_scales(lut_lookup(idx, lut), scales)), 2)
+            layers[module_path(node)] = round(sqnr_db(wf, apply_scales(lut_lookup(idx, lut), scales)), 2)
             base = target.removesuffix(".weight")
             tensors = [pack_indices(idx, cfg.bits, g), lut.to(w.dtype), None if scales is None else scales.to(w.dtype)]
             stored[target] = (graph.add_tensor(base + ".lut_index", tensors[0]), graph.add_tensor(base + ".lut", tensors[1]),

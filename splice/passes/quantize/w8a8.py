@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.ir.graph import Graph
+from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.w8a8 import dequantize_weight, quantize_weight
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
-from splice.passes.quantize._common import QUANT_REPORT, _sqnr_db, check_not_quantized, replace_node
+from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, replace_node
 
 NAME = "quantize.w8a8"
 W8A8_LINEAR = torch.ops.splice.w8a8_linear.default
@@ -56,7 +57,7 @@ def w8a8(graph: Graph, cfg: W8A8Config, ctx: PassContext) -> PassResult:
             base = w_node.target.removesuffix(".weight")
             stored[w_node.target] = (graph.add_tensor(base + ".qweight", codes),
                                      graph.add_tensor(base + ".w_scale", scale.to(w.dtype)))
-            sqnr[module_path(node)] = round(_sqnr_db(w.detach().float(), dequantize_weight(codes, scale)), 2)
+            sqnr[module_path(node)] = round(sqnr_db(w.detach().float(), dequantize_weight(codes, scale)), 2)
             before += w.numel() * w.element_size()
             after += codes.numel() + scale.numel() * w.element_size()
         bias = node.args[2] if len(node.args) > 2 else None

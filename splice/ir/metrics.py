@@ -1,4 +1,5 @@
-"""Fidelity metrics between a reference output and a test output.
+"""Fidelity metrics between a reference and a test tensor: the one definition every layer uses
+(the pipeline's fidelity probe, a pass's weight-error report, eval's per-layer comparison).
 
 All metrics compute in float64 and return plain Python floats.
 
@@ -30,14 +31,18 @@ def max_abs(ref: torch.Tensor, test: torch.Tensor) -> float:
     return float((r - t).abs().max()) if r.numel() else 0.0
 
 
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    r, t = _pair(ref, test)
-    signal, noise = float((r * r).sum()), float(((r - t) ** 2).sum())
+def sqnr_from_energy(signal: float, noise: float) -> float:
+    """``10*log10(signal / noise)`` in dB: ``inf`` without noise, ``-inf`` without signal."""
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    r, t = _pair(ref, test)
+    return sqnr_from_energy(float((r * r).sum()), float(((r - t) ** 2).sum()))
 
 
 def _cos_rows(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
