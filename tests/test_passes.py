@@ -1,7 +1,9 @@
 """Registry-driven: every registered pass runs on every zoo model with its test config.
 
-The fast suite (CI) runs each pass on two of the zoo models it applies to, rotating so every
-model is exercised by many passes; ``-m slow`` runs the whole pass × model matrix.
+The fast suite (CI) runs each pass on two of the zoo models it applies to (its declared
+``applies``), rotating so every model is exercised by many passes; ``-m slow`` runs the whole
+pass × model matrix. What a pass declares it needs comes from the registry too: the passes its
+``requires`` name run first, and each graph it reads (``graphs``) is the model itself.
 Checks structure (the pass changed something and the graph verifies), numerics (a cosine
 floor against the original for lossy passes), config round-trip, save/load bit-identity,
 and ONNX Runtime parity of the result.
@@ -14,13 +16,27 @@ import torch
 import splice
 from splice.eval import zoo
 from splice.ir.metrics import compare_outputs
-from splice.passes.base import config_from_json, config_to_json, list_passes
+from splice.passes.base import config_from_json, config_to_json, get_pass, list_passes, providers
 from splice.passes.spec import format_spec, parse_spec
 from zoo_graphs import captured, input_grid
 
 PASSES = [p.name for p in list_passes()]
-ONLY_ON = {"adapter.flora": ("vit", "cnn"),  # conv-only passes: the zoo models that have a conv
-           "quantize.rotate": ("llama", "qwen2")}  # RMSNorm decoders; the others are refused (test_rotate.py)
+
+
+def _models(name: str) -> tuple[str, ...]:
+    """The zoo models pass ``name`` declares it applies to."""
+    info = get_pass(name)
+    return tuple(m for m in zoo.ZOO_NAMES if info.applies is None or info.applies_to(captured(m)[1]))
+
+
+def _setup(name: str) -> list[str]:
+    """Passes that meet ``name``'s ``requires`` (and theirs), in order: a capability by the first
+    pass that provides it (e.g. adapter.fold needs an adapter)."""
+    steps = []
+    for need in get_pass(name).requires:
+        first = need if need in PASSES else providers(need)[0]
+        steps += [s for s in _setup(first) + [first] if s not in steps]
+    return steps
 
 
 def _calibration(zm, graph):
@@ -41,7 +57,7 @@ def test_config_round_trip(name):
 def _matrix() -> list:
     cases = []
     for i, name in enumerate(PASSES):
-        models = ONLY_ON.get(name, zoo.ZOO_NAMES)
+        models = _models(name)
         fast = {models[i % len(models)], models[(i + len(models) // 2) % len(models)]}
         cases += [pytest.param(name, model, id=f"{name}-{model}", marks=() if model in fast else pytest.mark.slow)
                   for model in models]
@@ -53,13 +69,10 @@ def test_pass_on_zoo(name, model, tmp_path):
     zm, graph = captured(model)
     info = splice.passes.base.get_pass(name)
     calib = _calibration(zm, graph) if info.needs_calibration else None
-    setup = list(info.requires)  # e.g. adapter.fold needs an adapter first
+    setup = _setup(name)
     start = splice.Pipeline(setup).run(graph, probe=False).graph if setup else graph
     spec = name
-    if "source" in {f.name for f in info.config_cls.options()}:  # reads a second model: the model itself
-        graph.save(tmp_path / "source")
-        spec = f"{name}:source={tmp_path / 'source'}"
-    result = splice.Pipeline([spec]).run(start, calibration=calib)
+    result = splice.Pipeline([spec]).run(start, calibration=calib, graphs={g: graph for g in info.graphs})
     out = result.graph
     entry = out.history[-1]
     assert entry["pass"] == name and entry["seconds"] >= 0

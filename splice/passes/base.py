@@ -228,12 +228,9 @@ def register_pass(name: str, config_cls: type[PassConfig], *, reference: str,
     return deco
 
 
-def _load_builtin_passes() -> None:
-    import splice.passes  # noqa: F401  (imports every family, which registers its passes)
-
-
 def get_pass(name: str) -> PassInfo:
-    _load_builtin_passes()
+    """A registered pass. (Importing this module imports the package ``splice.passes`` first,
+    whose ``__init__`` imports every family, so the built-in passes are always registered.)"""
     if name not in _REGISTRY:
         hint = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         more = f"; did you mean '{hint[0]}'?" if hint else "; see `splice passes`"
@@ -242,7 +239,6 @@ def get_pass(name: str) -> PassInfo:
 
 
 def list_passes() -> list[PassInfo]:
-    _load_builtin_passes()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
@@ -276,7 +272,6 @@ def migrate_entry(info: PassInfo, entry: dict) -> dict:
 
 def _registered(entry: Any) -> PassInfo | None:
     """The registered pass of a history entry, if any."""
-    _load_builtin_passes()
     return _REGISTRY.get(entry.get("pass")) if isinstance(entry, dict) else None
 
 
