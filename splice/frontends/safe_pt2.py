@@ -19,6 +19,7 @@ numbers, arithmetic and the sympy functions torch's deserializer defines.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -62,6 +63,8 @@ class _Archive:
 
     def read_into(self, member: str) -> bytearray:
         info = self.zf.getinfo(f"{self.root}/{member}")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size > self.path.stat().st_size:
+            raise ArtifactError(f"{self.path}: member {member}: not stored raw as torch writes tensors")
         buf = bytearray(info.file_size)
         with self.zf.open(info) as f:
             f.readinto(buf)
@@ -97,9 +100,9 @@ def _payload(archive: _Archive, kind: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{archive.path}: member {member}: not a payload config")
     for fqn, meta in entries.items():
         if meta.get("use_pickle") is not False:
-            raise archive.refuse(member, f"{kind[:-1]} {fqn} is stored with use_pickle")
+            raise archive.refuse(member, f"{kind[:-1]} {fqn!r} is stored with use_pickle")
         if kind == "constants" and not str(meta.get("path_name", "")).startswith("tensor_"):
-            raise archive.refuse(member, f"constant {fqn} is a custom or opaque object ({meta.get('path_name')})")
+            raise archive.refuse(member, f"constant {fqn!r} is a custom or opaque object ({meta.get('path_name')!r})")
     try:
         config = _dict_to_dataclass(schema.PayloadConfig, raw)
         storages: dict[str, torch.Tensor] = {}
@@ -142,6 +145,7 @@ def _check_program(archive: _Archive, doc: Any, member: str) -> None:
                                     "arithmetic; refusing to evaluate it")
 
 
+@functools.lru_cache(maxsize=4096)  # a program repeats the same few shape expressions thousands of times
 def _arithmetic(expr: str) -> bool:
     """Whether ``expr`` (sympy's repr of a shape) holds only symbols, numbers, operators and
     sympy expression classes: nothing ``eval`` could turn into a call of anything else."""

@@ -39,7 +39,7 @@ class _Touch:
 # ----------------------------------------------------------------------------- crafting
 
 
-def rewrite_zip(pt2: Path, changes: dict) -> None:
+def rewrite_zip(pt2: Path, changes: dict, deflate=()) -> None:
     """Rewrite the ``.pt2`` zip with members (names below the root folder) replaced or added."""
     with zipfile.ZipFile(pt2) as z:
         root = z.namelist()[0].split("/", 1)[0]
@@ -47,7 +47,7 @@ def rewrite_zip(pt2: Path, changes: dict) -> None:
     members.update(changes)
     with zipfile.ZipFile(pt2, "w", zipfile.ZIP_STORED) as z:
         for name, data in members.items():
-            z.writestr(f"{root}/{name}", data)
+            z.writestr(f"{root}/{name}", data, zipfile.ZIP_DEFLATED if name in deflate else zipfile.ZIP_STORED)
 
 
 def read_member(pt2: Path, member: str) -> bytes:
@@ -151,6 +151,23 @@ def test_pickle_members_are_refused_by_load(art_copy, tmp_path, how):
     with pytest.raises(ArtifactError, match="refusing"):
         splice.load(bare)
     assert not marker.exists()
+
+
+def test_duplicated_use_pickle_key_is_refused(art_copy):
+    """``{"use_pickle": false, "use_pickle": true}``: a reader taking the first key would see false."""
+    weights = "data/weights/model_weights_config.json"
+    text = read_member(art_copy / PROGRAM, weights).decode()
+    rewrite_zip(art_copy / PROGRAM, {weights: text.replace('"use_pickle": false', '"use_pickle": false, "use_pickle": true', 1).encode()})
+    reseal(art_copy)
+    with pytest.raises(ArtifactError, match="duplicated JSON key"):
+        splice.load(art_copy)
+
+
+def test_compressed_tensor_member_is_refused(art_copy):
+    rewrite_zip(art_copy / PROGRAM, {}, deflate={"data/weights/weight_0"})
+    reseal(art_copy)
+    with pytest.raises(ArtifactError, match="weight_0: not stored raw"):
+        splice.load(art_copy)
 
 
 def test_bare_pt2_written_by_torch_loads(saved, tmp_path):
