@@ -37,13 +37,21 @@ COMMANDS = (passes, inspect, run, export, evaluate, train, demo)  # `splice --he
 INTERRUPTED = 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the echo cap: a usage error repeats at most ``one_line``'s share of a bad value."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show library output and full tracebacks")
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress lines on stderr")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description="splice: capture a model once, rewrite it with passes, export it to ONNX Runtime.",
         epilog="Run `splice COMMAND --help` for a command's options.")
     parser.add_argument("--debug", action="store_true", default=False, help="show library output and full tracebacks")
@@ -91,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
             if extra and args.command != "demo":
-                parser.error(f"unrecognized arguments: {one_line(' '.join(extra))}")
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as e:  # --help / --version (0) or a usage error (2)
             return _exit_code(e, 2)
         args.extra = extra

@@ -48,6 +48,13 @@ def test_huge_pass_name_is_one_short_line(capsys, no_capture, llama_hf_dir, tmp_
     assert len(line) < ECHO_LIMIT + 100, len(line)
 
 
+def test_huge_bad_value_usage_error_is_capped(capsys):
+    rc, _, err = run_cli(capsys, "run", "m", "-o", "o", "--calib-samples", "9" * 100 + "x" * 1_000_000)
+    assert rc == 2 and "positive integer" in err and len(err) < 2000, len(err)
+    rc, _, err = run_cli(capsys, "passes", "quantize.rtn", "y" * 1_000_000)
+    assert rc == 2 and "unrecognized arguments" in err and len(err) < 2000, len(err)
+
+
 def test_recipe_directory_is_named_as_such(capsys, no_capture, llama_hf_dir, tmp_path):
     line = assert_error(capsys, ["run", llama_hf_dir, "--recipe", tmp_path, "-o", tmp_path / "out"],
                         "--recipe", str(tmp_path), "is a directory")
