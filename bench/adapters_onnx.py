@@ -50,7 +50,7 @@ from splice.runtime.adapter_inputs import with_adapter_inputs  # noqa: E402
 from splice.errors import ConfigError  # noqa: E402
 from splice.eval import zoo  # noqa: E402
 from splice.eval.data import builtin_text, graph_inputs  # noqa: E402
-from splice.frontends.hf import load_tokenizer  # noqa: E402
+from splice.ir.tokenizer import graph_tokenizer  # noqa: E402
 from splice.passes.adapters._common import adapter_passes as registered_adapter_passes  # noqa: E402
 from splice.runtime.float64 import double_module, double_outputs, double_parity  # noqa: E402
 from splice.runtime.onnx import onnx_bytes, run_session  # noqa: E402
@@ -71,7 +71,7 @@ def adapter_passes() -> tuple[list[str], dict[str, str]]:
 
 def text_inputs(graph) -> list[tuple]:
     """Token windows of ``builtin_text("gpl3")`` at ``SHAPES``, in graph input order."""
-    ids = load_tokenizer(graph.source)(builtin_text("gpl3"), return_tensors="pt")["input_ids"][0]
+    ids = graph_tokenizer(graph)(builtin_text("gpl3"), return_tensors="pt")["input_ids"][0]
     out = []
     for batch, seq in SHAPES:
         window = ids[:batch * seq].reshape(batch, seq)

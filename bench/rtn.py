@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.data import builtin_text, token_batches
-    from splice.frontends.hf import load_tokenizer
+    from splice.ir.tokenizer import graph_tokenizer
     from splice.runtime.onnx import export_onnx, onnx_bytes, session
 
     torch.manual_seed(0)
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         graph = splice.capture(gguf)
         secs["capture"] = time.perf_counter() - t
-        tok = load_tokenizer(graph.source)
+        tok = graph_tokenizer(graph)
         vocab = int(graph.tensor(next(n.args[0].target for n in graph.nodes("embedding"))).shape[0])
         batches = token_batches(tok, builtin_text("gpl3"), args.fid_samples, args.fid_seq, seed=0, batch_size=4)
         ids = torch.cat([b["input_ids"] for b in batches])

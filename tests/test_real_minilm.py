@@ -45,9 +45,9 @@ def fp32():
 
 @pytest.fixture(scope="module")
 def tokenizer(fp32):
-    from splice.frontends.hf import load_tokenizer
+    from splice.ir.tokenizer import graph_tokenizer
 
-    return load_tokenizer(fp32.source)
+    return graph_tokenizer(fp32)
 
 
 @pytest.fixture(scope="module")

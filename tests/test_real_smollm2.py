@@ -60,9 +60,9 @@ def smollm2():
 def gpl3_ids(smollm2):
     """4 GPL-3 windows of 128 tokens: input_ids [4, 128]."""
     from splice.eval.data import builtin_text, token_batches
-    from splice.frontends.hf import load_tokenizer
+    from splice.ir.tokenizer import graph_tokenizer
 
-    (batch,) = token_batches(load_tokenizer(smollm2.source), builtin_text("gpl3"), 4, 128, seed=0, batch_size=4)
+    (batch,) = token_batches(graph_tokenizer(smollm2), builtin_text("gpl3"), 4, 128, seed=0, batch_size=4)
     return batch["input_ids"]
 
 

@@ -14,6 +14,7 @@ import random
 import torch
 
 from splice.errors import ConfigError, SpliceError
+from splice.ir.tokenizer import graph_tokenizer
 
 GPL3_PATH = "/usr/share/common-licenses/GPL-3"
 BUILTIN_TEXTS = ("gpl3", "pydoc")
@@ -123,17 +124,9 @@ def graph_inputs(graph, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, .
 
 def text_calibration(graph, text: str, n_samples: int, seq_len: int, tokenizer=None) -> list[tuple]:
     """Calibration batches for ``graph`` from ``text``, tokenized by the model's tokenizer."""
-    from splice.frontends.hf import load_tokenizer
-
     if "input_ids" not in graph.input_names:
         raise SpliceError(f"calibration: {graph.source.get('name', 'the model')} takes "
                           f"{', '.join(graph.input_names)}, not token ids; text calibration needs a text model")
     if tokenizer is None:
-        try:
-            tokenizer = load_tokenizer(graph.source)
-        except SpliceError:
-            raise
-        except Exception as e:
-            raise SpliceError(f"calibration: cannot load the tokenizer of {graph.source.get('path', '?')}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from e
+        tokenizer = graph_tokenizer(graph, "calibration")
     return [graph_inputs(graph, b) for b in token_batches(tokenizer, text, n_samples, seq_len)]

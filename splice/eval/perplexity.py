@@ -27,6 +27,7 @@ from splice.errors import ConfigError, SpliceError
 from splice.eval.data import graph_inputs
 from splice.ir.metrics import sqnr_from_energy
 from splice.ir.select import module_path, op_kind
+from splice.ir.tokenizer import graph_tokenizer
 
 
 def _model_name(graph) -> str:
@@ -46,16 +47,7 @@ def check_logits(graph) -> None:
 def tokenize(graph, text: str, tokenizer=None) -> torch.Tensor:
     """``text`` as token ids ``[1, T]`` (no special tokens), by ``tokenizer`` or the model's own."""
     if tokenizer is None:
-        from splice.frontends import hf
-
-        try:
-            tokenizer = hf.load_tokenizer(graph.source)
-        except SpliceError:
-            raise
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise SpliceError(f"cannot load the tokenizer of {graph.source.get('path', _model_name(graph))}: "
-                              f"{msg}") from e
+        tokenizer = graph_tokenizer(graph, "perplexity")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long).reshape(1, -1)
 
@@ -81,7 +73,7 @@ def perplexity(graph, data: torch.Tensor | Sequence[int] | str, *, tokenizer=Non
                progress: bool = False) -> dict[str, Any]:
     """Strided perplexity of ``graph``'s ``logits`` on ``data``: token ids (``[1, T]``,
     ``[T]`` or a list) or a text (tokenized by ``tokenizer``, default the model's own via
-    ``splice.frontends.hf.load_tokenizer(graph.source)``). ``stride`` defaults to ``seq_len``
+    ``splice.ir.tokenizer.graph_tokenizer(graph)``). ``stride`` defaults to ``seq_len``
     (disjoint windows); ``max_tokens`` keeps the first tokens only. Returns ``ppl``,
     ``nll`` (mean nats per scored token), ``tokens`` (scored), ``windows``, ``seq_len``,
     ``stride`` and ``text_tokens``."""

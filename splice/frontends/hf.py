@@ -2,7 +2,9 @@
 
 Example inputs are built from the config (token ids and masks for text models, pixel values
 for vision models) and the model is loaded in fp32 with ``use_cache=False`` and SDPA
-attention, then captured like any ``nn.Module``. Nothing is downloaded.
+attention, then captured like any ``nn.Module``. Nothing is downloaded. Where the tokenizer
+lives (the directory, or the GGUF file) is recorded in the graph's source at capture
+(``ir/tokenizer.py``), so eval and train never come back here for it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from splice.errors import CaptureError, SpliceError
 from splice.frontends.torch_export import capture_module
 from splice.ir.graph import Graph
+from splice.ir.tokenizer import tokenizer_source
 from splice.progress import phase
 
 
@@ -77,19 +80,10 @@ def capture_hf(path: str | Path) -> Graph:
     model = load_hf_model(path)
     directory, gguf = find_gguf(path)
     source = {"kind": "hf", "path": str(directory.resolve()), "gguf_file": gguf,
-              "name": (gguf or directory.name), "model_type": model.config.model_type}
+              "name": (gguf or directory.name), "model_type": model.config.model_type,
+              "tokenizer": tokenizer_source(str(directory.resolve()), gguf)}  # the graph carries it
     try:
         with phase(f"torch.export {source['name']}"):
             return capture_module(model, example_inputs_for(model), dynamic=True, source=source)
     except CaptureError as e:
         raise CaptureError(f"{path}: {e}") from e
-
-
-def load_tokenizer(source: dict):
-    """The tokenizer of an HF-sourced graph (from its recorded source directory)."""
-    import transformers
-
-    if source.get("kind") != "hf":
-        raise SpliceError(f"model from {source.get('kind', '?')} source has no tokenizer; use an HF directory")
-    kw = {"gguf_file": source["gguf_file"]} if source.get("gguf_file") else {}
-    return transformers.AutoTokenizer.from_pretrained(source["path"], local_files_only=True, **kw)

@@ -21,6 +21,9 @@ from torch.export import Dim
 from splice.errors import CaptureError
 from splice.ir.canonical import canonicalize
 from splice.ir.graph import Graph, rebuild_module
+from splice.ir.select import module_path, op_kind
+
+aten = torch.ops.aten
 
 
 def capture_module(model: torch.nn.Module, example_inputs: Any, dynamic: Any = True,
@@ -38,7 +41,46 @@ def capture_module(model: torch.nn.Module, example_inputs: Any, dynamic: Any = T
                            "data-dependent Python control flow (torch.cond)") from e
     flat_inputs = tuple(pytree.tree_leaves((args, kwargs)))
     src = {"kind": "module", "class": type(model).__qualname__, "name": type(model).__name__, **(source or {})}
-    return graph_from_program(ep, flat_inputs, src)
+    graph = graph_from_program(ep, flat_inputs, src)
+    check_input_dtypes(graph)
+    return graph
+
+
+_MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default}
+
+
+def _dtype(node: Any) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _origin(node: fx.Node) -> fx.Node:
+    """The node ``node``'s value comes from, following first tensor arguments back to an input."""
+    while node.op != "placeholder":
+        parent = next((a for a in node.args if isinstance(a, fx.Node)), None)
+        if parent is None:
+            return node
+        node = parent
+    return node
+
+
+def check_input_dtypes(graph: Graph) -> None:
+    """CaptureError when an integer tensor reaches a float layer's data input (``nn.Linear`` fed
+    ``torch.long`` ids): export traces it, but it would fail on the first run."""
+    for node in graph.gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "aten" \
+                or not (op_kind(node) in ("linear", "conv") or node.target in _MATMULS):
+            continue
+        dtypes = [_dtype(a) for a in node.args]
+        if not any(d is not None and d.is_floating_point for d in dtypes):
+            continue
+        bad = next((a for a, d in zip(node.args, dtypes) if d is not None and not d.is_floating_point), None)
+        if bad is not None:
+            src = _origin(bad)
+            what = f"input '{src.target}'" if src.op == "placeholder" else f"tensor '{bad.name}'"
+            raise CaptureError(f"capture: {what} is {_dtype(bad)} but feeds the float layer "
+                               f"'{module_path(node) or node.name}' ({str(node.target).replace('.default', '')}); "
+                               "pass floating-point example inputs (e.g. x.float())")
 
 
 def graph_from_program(ep: torch.export.ExportedProgram, example_inputs: tuple, source: dict,

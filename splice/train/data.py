@@ -81,19 +81,6 @@ def _permutation(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def model_tokenizer(graph):
-    """The tokenizer recorded with ``graph``'s source (HF directory or GGUF), one-line errors."""
-    from splice.frontends.hf import load_tokenizer
-
-    try:
-        return load_tokenizer(graph.source)
-    except SpliceError:
-        raise
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SpliceError(f"train: cannot load the tokenizer of {graph.source.get('path', 'the model')}: "
-                          f"{reason}") from e
-
 
 def _name(data) -> str:
     return os.fspath(data) if isinstance(data, (str, os.PathLike)) else "<data list>"

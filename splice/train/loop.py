@@ -34,11 +34,12 @@ from torch import fx
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import graph_inputs
 from splice.ir.graph import Graph, set_attr
+from splice.ir.tokenizer import graph_tokenizer
 from splice.ir.train_hooks import TrainHook, input_dropouts, make_hooks
 from splice.train import losses
 from splice.train.checkpoint import load_checkpoint, save_checkpoint
 from splice.train.config import TrainConfig
-from splice.train.data import Examples, load_examples, model_tokenizer
+from splice.train.data import Examples, load_examples
 
 TRAINABLE_ROLES = {"adapter"}
 _SUMMARY_STEPS = 10  # first/last losses are averaged over this many steps
@@ -208,7 +209,7 @@ def train(graph: Graph, data, *, loss: str = "causal_lm", steps: int = 100, lr: 
         raise ConfigError("train: resume needs checkpoint_dir (--checkpoint-dir)")
     targets = trainable_targets(graph)  # fail on a graph without adapters before loading any tokenizer
     losses.check_graph(graph, cfg.loss)
-    tokenizer = tokenizer if tokenizer is not None else model_tokenizer(graph)
+    tokenizer = tokenizer if tokenizer is not None else graph_tokenizer(graph, "train")
     run = _prepare(graph, targets, data, cfg, tokenizer, hooks)
     held_out = None if eval_data is None else load_examples(eval_data, cfg.loss, tokenizer, cfg.seq_len)
     fingerprint = {**cfg.run_fingerprint(), "data": run.data.digest(),

@@ -1,7 +1,7 @@
 """`splice eval`: perplexity from the command line, the per-layer table, and one-line errors.
 
 The tiny zoo HF directories carry no tokenizer, so most tests patch
-``splice.frontends.hf.load_tokenizer`` to the byte tokenizer (conftest's ``byte_tokenizer``).
+``splice.ir.tokenizer.load_tokenizer`` to the byte tokenizer (conftest's ``byte_tokenizer``).
 """
 
 import pytest
