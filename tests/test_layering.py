@@ -1,7 +1,9 @@
 """The layering of ``splice/`` (docs: ../shared/DESIGN.md, "Layering"), checked on every import.
 
 Every ``import splice…`` / ``from splice… import …`` of every file under ``splice/`` counts,
-function-level (lazy) ones and ``importlib.import_module("splice…")`` included. Each file maps to
+function-level (lazy) ones included, and so does a module named in a string (``"splice.x.y"`` or
+``"splice.x.y:attr"`` outside a docstring: what ``importlib.import_module`` or a lazy ``__getattr__``
+table would import). Each file maps to
 a layer; an import must go to a layer the importer may use, a pass family may use only itself,
 ``passes/instrument``, the passes core and the shared modules declared below, and the file graph
 has no cycles. There is no allow-list: a violation is fixed in the code, not excused here.
@@ -9,6 +11,7 @@ has no cycles. There is no allow-list: a violation is fixed in the code, not exc
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -16,6 +19,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "splice"
 MAX_LINES = 600
+MODULE_STRING = re.compile(r"splice(\.[A-Za-z_]\w*)+(:\w+)?")
 
 FLOOR = {"splice/errors.py", "splice/progress.py", "splice/quiet.py"}
 API = {"splice/__init__.py", "splice/__main__.py", "splice/demo.py"}
@@ -75,9 +79,10 @@ def module_file(module: str) -> str | None:
 
 
 def imported_modules(tree: ast.AST) -> list[tuple[str, int]]:
-    """(module, line) of every splice import in ``tree``, lazy ones included. ``from splice.x import
-    y`` imports ``splice.x.y`` when ``y`` is a submodule, else ``splice.x``."""
+    """(module, line) of every splice import in ``tree``, lazy ones and module strings included.
+    ``from splice.x import y`` imports ``splice.x.y`` when ``y`` is a submodule, else ``splice.x``."""
     out = []
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "splice"]
@@ -86,11 +91,9 @@ def imported_modules(tree: ast.AST) -> list[tuple[str, int]]:
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
                 out.append((sub if module_file(sub) else node.module, node.lineno))
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str) and node.args[0].value.startswith("splice") \
-                and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                     or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))):
-            out.append((node.args[0].value, node.lineno))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                and MODULE_STRING.fullmatch(node.value) and module_file(node.value.split(":")[0]):
+            out.append((node.value.split(":")[0], node.lineno))
     return out
 
 
@@ -169,10 +172,13 @@ def test_every_file_has_a_layer():
     assert not orphans, "files in no layer (move them into one):\n" + "\n".join(sorted(orphans))
 
 
-def test_the_checker_sees_lazy_and_submodule_imports():
-    """The parser counts a function-level import and resolves ``from pkg import submodule``."""
-    tree = ast.parse("def f():\n    from splice.passes import manager\n    import splice.ir.graph\n")
-    assert sorted(imported_modules(tree)) == [("splice.ir.graph", 3), ("splice.passes.manager", 2)]
+def test_the_checker_sees_lazy_submodule_and_string_imports():
+    """The parser counts function-level imports and module strings (not docstrings) and resolves
+    ``from pkg import submodule``."""
+    tree = ast.parse('"""splice.eval.data"""\ndef f():\n    from splice.passes import manager\n    import splice.ir.graph\n'
+                     '    importlib.import_module("splice.runtime.onnx")\n    return {"x": "splice.kernels.registry:record"}\n')
+    assert sorted(imported_modules(tree)) == [("splice.ir.graph", 4), ("splice.kernels.registry", 6),
+                                              ("splice.passes.manager", 3), ("splice.runtime.onnx", 5)]
     assert rule_broken("splice/ir/graph.py", "splice/passes/manager.py") == "layer ir may not import layer passes"
     assert rule_broken("splice/passes/adapters/lora.py", "splice/passes/quantize/_common.py") \
         == "pass family adapters may not import pass family quantize"

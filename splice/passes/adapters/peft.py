@@ -35,7 +35,8 @@ class PeftConfig(PassConfig):
     """Attach a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
 
     path: str = field(default="", metadata={"help": "the PEFT adapter directory (what save_pretrained wrote)"})
-    name: str = field(default="default", metadata={"help": "adapter name in splice; adapters with different names share a layer"})
+    name: str = field(default="default", metadata={
+        "help": "adapter name in splice; adapters with different names share a layer"})
 
     def __post_init__(self):
         check_name(self.name)
@@ -85,7 +86,8 @@ def read_peft_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _error(path / CONFIG, f"unreadable ({type(e).__name__})") from None
     cfg = check_config(cfg, path / CONFIG)
     if not (path / WEIGHTS).is_file():
-        other = " (adapter_model.bin is pickle; re-save with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        pickled = (path / "adapter_model.bin").exists()
+        other = " (adapter_model.bin is pickle; re-save with safe_serialization=True)" if pickled else ""
         raise ConfigError(f"{WHO}: {path}: no {WEIGHTS}{other}")
     try:
         tensors = load_file(str(path / WEIGHTS))
