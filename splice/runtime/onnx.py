@@ -20,6 +20,7 @@ from splice.errors import ExportError
 from splice.ir.atomic import atomic_files, check_writable
 from splice.ir.graph import Graph
 from splice.kernels.registry import ONNX_OPSET, missing_translations, op_name, record, translations
+from splice.progress import phase, track
 from splice.runtime.adapter_inputs import with_adapter_inputs
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to an external file
@@ -97,7 +98,8 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, external_data: bool | 
     """Write ``graph`` as ONNX to ``path`` (and ``path.data`` when weights are external).
     ``adapter_inputs``: adapter tensors become graph inputs with defaults (``adapter_inputs_model``)."""
     path = check_writable(path, force)  # also refuses a path inside an artifact (ART/program.pt2)
-    model = adapter_inputs_model(graph, accuracy_level) if adapter_inputs else to_onnx_model(graph, accuracy_level)
+    with phase(f"lower to ONNX ({path.name})"):
+        model = adapter_inputs_model(graph, accuracy_level) if adapter_inputs else to_onnx_model(graph, accuracy_level)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in graph.tensors().values()) > EXTERNAL_DATA_BYTES
 
@@ -137,7 +139,7 @@ def parity(graph: Graph, path: str | os.PathLike, inputs_list: Sequence[Sequence
     """Max abs difference between ONNX Runtime and ``graph.module()`` over ``inputs_list``."""
     sess = session(path)
     worst = 0.0
-    for inputs in inputs_list:
+    for inputs in track(inputs_list, "parity: ONNX Runtime vs torch", unit="shape"):
         ref = graph.run(*inputs)
         got = run_session(sess, graph, inputs)
         for name, r in ref.items():

@@ -34,7 +34,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import fx
 
 from splice.errors import ConfigError
@@ -100,6 +99,8 @@ def choose_bits(sensitivity: np.ndarray, budgets: list[tuple[str, np.ndarray, fl
     ``Σ cost[l, b_l] <= limit`` for every ``(name, cost [L, B], limit)`` in ``budgets``, by
     ``scipy.optimize.milp`` over one binary per (layer, candidate). ConfigError (naming the
     budget and the least achievable value) when no choice meets a budget."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy.optimize: 0.4 s, kept off the registry load
+
     layers, cands = sensitivity.shape
     for name, cost, limit in budgets:
         least = cost.min(1).sum()
