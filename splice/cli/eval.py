@@ -24,7 +24,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--seq-len", type=positive_int, default=512, metavar="N", help="tokens per window (default 512)")
     p.add_argument("--stride", type=positive_int, default=None, metavar="N",
                    help="tokens between window starts (default: --seq-len, disjoint windows)")
-    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N", help="evaluate the first N tokens only")
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
+                   help="evaluate the first N tokens only")
     p.add_argument("--ref", metavar="MODEL", help="reference model (e.g. the unquantized one) to compare with")
     p.add_argument("--layers", action="store_true", help="per-layer output SQNR against --ref")
     p.add_argument("--layer-samples", type=positive_int, default=4, metavar="N",

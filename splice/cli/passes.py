@@ -49,7 +49,8 @@ def run(args, ui: UI) -> int:
 
     ui.print(f"[bold]{esc(info.name)}[/bold]  {esc(info.summary)}")
     ui.print(f"reference: {esc(info.reference)}")
-    ui.print(f"version: {info.version}    needs calibration: {'yes (--calib FILE)' if info.needs_calibration else 'no'}")
+    calib = "yes (--calib FILE)" if info.needs_calibration else "no"
+    ui.print(f"version: {info.version}    needs calibration: {calib}")
     fields = info.config_cls.options()
     if not fields:
         ui.print("options: none")

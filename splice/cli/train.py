@@ -85,7 +85,8 @@ def run(args, ui: UI) -> int:
     ui.print(f"trained {report['trainable_params']:,} parameters ({report['trainable_tensors']} tensors) for "
              f"{report['steps']} steps on {report['examples']:,} examples of {esc(args.data)} "
              f"({report['seconds_per_step']} s/step)")
-    ui.print(f"train loss: {report['train_loss_first']:.4f} (first steps) → {report['train_loss_last']:.4f} (last steps)")
+    ui.print(f"train loss: {report['train_loss_first']:.4f} (first steps) → "
+             f"{report['train_loss_last']:.4f} (last steps)")
     if report["eval_loss_after"] is not None:
         before = report["eval_loss_before"]
         ui.print(f"held-out loss ({esc(args.eval)}): "
