@@ -60,7 +60,8 @@ class UnfoldConfig(_ByName):
     """Restore folded adapters: base weights back as they were, adapters re-created."""
 
 
-@register_pass("adapter.fold", FoldConfig, reference=_REF, requires=("adapter",))
+@register_pass("adapter.fold", FoldConfig, reference=_REF, requires=("adapter",),
+               report_fields={"folded": "adapters folded"})
 def fold(graph: Graph, cfg: FoldConfig, ctx: PassContext) -> PassResult:
     who = "adapter.fold"
     every = sites(graph)
@@ -122,7 +123,8 @@ def _record(graph: Graph, base, group, originals, replaced: bool) -> None:
     rec.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
 
 
-@register_pass("adapter.unfold", UnfoldConfig, reference=_REF, requires=("adapter.fold",), provides=("adapter",))
+@register_pass("adapter.unfold", UnfoldConfig, reference=_REF, requires=("adapter.fold",), provides=("adapter",),
+               report_fields={"unfolded": "adapters unfolded"})
 def unfold(graph: Graph, cfg: UnfoldConfig, ctx: PassContext) -> PassResult:
     who, recs = "adapter.unfold", records(graph)
     picked = [r for r in recs if not cfg.name or any(a["name"] == cfg.name for a in r.spec["adapters"])]

@@ -56,7 +56,8 @@ def strip_observers(graph: Graph) -> Graph:
     return graph
 
 
-@register_pass("instrument.observe", ObserveConfig, reference="https://arxiv.org/abs/2210.17323")
+@register_pass("instrument.observe", ObserveConfig, reference="https://arxiv.org/abs/2210.17323",
+               report_fields={"observers": "observers"})
 def observe(graph: Graph, cfg: ObserveConfig, ctx: PassContext) -> PassResult:
     nodes = select_nodes(graph.gm, cfg.targets, ("linear", "conv"), "instrument.observe")
     keys = insert_observers(graph, nodes)

@@ -28,7 +28,8 @@ class ConvertConfig(PassConfig):
     """Turn QAT's fake-quantized linears into packed splice::qlinear with the learned scales."""
 
 
-@register_pass(PASS, ConvertConfig, reference="https://arxiv.org/abs/1902.08153", requires=("quantize.qat",))
+@register_pass(PASS, ConvertConfig, reference="https://arxiv.org/abs/1902.08153", requires=("quantize.qat",),
+               report_fields={"layers": "layers converted"})
 def convert(graph: Graph, cfg: ConvertConfig, ctx: PassContext) -> PassResult:
     nodes = [n for n in graph.gm.graph.nodes if n.target == torch.ops.splice.fake_quant_linear.default]
     if not nodes:

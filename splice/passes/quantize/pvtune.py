@@ -47,8 +47,8 @@ from splice.ir.select import select_nodes
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
-from splice.passes.quantize._common import (QUANT_REPORT, WeightQuantConfig, check_not_quantized, layer_grid, quantize_layers,
-                                              stored_solution)
+from splice.passes.quantize._common import (QUANT_REPORT, WeightQuantConfig, check_not_quantized, layer_grid,
+                                              quantize_layers, stored_solution)
 from splice.passes.quantize._finetune import Distiller, trainable_layers
 from splice.passes.quantize.gptq import GPTQConfig, gptq
 from splice.passes.quantize.rtn import RTNConfig, rtn

@@ -48,7 +48,9 @@ class QATConfig(WeightQuantConfig):
             raise ValueError(f"freeze_threshold must be in [0, 1), got {self.freeze_threshold}")
 
 
-@register_pass(PASS, QATConfig, reference="https://arxiv.org/abs/1902.08153")
+@register_pass(PASS, QATConfig, reference="https://arxiv.org/abs/1902.08153",
+               report_fields={"layers": "layers fake-quantized", "bits": "bits",
+                              "trainable_params": "trainable parameters"})
 def qat(graph: Graph, cfg: QATConfig, ctx: PassContext) -> PassResult:
     stored: dict[str, tuple] = {}
     nodes = select_nodes(graph.gm, cfg.targets, ("linear",), PASS)

@@ -236,7 +236,9 @@ def rotatable(graph: Graph) -> bool:
 
 
 @register_pass(NAME, RotateConfig, reference="https://arxiv.org/abs/2404.00456",
-               applies=Applies("decoders whose residual stream only RMSNorms read (Llama, Qwen2, ...)", check=rotatable))
+               applies=Applies("decoders whose residual stream only RMSNorms read (Llama, Qwen2, ...)",
+                               check=rotatable),
+               report_fields={"dim": "rotated dim", "norms_folded": "norms folded"})
 def rotate(graph: Graph, cfg: RotateConfig, ctx: PassContext) -> PassResult:
     stream = trace_stream(graph)
     dim = graph.tensor(stream.roots[0].args[0].target).shape[1]

@@ -58,7 +58,8 @@ def _outlier_ratio(x_max: torch.Tensor) -> float:
     return round(float(x_max.max() / x_max.mean().clamp(min=1e-12)), 3)
 
 
-@register_pass(NAME, SmoothQuantConfig, reference="https://arxiv.org/abs/2211.10438", needs_calibration=True)
+@register_pass(NAME, SmoothQuantConfig, reference="https://arxiv.org/abs/2211.10438", needs_calibration=True,
+               report_fields={"scales_folded": "scales folded", "scales_mul": "explicit Mul scales"})
 def smoothquant(graph: Graph, cfg: SmoothQuantConfig, ctx: PassContext) -> PassResult:
     nodes = select_nodes(graph.gm, cfg.targets, ("linear",), NAME)
     for node in nodes:
