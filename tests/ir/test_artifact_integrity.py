@@ -186,7 +186,7 @@ def test_non_operator_target_and_eval_expression_are_refused(art_copy, tmp_path)
     node["target"] = "torch.serialization.os.system"
     rewrite_zip(art_copy / PROGRAM, {"models/model.json": json.dumps(program).encode()})
     reseal(art_copy)
-    with pytest.raises(ArtifactError, match="torch.serialization.os.system.*not an operator"):
+    with pytest.raises(ArtifactError, match="torch.serialization.os.system.*not a registered operator"):
         splice.load(art_copy)
     program["graph_module"]["graph"]["nodes"][0] = node | {"target": target}
     sym = {"as_expr": {"expr_str": f"__import__('builtins').open('{marker}', 'w')", "hint": None}}
