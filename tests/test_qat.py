@@ -175,8 +175,10 @@ def test_config_errors(llama, spec, needle):
 
 def test_convert_without_qat_and_quantizing_twice(llama):
     graph = llama[1]
-    with pytest.raises(ConfigError, match="^quantize.convert: no QAT layers in the graph$"):
-        graph.apply("quantize.convert")
+    with pytest.raises(ConfigError, match="^quantize.convert: requires quantize.qat earlier in the pipeline"):
+        graph.apply("quantize.convert")  # the Pipeline's requires check names both passes
+    with pytest.raises(ConfigError, match="^quantize.convert: no QAT layers in the graph .after quantize.qat, quantize.convert.$"):
+        graph.apply("quantize.qat", "quantize.convert", "quantize.convert")  # qat ran, but nothing left to convert
     with pytest.raises(ConfigError, match="quantize.qat: .* is already quantized"):
         graph.apply("quantize.rtn", "quantize.qat")
     with pytest.raises(ConfigError, match="quantize.rtn: .* is already quantized .by quantize.qat"):
@@ -186,4 +188,4 @@ def test_convert_without_qat_and_quantizing_twice(llama):
 def test_cli_convert_without_qat(capsys, llama_hf_dir, tmp_path):
     out = tmp_path / "out"
     assert_error(capsys, ["run", llama_hf_dir, "-p", "quantize.convert", "-o", out],
-                 "quantize.convert: no QAT layers in the graph", absent=[out])
+                 "quantize.convert: requires quantize.qat earlier in the pipeline", absent=[out])
