@@ -13,13 +13,26 @@ def _first_fidelity(entry: dict, output: str | None) -> dict:
     return next(iter(fid.values()))
 
 
+def _report_cell(entry: dict) -> str:
+    """The pass's declared report fields (``register_pass(report_fields=...)``) that hold a scalar,
+    so any family's numbers (sparsity, ranks, bits) show without a CLI edit."""
+    from splice.passes.base import report_summary
+
+    spec = {float: ".4g", int: ","}
+    cells = [f"{desc} {fmt_num(value, spec.get(type(value), ''))}"
+             for desc, value in report_summary(entry).items() if type(value) in (int, float, str, bool)]
+    return esc("; ".join(cells)) or "—"
+
+
 def history_table(history: list[dict], output: str | None, title: str):
-    """One row per pass: spec, seconds, fidelity of ``output`` (SQNR, cosine, KL), weight bytes."""
+    """One row per pass: spec, seconds, fidelity of ``output`` (SQNR, cosine, KL), weight bytes,
+    and the pass's declared report fields."""
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for col, just in (("#", "right"), ("pass", "left"), ("seconds", "right"), ("sqnr dB", "right"),
-                      ("cosine", "right"), ("kl", "right"), ("weights before → after", "right")):
+                      ("cosine", "right"), ("kl", "right"), ("weights before → after", "right"),
+                      ("report", "left")):
         table.add_column(col, justify=just, overflow="fold")
     for i, entry in enumerate(history, 1):
         fid = _first_fidelity(entry, output)
@@ -29,7 +42,8 @@ def history_table(history: list[dict], output: str | None, title: str):
         sizes = f"{fmt_bytes(before)} → {fmt_bytes(after)}" if before is not None and after is not None else "—"
         table.add_row(str(i), esc(entry.get("spec", entry.get("pass", "?"))),
                       fmt_num(entry.get("seconds"), ".2f"), fmt_num(fid.get("sqnr_db"), ".2f"),
-                      fmt_num(fid.get("cosine"), ".5f"), fmt_num(fid.get("kl"), ".2e"), sizes)
+                      fmt_num(fid.get("cosine"), ".5f"), fmt_num(fid.get("kl"), ".2e"), sizes,
+                      _report_cell(entry))
     return table
 
 

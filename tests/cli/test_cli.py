@@ -398,3 +398,12 @@ def test_export_untranslatable_op(capsys, tmp_path):
     graph.save(art)
     assert_error(capsys, ["export", art, "--onnx", dest], "splice_test::noop", absent=[dest])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_inspect_shows_declared_report_fields(capsys, artifact):
+    """`splice inspect` prints each pass's declared report fields (register_pass(report_fields=...))
+    from the registry, with no CLI code per family."""
+    rc, out, err = run_cli(capsys, "inspect", artifact[0])
+    assert rc == 0, err
+    history = " ".join(out[out.index("pass history"):].split())
+    assert "report" in history and "layers quantized" in history
