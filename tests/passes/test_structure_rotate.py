@@ -1,7 +1,7 @@
 """Before/Expected structure of ``quantize.rotate``: the rotation lives in the weights, so the
 only change to the program is that each RMSNorm's ``mul(g, ·)`` is gone (``aten.rms_norm``
 loses its weight) and a tied embedding gets its own table; no op is added. Output
-preservation is tested in tests/test_rotate.py."""
+preservation is tested in tests/passes/quantize/test_rotate.py."""
 import re
 
 import torch

@@ -2,7 +2,7 @@
 produces a group's input (an RMSNorm weight, a preceding linear's rows through ReLU) the program
 is unchanged; elsewhere exactly one ``mul(x, @<layer>.smoothquant_inv_scale)`` appears before
 the group, and ``mul=false`` leaves those groups (and so the whole program) alone. Output
-preservation is tested in tests/test_w8a8.py."""
+preservation is tested in tests/passes/quantize/test_w8a8.py."""
 import torch
 from zoo_graphs import RMSNorm, assert_structure
 

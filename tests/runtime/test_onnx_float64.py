@@ -1,6 +1,6 @@
 """The ONNX translations of every adapter op compute what the torch ops compute, to double rounding.
 
-fp32 parity (``tests/test_passes.py``, <= 1e-4) cannot tell a translation's error from fp32 noise;
+fp32 parity (``tests/passes/test_passes.py``, <= 1e-4) cannot tell a translation's error from fp32 noise;
 ``splice.runtime.float64`` runs the same lowering on the graph's float64 twin, where the two agree
 to ~1e-13 unless a translation differs (a wrong operand, a float32 constant, another formula).
 """

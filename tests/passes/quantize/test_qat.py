@@ -2,7 +2,7 @@
 opcheck), training lowers the loss and moves the scales, convert is output-exact, ONNX parity
 after training, oscillation dampening / freezing, and the bad inputs (one-line errors, CLI).
 
-Tiny zoo llama, byte tokenizer, one torch thread (see tests/test_train.py).
+Tiny zoo llama, byte tokenizer, one torch thread (see tests/train/test_train.py).
 """
 import pytest
 import torch

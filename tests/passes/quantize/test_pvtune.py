@@ -14,7 +14,7 @@ from splice.kernels.quant.grid import GroupGrid
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYER = "model.layers.1.mlp.down_proj"
-_calib = functools.partial(calibration, seq=32)  # as in tests/test_discquant.py
+_calib = functools.partial(calibration, seq=32)  # as in tests/passes/quantize/test_discquant.py
 
 
 def _stored(q, layer=LAYER, bits=2, group=16):
