@@ -109,16 +109,17 @@ def lut_linear(x, qweight, lut, scales, bias, bits: int, group_size: int):
 
 
 def w8a8_linear(x, qweight, w_scale, bias):
-    """Per-token int8 activations in standard ops (``ReduceMax(|x|)/127``, ``Round(x/s)``, shifted to
-    uint8 with zero point 128, the form MLAS's u8s8 GEMM takes), then ORT's
-    ``com.microsoft::MatMulIntegerToFloat`` (int32 GEMM scaled by the weight scales, ``a_scale = 1``)
-    and ``Mul`` by the token scales: the reference arithmetic of ``kernels/w8a8.py`` exactly.
+    """Per-token int8 activations in standard ops (``ReduceMax(|x|)/127``, ``Round(x/s)``, cast to
+    int8 with no zero point), then ORT's ``com.microsoft::MatMulIntegerToFloat`` (int32 GEMM scaled
+    by the weight scales, ``a_scale = 1``) and ``Mul`` by the token scales: the reference arithmetic
+    of ``quant/w8a8.py`` exactly, on every CPU. (The uint8 form with zero point 128 is not: on CPUs
+    without VNNI, MLAS's u8 x s8 kernel adds product pairs in saturating int16, ``vpmaddubsw``,
+    and full-range codes overflow; the s8 x s8 kernel does not.)
     ``MatMulIntegerToFloat`` takes only per-tensor/per-column activation scales, hence the Mul;
     ``DynamicQuantizeMatMul`` (``quantize_dynamic``'s fused form) is per-tensor and measured slower."""
     amax = op.ReduceMax(op.Abs(x), const(np.array([-1], np.int64)), keepdims=1)
     s = op.Max(op.Div(amax, const(np.array(127, np.float32))), const(np.array(1e-12, np.float32)))
-    q = op.Cast(op.Add(op.Round(op.Div(x, s)), const(np.array(128, np.float32))), to=onnx.TensorProto.UINT8)
-    y = MatMulIntegerToFloat(q, op.Transpose(qweight, perm=[1, 0]), const(np.array(1, np.float32)), w_scale,
-                             const(np.array(128, np.uint8)))
+    q = op.Cast(op.Round(op.Div(x, s)), to=onnx.TensorProto.INT8)
+    y = MatMulIntegerToFloat(q, op.Transpose(qweight, perm=[1, 0]), const(np.array(1, np.float32)), w_scale)
     y = op.Mul(y, s)
     return y if bias is None else op.Add(y, bias)
