@@ -242,8 +242,10 @@ def test_export_unfolded_folded_and_adapter_inputs(tmp_path):
     (["adapter.lora:targets=model.norm"], "targets 'model.norm' matched no linear layer"),
     (["adapter.lora:targets=embedding"], "matched no linear layer"),
     (["adapter.lora:targets=q_proj", "adapter.lora:targets=q_proj"], "already has an adapter named 'default'"),
-    (["adapter.unfold"], "nothing to unfold"),
-    (["adapter.fold"], "no unfolded adapter"),
+    (["adapter.unfold"], "adapter.unfold: requires adapter.fold earlier"),  # the Pipeline's requires check
+    (["adapter.fold"], "adapter.fold: requires adapter .a pass providing it"),
+    (["adapter.lora:targets=q_proj", "adapter.fold:keep=false", "adapter.unfold"], "nothing to unfold"),
+    (["adapter.lora:targets=q_proj", "adapter.fold", "adapter.fold"], "no unfolded adapter"),
     (["adapter.lora:targets=q_proj", "adapter.fold:name=zzz"], "no adapter named 'zzz'"),
     (["adapter.lora:targets=q_proj", "adapter.fold", "quantize.rtn", "adapter.unfold"], "rewritten after adapter.fold"),
 ])
