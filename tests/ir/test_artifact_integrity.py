@@ -314,6 +314,10 @@ def test_disk_full(tmp_path):
         with pytest.raises(OutputError, match="No space left on device"):
             export_onnx(g, disk / "sub" / "m.onnx", external_data=True)
         assert os.listdir(disk) == []
+        wide = g.apply("adapter.lora:rank=256,init=random")  # 1.5 MiB of adapter tensors
+        with pytest.raises(OutputError, match="No space left on device") as e:
+            splice.save_peft(wide, disk / "peft")
+        assert "\n" not in str(e.value) and os.listdir(disk) == []
 
 
 def test_read_only_directory(saved, tmp_path):

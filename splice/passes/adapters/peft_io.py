@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 import splice.passes.adapters  # noqa: F401  (registers every adapter kind's PEFT format)
 from splice.errors import ConfigError
@@ -44,7 +44,9 @@ def save_peft(graph: Graph, path: str | Path, name: str = "default", *, force: b
     config, weights = formats.pop().save(graph, unique)
 
     def write(tmp: Path) -> None:
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        # serialized here and written by Python, so a full disk is an OSError the atomic writer reports
+        # in one line (safetensors' own file writer raises its SafetensorError instead)
+        (tmp / WEIGHTS).write_bytes(safetensors_bytes(weights, metadata={"format": "pt"}))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
     atomic_dir(path, force, write)
