@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from splice import progress
+from splice.cli.ui import positive_int
 from splice.errors import SpliceError
 from splice.quiet import quiet
 
@@ -59,16 +60,6 @@ def default_model_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = default_model_dir()
     parser.add_argument("--model", metavar="DIR", type=Path, default=default,
@@ -79,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=None,
                         help="where the artifact and ONNX files go (default: a new temporary directory, kept)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="threads for torch and ONNX Runtime (default: their own default)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show library output and full tracebacks")

@@ -58,8 +58,6 @@ def layer_of(file: str) -> str | None:
     parts = file.split("/")
     if len(parts) > 2 and parts[1] in ("kernels", "ir", "frontends", "passes", "runtime", "eval", "train", "cli"):
         return parts[1]
-    if file == "splice/cli.py":
-        return "cli"
     return None
 
 
