@@ -19,6 +19,9 @@ EXACT = 1e-10
 # initializer at float32-level precision (0 with ``optimize=False``; docs/bench_adapters_onnx.md)
 FOLDED_SCALAR = {"adapter.adalora": 1e-7}
 CONV_ONLY = {"adapter.flora"}  # and ORT has no float64 Conv kernel
+# the fast suite checks one adapter per kind of op (low-rank delta, base-reading, factored, sparse,
+# shared-matrix); -m slow runs every adapter (each costs two exports, ~25 s on 2 cores)
+IN_CI = {"adapter.lora", "adapter.dora", "adapter.nola", "adapter.dsee", "adapter.vera"}
 
 
 def _adapter_passes() -> list[str]:
@@ -48,7 +51,8 @@ def test_double_module_widens_the_graphs_own_float32_casts(model):
     assert {p.dtype for p in gm.parameters()} == {torch.float64}
 
 
-@pytest.mark.parametrize("name", _adapter_passes())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in IN_CI else pytest.mark.slow)
+                                  for n in _adapter_passes()])
 def test_adapter_translation_is_exact_in_float64(name):
     zm, g = captured("llama")
     adapted = _perturbed(g, name)
