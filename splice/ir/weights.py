@@ -9,13 +9,11 @@ any base op (adapter folding, masks, merging, sharing) go through ``dense_weight
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import fx
 
 from splice.errors import ConfigError
-from splice.ir.graph import Graph, set_attr
+from splice.ir.graph import Graph, attr_users, set_attr
 from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path
 from splice.kernels.registry import record
@@ -119,8 +117,4 @@ def requantization_error(requested: torch.Tensor, stored: torch.Tensor) -> dict[
 
 def shared_tensors(graph: Graph) -> dict[str, list[fx.Node]]:
     """Stored tensors that several op nodes read (tied weights), with those nodes."""
-    users: dict[str, list[fx.Node]] = defaultdict(list)
-    for n in graph.gm.graph.nodes:
-        if n.op == "get_attr":
-            users[n.target].extend(n.users)
-    return {t: nodes for t, nodes in users.items() if len(nodes) > 1}
+    return {t: nodes for t, nodes in attr_users(graph.gm).items() if len(nodes) > 1}
