@@ -4,7 +4,8 @@
     splice inspect MODEL|ARTIFACT                 layers, sizes, op counts, pass history
     splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib FILE] -o OUT [--force]
     splice export ARTIFACT --onnx FILE [--check] [--force]      (one flag per export target)
-    splice eval MODEL|ARTIFACT --ppl FILE [--seq-len N] [--stride N] [--max-tokens N] [--ref MODEL [--layers]]
+    splice eval MODEL|ARTIFACT --ppl FILE [FILE ...] [--seq-len N] [--stride N] [--max-tokens N]
+                [--ref MODEL [--layers]]          per file, then the geometric mean over files
     splice train MODEL|ARTIFACT --data FILE [--eval FILE] [-p SPEC ...] --steps N --lr LR -o OUT [--resume]
     splice demo ...                               the end-to-end demo (splice/demo.py)
 

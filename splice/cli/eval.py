@@ -1,4 +1,4 @@
-"""``splice eval MODEL --ppl FILE``: perplexity on a text file, optionally against a reference model."""
+"""``splice eval MODEL --ppl FILE [FILE ...]``: perplexity on text files, optionally against a reference model."""
 from __future__ import annotations
 
 import math
@@ -8,24 +8,26 @@ from splice import progress
 from splice.cli.ui import UI, UsageError, capture, esc, fmt_num, positive_int, require_exists
 from splice.errors import SpliceError
 
-HELP = "perplexity of a model on a text file"
+HELP = "perplexity of a model on text files"
 
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("eval", parents=[common], help=HELP,
-                       description="Perplexity of MODEL (HF directory, .gguf, .pt2 or artifact) on a text file, "
+                       description="Perplexity of MODEL (HF directory, .gguf, .pt2 or artifact) on each text file, "
                                    "tokenized by the model's tokenizer: windows of --seq-len tokens every --stride "
                                    "tokens, each scoring only tokens no earlier window scored (the Hugging Face "
-                                   "perplexity guide). With --ref also the reference's perplexity, and with "
-                                   "--layers the output SQNR of every linear layer against it.",
-                       epilog="example: splice eval llama-int4 --ppl wiki.txt --ref ./llama --layers")
+                                   "perplexity guide); with several files also their geometric mean and the "
+                                   "worst file. With --ref also the reference's perplexities, and with --layers the "
+                                   "output SQNR of every linear layer against it (on the first file).",
+                       epilog="example: splice eval llama-int4 --ppl wiki.txt code.txt --ref ./llama --layers")
     p.add_argument("model", metavar="MODEL|ARTIFACT")
-    p.add_argument("--ppl", required=True, metavar="FILE", help="UTF-8 text to evaluate on")
+    p.add_argument("--ppl", required=True, nargs="+", action="extend", metavar="FILE",
+                   help="UTF-8 text files to evaluate on (several: per file, then their geometric mean)")
     p.add_argument("--seq-len", type=positive_int, default=512, metavar="N", help="tokens per window (default 512)")
     p.add_argument("--stride", type=positive_int, default=None, metavar="N",
                    help="tokens between window starts (default: --seq-len, disjoint windows)")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
-                   help="evaluate the first N tokens only")
+                   help="evaluate the first N tokens of each file only")
     p.add_argument("--ref", metavar="MODEL", help="reference model (e.g. the unquantized one) to compare with")
     p.add_argument("--layers", action="store_true", help="per-layer output SQNR against --ref")
     p.add_argument("--layer-samples", type=positive_int, default=4, metavar="N",
@@ -64,9 +66,58 @@ def _layers(args, ui: UI, ref, graph, ids) -> None:
                  f"mean {sum(finite) / len(finite):.2f} dB over {len(finite)} changed layers")
 
 
+def _token_ids(args, ui: UI, graph, texts: list[str]) -> list:
+    """Each text as ``graph``'s token ids, cut to ``--max-tokens``; SpliceError naming a file too short."""
+    from splice.eval.perplexity import tokenize
+
+    with ui.phase("tokenize"):
+        ids = [tokenize(graph, text)[:, :args.max_tokens] for text in texts]
+    for path, x in zip(args.ppl, ids):
+        if x.shape[1] < args.seq_len:
+            raise SpliceError(f"{path}: text too short: {x.shape[1]:,} tokens, need at least {args.seq_len} for "
+                              f"one window (--seq-len {args.seq_len})" + (f" after --max-tokens {args.max_tokens}"
+                                                                          if args.max_tokens else ""))
+    return ids
+
+
+def _delta_line(prefix: str, ppl: float, ref_ppl: float) -> str:
+    d = ppl - ref_ppl
+    return f"{prefix}vs reference: {d:+.4f} ({100 * d / ref_ppl:+.2f}%)"
+
+
+def _eval_file(args, ui: UI, stride: int, path: str, ids, models: list) -> list[float]:
+    """Prints and returns the perplexity of each of ``models`` (``(label, graph)``) on one file's tokens."""
+    from splice.eval.perplexity import perplexity
+
+    ppls = []
+    for label, g in models:
+        start = time.perf_counter()
+        with ui.quiet(redirect=not progress.enabled()):
+            r = perplexity(g, ids, seq_len=args.seq_len, stride=stride, progress=progress.enabled())
+        ui.print(_ppl_line(f"{esc(path)}: {label}", r, time.perf_counter() - start))
+        ppls.append(r["ppl"])
+    if len(ppls) == 2:
+        ui.print(_delta_line(f"{esc(path)}: ", *ppls))
+    return ppls
+
+
+def _summary(ui: UI, paths: list[str], labels: list[str], rows: list[list[float]]) -> None:
+    """Per model, the geometric mean of the files' perplexities and the worst file; then the mean's delta."""
+    from splice.eval.perplexity import geometric_mean
+
+    means = []
+    for label, ppls in zip(labels, zip(*rows)):
+        worst = max(range(len(ppls)), key=ppls.__getitem__)
+        means.append(geometric_mean(ppls))
+        ui.print(f"geometric mean {label}perplexity {means[-1]:.4f} over {len(ppls)} files; "
+                 f"worst: {esc(paths[worst])} {ppls[worst]:.4f}")
+    if len(means) == 2:
+        ui.print(_delta_line("geometric mean ", *means))
+
+
 def run(args, ui: UI) -> int:
     from splice.eval.data import read_text
-    from splice.eval.perplexity import check_logits, perplexity, tokenize
+    from splice.eval.perplexity import check_logits
 
     # 1. everything that needs no model
     stride = args.stride or args.seq_len
@@ -74,7 +125,7 @@ def run(args, ui: UI) -> int:
         raise UsageError(f"eval: --stride {stride} is larger than --seq-len {args.seq_len} (tokens would be skipped)")
     if args.layers and not args.ref:
         raise UsageError("eval: --layers compares against a reference model; add --ref MODEL")
-    text = read_text(args.ppl)
+    texts = [read_text(path) for path in args.ppl]
     require_exists(args.model, args.ref)
 
     # 2. load, tokenize (the evaluated model's tokenizer), evaluate
@@ -84,26 +135,13 @@ def run(args, ui: UI) -> int:
     if args.ref:
         ref, _ = capture(args.ref, ui)
         check_logits(ref)
-    with ui.phase("tokenize"):
-        ids = tokenize(graph, text)
-    if args.max_tokens:
-        ids = ids[:, :args.max_tokens]
-    if ids.shape[1] < args.seq_len:
-        raise SpliceError(f"{args.ppl}: text too short: {ids.shape[1]:,} tokens, need at least {args.seq_len} for "
-                          f"one window (--seq-len {args.seq_len})" + (f" after --max-tokens {args.max_tokens}"
-                                                                      if args.max_tokens else ""))
-    ui.print(f"[bold]{esc(graph.source.get('name', args.model))}[/bold]  (loaded in {cap_s:.1f} s; "
-             f"{esc(args.ppl)}: {ids.shape[1]:,} tokens)")
-    results = []
-    for label, g in [("", graph)] + ([("reference ", ref)] if ref is not None else []):
-        start = time.perf_counter()
-        with ui.quiet(redirect=not progress.enabled()):
-            r = perplexity(g, ids, seq_len=args.seq_len, stride=stride, progress=progress.enabled())
-        ui.print(_ppl_line(label, r, time.perf_counter() - start))
-        results.append(r)
-    if ref is not None:
-        d = results[0]["ppl"] - results[1]["ppl"]
-        ui.print(f"vs reference: {d:+.4f} ({100 * d / results[1]['ppl']:+.2f}%)")
+    ids = _token_ids(args, ui, graph, texts)
+    sizes = ", ".join(f"{esc(path)}: {x.shape[1]:,} tokens" for path, x in zip(args.ppl, ids))
+    ui.print(f"[bold]{esc(graph.source.get('name', args.model))}[/bold]  (loaded in {cap_s:.1f} s; {sizes})")
+    models = [(label, g) for label, g in (("", graph), ("reference ", ref)) if g is not None]
+    rows = [_eval_file(args, ui, stride, path, x, models) for path, x in zip(args.ppl, ids)]
+    if len(rows) > 1:
+        _summary(ui, args.ppl, [label for label, _ in models], rows)
     if args.layers:
-        _layers(args, ui, ref, graph, ids)
+        _layers(args, ui, ref, graph, ids[0])
     return 0

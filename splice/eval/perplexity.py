@@ -128,6 +128,13 @@ def perplexity(graph, data: torch.Tensor | Sequence[int] | str, *, tokenizer=Non
             "seq_len": seq_len, "stride": stride, "text_tokens": n}
 
 
+def geometric_mean(values: Sequence[float]) -> float:
+    """``exp(mean(log v))`` of positive ``values`` (e.g. perplexities over several texts)."""
+    if not values:
+        raise ValueError("geometric_mean of no values")
+    return math.exp(math.fsum(math.log(v) for v in values) / len(values))
+
+
 # ------------------------------------------------------------------------ per-layer SQNR
 
 

@@ -4,6 +4,8 @@ The tiny zoo HF directories carry no tokenizer, so most tests patch
 ``splice.ir.tokenizer.load_tokenizer`` to the byte tokenizer (conftest's ``byte_tokenizer``).
 """
 
+import math
+
 import pytest
 from zoo_graphs import assert_error, run_cli
 
@@ -64,6 +66,34 @@ def test_eval_reference_identical_gives_inf(capsys, byte_tokenizer, llama_hf_dir
     assert "vs reference: +0.0000" in out and out.count(" inf ") >= 15 and "worst layer" not in out
 
 
+def _ppl(line: str) -> float:
+    return float(line.split("perplexity ")[1].split()[0])
+
+
+def test_eval_several_files_geometric_mean(capsys, byte_tokenizer, llama_hf_dir, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(builtin_text("pydoc")[:2000])
+    rc, out, err = run_cli(capsys, "eval", llama_hf_dir, "--ppl", text_file, other, "--seq-len", 64,
+                           "--max-tokens", 640)
+    assert rc == 0, err
+    lines = out.splitlines()
+    per_file = {path: _ppl(ln) for path in (text_file, other) for ln in lines if ln.startswith(f"{path}: perplexity ")}
+    assert len(per_file) == 2 and out.count("10 windows of 64") == 2
+    (mean_line,) = [ln for ln in lines if ln.startswith("geometric mean perplexity ")]
+    assert _ppl(mean_line) == pytest.approx(math.exp(sum(map(math.log, per_file.values())) / 2), abs=1e-3)
+    worst = max(per_file, key=per_file.get)
+    assert "over 2 files" in mean_line and f"worst: {worst} {per_file[worst]:.4f}" in " ".join(out.split())
+    assert "reference" not in out
+
+
+def test_eval_several_files_against_reference(capsys, byte_tokenizer, llama_hf_dir, text_file):
+    rc, out, err = run_cli(capsys, "eval", llama_hf_dir, "--ppl", text_file, "--ppl", text_file, "--seq-len", 32,
+                           "--max-tokens", 64, "--ref", llama_hf_dir)
+    assert rc == 0, err
+    assert out.count(f"{text_file}: reference perplexity") == 2 and out.count(f"{text_file}: vs reference: ") == 2
+    assert "geometric mean reference perplexity" in out and "geometric mean vs reference: +0.0000" in out
+
+
 # -------------------------------------------------------------------------- errors
 
 
@@ -80,6 +110,8 @@ def test_checks_before_capture(capsys, no_capture, tmp_path, text_file, llama_hf
     assert_error(capsys, ["eval", llama_hf_dir, "--ppl", text_file, "--layers"], "--ref", rc=2)
     assert_error(capsys, ["eval", llama_hf_dir, "--ppl", text_file, "--seq-len", 32, "--stride", 64],
                  "--stride 64", "--seq-len 32", rc=2)
+    assert_error(capsys, ["eval", llama_hf_dir, "--ppl", text_file, tmp_path / "second.txt"],
+                 "second.txt", "no such file")
 
 
 def test_usage_errors(capsys):
@@ -100,6 +132,9 @@ def test_text_too_short(capsys, byte_tokenizer, llama_hf_dir, tmp_path):
     long.write_text(TEXT)
     assert_error(capsys, ["eval", llama_hf_dir, "--ppl", long, "--seq-len", 64, "--max-tokens", 10],
                  "--max-tokens 10")
+    line = assert_error(capsys, ["eval", llama_hf_dir, "--ppl", long, short, "--seq-len", 64],
+                        "short.txt", "text too short", "11 tokens")
+    assert "long.txt" not in line
 
 
 def test_model_without_logits(capsys, byte_tokenizer, zoo_hf_dir, text_file):
