@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     import torch
 
     import splice
-    from splice.eval.data import builtin_text, text_calibration
+    from splice.eval.calibration import text_calibration
+    from splice.eval.data import builtin_text
     from splice.eval.perplexity import tokenize
 
     torch.manual_seed(0)

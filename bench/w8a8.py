@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import splice
-    from splice.eval.data import builtin_text, text_calibration
+    from splice.eval.calibration import text_calibration
+    from splice.eval.data import builtin_text
     from splice.eval.perplexity import tokenize
     from splice.runtime.onnx import onnx_bytes
 

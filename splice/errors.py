@@ -32,3 +32,8 @@ class ExportError(SpliceError):
 
 class VerifyError(SpliceError):
     """A graph invariant does not hold after a pass."""
+
+
+class SpliceWarning(UserWarning):
+    """Something works but may not give what the user expects (too little calibration data); the
+    CLI prints it as one line ``splice: warning: <message>``."""

@@ -1,10 +1,12 @@
-"""Silence library chatter (torch.export dumps, HF progress bars, warnings) for clean CLI output."""
+"""Silence library chatter (torch.export dumps, HF progress bars, warnings but splice's own) for clean CLI output."""
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
 import warnings
+
+from splice.errors import SpliceWarning
 
 LIBRARY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "transformers")
 
@@ -21,6 +23,7 @@ def quiet(*, stderr: bool = True, stdout: bool = False):
         out = contextlib.redirect_stdout(io.StringIO()) if stdout else contextlib.nullcontext()
         with warnings.catch_warnings(), err, out:
             warnings.simplefilter("ignore")
+            warnings.simplefilter("default", SpliceWarning)  # ours are for the user (the CLI prints them)
             yield
     finally:
         for lg, level in zip(loggers, levels):

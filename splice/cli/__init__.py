@@ -2,7 +2,7 @@
 
     splice passes [NAME]                          list passes, or one pass's options
     splice inspect MODEL|ARTIFACT                 layers, sizes, op counts, pass history
-    splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib FILE] -o OUT [--force]
+    splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib SOURCE[:WEIGHT] ...] -o OUT [--force]
     splice export ARTIFACT --onnx FILE [--check] [--force]      (one flag per export target)
     splice eval MODEL|ARTIFACT --ppl FILE [FILE ...] [--seq-len N] [--stride N] [--max-tokens N]
                 [--ref MODEL [--layers]]          per file, then the geometric mean over files
@@ -26,13 +26,14 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from typing import Sequence
 
 from splice import progress
 from splice.cli import demo, export, inspect, passes, run, train
 from splice.cli import eval as evaluate
 from splice.cli.ui import PROG, UI, UsageError, error, one_line
-from splice.errors import SpliceError
+from splice.errors import SpliceError, SpliceWarning
 
 COMMANDS = (passes, inspect, run, export, evaluate, train, demo)  # `splice --help` lists them in this order
 INTERRUPTED = 130
@@ -92,6 +93,20 @@ def _catch_interrupts():
         return None
 
 
+def _warning_printer(stream, debug: bool):
+    """``warnings.showwarning`` for a command: a SpliceWarning as one line on ``stream`` (the
+    command's stderr, even while library output is muted); other warnings only with ``--debug``."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SpliceWarning):
+            print(f"{PROG}: warning: {one_line(message)}", file=stream, flush=True)
+        elif debug:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     previous = _catch_interrupts()
     debug = False
@@ -106,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.extra = extra
         debug = args.debug
         progress.configure(enabled=False if args.quiet else None, stream=sys.stderr)
-        return args.func(args, UI(debug))
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(sys.stderr, debug)
+            return args.func(args, UI(debug))
     except SystemExit as e:  # a nested parser (demo) exiting
         return _exit_code(e, 1)
     except UsageError as e:

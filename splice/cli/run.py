@@ -26,13 +26,17 @@ def add_parser(sub, common) -> None:
     p.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
                    help="a pass, 'name:key=value,...' (repeatable; see `splice passes NAME`)")
     p.add_argument("--recipe", metavar="FILE", help="YAML recipe with a 'passes' list")
-    p.add_argument("--calib", metavar="TEXTFILE", help="calibration text, for passes that need it")
+    p.add_argument("--calib", action="append", metavar="SOURCE[:WEIGHT]",
+                   help="calibration data for passes that need it (repeatable, mixed by weight): a UTF-8 text "
+                        "file, a .jsonl file of {\"text\": ...} lines, a directory of those, or 'builtin' (a "
+                        "general-domain mix of text this machine has: Python docs, licences, man pages)")
     p.add_argument("--peft", action="append", metavar="DIR",
                    help="attach a PEFT adapter directory to the base before the passes (repeatable)")
-    p.add_argument("--calib-samples", type=positive_int, default=16, metavar="N",
-                   help="calibration samples (default 16)")
-    p.add_argument("--calib-seqlen", type=positive_int, default=256, metavar="N",
-                   help="tokens per calibration sample (default 256)")
+    p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
+                   help="calibration samples (default: sized to the model, 32 tokens per input feature of its "
+                        "widest layer, 16..512 samples)")
+    p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="N",
+                   help="tokens per calibration sample (default 512, or the model's positions if fewer)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=run)
@@ -53,6 +57,18 @@ def _pipeline(args):
     return Pipeline(steps)
 
 
+def calibration_line(graph, calibration) -> str:
+    """What the calibration is: samples, tokens, documents, sources, tokens per input feature."""
+    from splice.ir.calibration import calibration_record
+
+    r = calibration_record(graph, calibration)
+    names = ", ".join(f"{s['name']} ({s['samples']})" for s in r["sources"] if s["samples"])
+    per = (f"; {r['tokens_per_feature']:g} tokens per input feature of the widest layer "
+           f"'{r['widest_layer']['path']}' ({r['widest_layer']['in_features']:,})" if "tokens_per_feature" in r else "")
+    return esc(f"calibration: {r['samples']} samples × {r['seq_len']} tokens = {r['tokens']:,} tokens from "
+               f"{r['documents']:,} documents of {names}{per}")
+
+
 def run(args, ui: UI) -> int:
     # 1. everything that needs no model: pass specs, recipe, calibration file, output path
     pipeline = _pipeline(args)
@@ -61,12 +77,13 @@ def run(args, ui: UI) -> int:
             raise SpliceError(f"--peft {peft_dir}: not a PEFT adapter directory (no adapter_config.json)")
     needs = [info.name for info, _ in pipeline.steps if info.needs_calibration]
     if needs and not args.calib:
-        raise ConfigError(f"{needs[0]}: needs calibration data; pass --calib TEXTFILE")
-    text = None
-    if args.calib:
-        from splice.eval.data import read_text, text_calibration
+        raise ConfigError(f"{needs[0]}: needs calibration data; pass --calib FILE (or --calib builtin)")
+    sources = None
+    if args.calib:  # checked even when no pass needs it (the run would ignore it: say so early)
+        from splice.eval.corpus import load_sources
 
-        text = read_text(args.calib)
+        with ui.phase("read calibration sources"):
+            sources = load_sources(args.calib)
     out = check_output(args.output, args.force)
     require_exists(args.model)
 
@@ -83,10 +100,12 @@ def run(args, ui: UI) -> int:
         ui.print(f"attached PEFT adapter {esc(peft_dir)}")
     calibration = None
     if needs:
+        from splice.eval.calibration import calibration_data
+
         with ui.phase("tokenize calibration text"):
-            calibration = text_calibration(graph, text, args.calib_samples, args.calib_seqlen)
-        ui.print(f"calibration: {len(calibration)} samples × {args.calib_seqlen} tokens from {esc(args.calib)}")
-    elif text is not None:
+            calibration = calibration_data(graph, sources, args.calib_samples, args.calib_seqlen)
+        ui.print(calibration_line(graph, calibration))
+    elif args.calib:
         ui.print(f"note: --calib ignored, no pass in {esc(str(pipeline))} needs calibration")
     before = graph.nbytes()
     with ui.quiet(redirect=not progress.enabled()):  # each pass shows its own progress line

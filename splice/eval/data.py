@@ -120,13 +120,3 @@ def graph_inputs(graph, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, .
         else:
             raise SpliceError(f"calibration: cannot build model input '{name}' from text")
     return tuple(row)
-
-
-def text_calibration(graph, text: str, n_samples: int, seq_len: int, tokenizer=None) -> list[tuple]:
-    """Calibration batches for ``graph`` from ``text``, tokenized by the model's tokenizer."""
-    if "input_ids" not in graph.input_names:
-        raise SpliceError(f"calibration: {graph.source.get('name', 'the model')} takes "
-                          f"{', '.join(graph.input_names)}, not token ids; text calibration needs a text model")
-    if tokenizer is None:
-        tokenizer = graph_tokenizer(graph, "calibration")
-    return [graph_inputs(graph, b) for b in token_batches(tokenizer, text, n_samples, seq_len)]

@@ -12,7 +12,7 @@ import torch
 
 from splice.errors import SpliceError
 from splice.frontends.artifact import load
-from splice.frontends.hf import capture_hf
+from splice.frontends.hf import capture_hf, example_inputs_for, max_positions
 from splice.frontends.torch_export import capture_module
 from splice.ir.artifact import MANIFEST
 from splice.ir.graph import Graph
@@ -30,12 +30,12 @@ def capture(model: Any, example_inputs: Any = None, *, dynamic: Any = True) -> G
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             if hasattr(model, "config"):
-                from splice.frontends.hf import example_inputs_for
-
                 example_inputs = example_inputs_for(model)
             else:
                 raise SpliceError(f"capture: example_inputs are required for {type(model).__name__}")
-        return capture_module(model, example_inputs, dynamic=dynamic)
+        config = getattr(model, "config", None)
+        source = {"max_positions": max_positions(config)} if config is not None else None
+        return capture_module(model, example_inputs, dynamic=dynamic, source=source)
     raise SpliceError(f"capture: expected an nn.Module or a path, got {type(model).__name__}")
 
 

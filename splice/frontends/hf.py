@@ -75,13 +75,23 @@ def example_inputs_for(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> 
     return inputs
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model's positions allow, when its config says (calibration sizes)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def capture_hf(path: str | Path) -> Graph:
     path = Path(path)
     model = load_hf_model(path)
     directory, gguf = find_gguf(path)
     source = {"kind": "hf", "path": str(directory.resolve()), "gguf_file": gguf,
               "name": (gguf or directory.name), "model_type": model.config.model_type,
-              "tokenizer": tokenizer_source(str(directory.resolve()), gguf)}  # the graph carries it
+              "tokenizer": tokenizer_source(str(directory.resolve()), gguf),  # the graph carries it
+              "max_positions": max_positions(model.config)}
     try:
         with phase(f"torch.export {source['name']}"):
             return capture_module(model, example_inputs_for(model), dynamic=True, source=source)

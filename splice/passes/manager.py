@@ -2,7 +2,8 @@
 
 Before running anything ``Pipeline.run`` checks the input graph's history (``check_history``:
 pass versions), that each step's ``requires`` come earlier in the pipeline or in the history,
-that calibration data is there for passes that need it, and that every graph a pass declares
+that calibration data is there for passes that need it (and enough of it: ``ir.calibration.check_size``;
+its record goes into each calibrated pass's history entry), and that every graph a pass declares
 (``graphs=``) is given: in ``graphs={name: Graph}``, or named by the pass's option of the same
 name (``adapter.extract:source=DIR``), which the layer above resolves with its ``load_graph``
 (the API and CLI plug in the frontends' capture; the passes layer imports no frontend).
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from splice.errors import ConfigError, SpliceError
 from splice.ir import graph as ir_graph
+from splice.ir.calibration import calibration_record, check_size
 from splice.ir.graph import Graph
 from splice.passes.analysis import AnalysisCache
 from splice.passes.base import PassConfig, PassContext, PassInfo, PassResult, check_history, get_pass, providers
@@ -102,6 +104,9 @@ class Pipeline:
             if info.needs_calibration and not calibration:
                 raise ConfigError(f"{info.name}: needs calibration data; pass --calib FILE (calibration=...)")
             have |= {info.name, *info.provides}
+        calibrated = [info.name for info, _ in self.steps if info.needs_calibration]
+        if calibrated:
+            check_size(graph, calibration, calibrated[0])
 
     def run(self, graph: Graph, *, calibration=None, verify: bool = True, probe: bool = True,
             progress: bool = False, seed: int = 0, graphs: dict[str, Graph] | None = None,
@@ -114,6 +119,7 @@ class Pipeline:
         step_graphs = self._resolve_graphs(dict(graphs or {}), load_graph or (_LOADER[0] if _LOADER else None))
         ctx = PassContext(calibration=calibration, seed=seed, progress=progress, target=target,
                           cache=AnalysisCache() if cache is None else cache)
+        record = calibration_record(graph, calibration) if calibration else None
         used = [*default_instruments(verify=verify, probe=probe), *instruments]
         for inst in used:
             inst.before_pipeline(graph, ctx)
@@ -125,6 +131,8 @@ class Pipeline:
                 result = self._guarded(graph, info, cfg, dataclasses.replace(ctx, graphs=named), done)
             entry = {"pass": info.name, "spec": format_spec(info, cfg), "config": cfg.to_dict(),
                      "version": info.version, "modified": result.modified, "report": result.report}
+            if info.needs_calibration:
+                entry["calibration"] = record
             if target is not None:
                 entry["target"] = target
             with phase(f"check pass {i} ({', '.join(type(inst).__name__ for inst in used)})", show=progress):

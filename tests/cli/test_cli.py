@@ -322,49 +322,6 @@ def test_bad_calib_file(capsys, no_capture, llama_hf_dir, tmp_path, content, nee
                  "gone.txt", absent=[out])
 
 
-# ------------------------------------------------------------------------- calibration
-
-
-@dataclass(frozen=True, kw_only=True)
-class _CalibConfig(base.PassConfig):
-    """Test pass that records the calibration batches it is given."""
-
-
-@pytest.fixture
-def calib_pass(monkeypatch):
-    seen = []
-
-    def fn(graph, cfg, ctx):
-        seen.append(ctx.calibration)
-        return base.PassResult(graph, False, {})
-
-    info = base.PassInfo("test.calib", _CalibConfig, fn, "https://example.org", True, 1)
-    monkeypatch.setitem(base._REGISTRY, "test.calib", info)
-    return seen
-
-
-def test_calibration_required_before_capture(capsys, no_capture, calib_pass, llama_hf_dir, tmp_path):
-    out = tmp_path / "out"
-    assert_error(capsys, ["run", llama_hf_dir, "-p", "test.calib", "-o", out], "test.calib", "--calib",
-                 absent=[out])
-
-
-def test_calibration_batches(capsys, byte_tokenizer, calib_pass, calib_text, llama_hf_dir, tmp_path):
-    calib = calib_text
-    out = tmp_path / "out"
-    rc, stdout, err = run_cli(capsys, "run", llama_hf_dir, "-p", "test.calib", "--calib", calib,
-                              "--calib-samples", 3, "--calib-seqlen", 32, "-o", out)
-    assert rc == 0, err
-    (batches,) = calib_pass
-    assert len(batches) == 3
-    ids, mask = batches[0]  # graph.input_names order: input_ids, attention_mask
-    assert ids.shape == mask.shape == (1, 32) and ids.dtype == torch.long and bool((mask == 1).all())
-    assert "3 samples × 32 tokens" in stdout
-    out2 = tmp_path / "out2"  # too little text: one line, nothing written
-    assert_error(capsys, ["run", llama_hf_dir, "-p", "test.calib", "--calib", calib, "--calib-samples", 64,
-                          "-o", out2], "calibration text has", absent=[out2])
-
-
 # ------------------------------------------------------------------ untranslatable op
 
 
