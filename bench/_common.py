@@ -124,25 +124,32 @@ def paired_ratio(lat: dict[str, dict], num: str, den: str) -> float:
 # ------------------------------------------------------------ SmolLM2 quantization benches
 
 
-def evaluate_lm(graph, ids, row: dict, *, seq_len: int, stride: int, max_tokens: int | None, batch_size: int,
+def evaluate_lm(graph, ids: dict, row: dict, *, seq_len: int, stride: int, max_tokens: int | None, batch_size: int,
                 onnx_path: Path | None = None, log: Callable[[str], None] = print) -> None:
-    """Fill ``row`` with strided perplexity of ``graph`` on token ids ``ids`` (``perplexity``,
-    ``seconds_perplexity``), its stored bytes, and when ``onnx_path`` is given the exported
-    file's size (``onnx_bytes``, ``seconds_export_onnx``; MatMulNBits ``accuracy_level=4``)."""
-    from splice.eval.perplexity import perplexity
+    """Fill ``row`` with strided perplexity of ``graph`` on each domain's token ids (``ids``:
+    domain -> ids; ``perplexity``: domain -> result, ``ppl``: domain -> value, and over the domains
+    other than ``IN_DOMAIN`` their geometric mean ``ppl_ood_geomean`` and ``worst_ood``),
+    ``seconds_perplexity``, its stored bytes, and when ``onnx_path`` is given the exported file's
+    size (``onnx_bytes``, ``seconds_export_onnx``; MatMulNBits ``accuracy_level=4``)."""
+    from splice.eval.perplexity import geometric_mean, perplexity
     from splice.runtime.onnx import export_onnx, onnx_bytes
 
     t = time.perf_counter()
-    row["perplexity"] = perplexity(graph, ids, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                                   batch_size=batch_size)
+    row["perplexity"] = {name: perplexity(graph, x, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                                          batch_size=batch_size) for name, x in ids.items()}
     row["seconds_perplexity"] = time.perf_counter() - t
+    row["ppl"] = {name: r["ppl"] for name, r in row["perplexity"].items()}
+    ood = {name: v for name, v in row["ppl"].items() if name != IN_DOMAIN}
+    if ood:
+        row["ppl_ood_geomean"] = geometric_mean(list(ood.values()))
+        row["worst_ood"] = max(ood, key=ood.get)
     row["graph_bytes"] = graph.nbytes()
     if onnx_path is not None:
         t = time.perf_counter()
         export_onnx(graph, onnx_path, external_data=True, accuracy_level=4)
         row["seconds_export_onnx"] = time.perf_counter() - t
         row["onnx_bytes"] = onnx_bytes(onnx_path)
-    log(f"ppl {row['perplexity']['ppl']:.4f}")
+    log("ppl " + ", ".join(f"{k} {v:.2f}" for k, v in row["ppl"].items()))
 
 
 def ort_latency_1x1(onnx_paths: dict[str, Path], *, threads: int, rounds: int, repeats: int,
@@ -165,13 +172,57 @@ def ort_latency_1x1(onnx_paths: dict[str, Path], *, threads: int, rounds: int, r
 
 def add_lm_eval_args(ap) -> None:
     """The perplexity, calibration and ORT latency options shared by the SmolLM2 benches
-    (defaults: windows of 512, calibration 16 x 256 tokens, 2 threads, 3 x 20 timed runs)."""
+    (defaults: windows of 512, 8,192 tokens a domain, calibration sized as the CLI sizes it,
+    2 threads, 3 x 20 timed runs)."""
     ap.add_argument("--seq-len", type=int, default=512, help="perplexity window (tokens)")
     ap.add_argument("--stride", type=int, default=512, help="perplexity stride (tokens)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N held-out tokens only")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens of each domain")
     ap.add_argument("--ppl-batch", type=int, default=4, help="windows per forward (same result, fewer dequantizations)")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=None, help="default: the CLI's (sized to the model)")
+    ap.add_argument("--calib-seqlen", type=int, default=None, help="default: the CLI's (512)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     ap.add_argument("--repeats", type=int, default=20, help="timed 1x1 runs per round and session")
+
+
+# ------------------------------------------------------------- evaluation across domains
+
+FORTUNES = "/usr/share/games/fortunes"  # Debian's `fortunes` package: quotations and short prose
+PROSE_FILES = ("people", "politics", "literature", "wisdom", "science", "work", "men-women", "humorists",
+               "education", "law")
+CODE_FILES = ("argparse.py", "collections/__init__.py", "typing.py", "dataclasses.py", "fractions.py",
+              "statistics.py", "textwrap.py", "shutil.py")
+IN_DOMAIN = "python-help"
+
+
+def prose_text() -> str:
+    """English prose: the fortune files PROSE_FILES (quotations, anecdotes), shuffled by a fixed seed."""
+    import random
+
+    if not Path(FORTUNES, PROSE_FILES[0]).is_file():
+        raise SystemExit(f"the prose domain reads {FORTUNES}: apt-get install fortunes")
+    pieces = []
+    for name in PROSE_FILES:
+        text = Path(FORTUNES, name).read_text(encoding="utf-8", errors="replace")
+        pieces += [p.strip() for p in text.split("\n%\n") if p.strip()]
+    random.Random(0).shuffle(pieces)
+    return "\n\n".join(pieces)
+
+
+def code_text() -> str:
+    """Python source: CODE_FILES of the standard library."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((lib / f).read_text(encoding="utf-8") for f in CODE_FILES)
+
+
+def domain_texts() -> tuple[str, dict[str, str]]:
+    """``(calibration text, {domain: evaluation text})``: calibration on Python's help topics (the
+    first 80 %), evaluation on their held-out 20 % (in-domain) and on three domains unlike them:
+    licence text (GPL-3), prose (fortune files) and Python source."""
+    from splice.eval.data import builtin_text, split_text
+
+    train, held = split_text(builtin_text("pydoc"), 0.2)
+    return train, {IN_DOMAIN: held, "licence": builtin_text("gpl3"), "prose": prose_text(), "code": code_text()}
+

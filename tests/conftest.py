@@ -79,7 +79,8 @@ def no_capture(monkeypatch):
 
 @pytest.fixture
 def calib_text(tmp_path):
-    """A calibration text file (``--calib``) of 1,000 characters."""
+    """A calibration text file (``--calib``) of 5,000 characters: enough for the zoo llama's default
+    calibration size (32 x 128 tokens)."""
     path = tmp_path / "calib.txt"
-    path.write_text("splice calibration text. " * 40)
+    path.write_text("splice calibration text. " * 200)
     return path

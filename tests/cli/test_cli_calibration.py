@@ -60,7 +60,7 @@ def test_calibration_batches(capsys, byte_tokenizer, calib_pass, calib_text, lla
     assert len(warning) == 1 and "1.0 per input feature" in warning[0] and "down_proj" in warning[0]
     out2 = tmp_path / "out2"  # too little text: one line, nothing written
     assert_error(capsys, ["run", llama_hf_dir, "-p", "test.calib", "--calib", calib_text, "--calib-samples", 64,
-                          "-o", out2], "tokens, need", absent=[out2])
+                          "-o", out2], "tokens, need 8,192", absent=[out2])
 
 
 def test_below_the_hard_minimum_is_refused(capsys, byte_tokenizer, calib_pass, calib_text, llama_hf_dir, tmp_path):

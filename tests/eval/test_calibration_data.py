@@ -141,3 +141,24 @@ def test_builtin_calibrates_a_text_model(llama):
 def test_pydoc_text_still_works(llama):
     calib = text_calibration(llama, builtin_text("pydoc"), 4, 32, tokenizer=BYTES)
     assert len(calib) == 4 and calib.record["sources"][0]["name"] == "text"
+
+
+def test_default_count_takes_what_a_short_source_has(llama, tmp_path):
+    (tmp_path / "short.txt").write_text("x" * 1000)  # 1,000 tokens: 7 windows of 128 (the default wants 32)
+    calib = calibration_data(llama, sources(tmp_path / "short.txt"), tokenizer=BYTES)
+    assert len(calib) == 7 and calib.record["samples"] == 7 and calib.record["tokens"] == 7 * 128
+    (tmp_path / "tiny.txt").write_text("x" * 100)  # not one window
+    with pytest.raises(SpliceError, match="tiny.txt has 10\\d tokens, need 4,096"):
+        calibration_data(llama, sources(tmp_path / "tiny.txt"), tokenizer=BYTES)
+
+
+def test_a_large_source_is_read_in_part_and_spread(llama, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(400):
+        (d / f"doc{i:03d}.txt").write_text(f"document {i:03d}. " * 400)  # 400 x 6,800 bytes
+    calib = calibration_data(llama, sources(d), 8, 64, tokenizer=BYTES)
+    used = calib.record["sources"][0]["used"]
+    assert len(calib) == 8 and len(used) == 8  # one document per window (each is longer than a window)
+    numbers = sorted(int(u.rsplit("doc", 1)[1][:3]) for u in used)
+    assert numbers[-1] - numbers[0] > 100  # from across the directory, not its first files

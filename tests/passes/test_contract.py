@@ -191,7 +191,7 @@ def test_two_statistic_consumers_on_the_same_weights_gather_once(register):
 
     register("test.stats", stats, needs_calibration=True)
     zm, g = captured("llama")
-    calib = calibration(zm, g, n=2)
+    calib = calibration(zm, g, n=3)
     cache = AnalysisCache()
     Pipeline(["test.stats", "quantize.allocate:avg_bits=4"]).run(g, calibration=calib, cache=cache, probe=False)
     assert cache.computed["input_stats"] == 1
@@ -202,7 +202,7 @@ def test_two_statistic_consumers_on_the_same_weights_gather_once(register):
 
 def test_statistics_of_changed_weights_are_gathered_again_and_match_a_fresh_run():
     zm, g = captured("llama")
-    calib = calibration(zm, g, n=2)
+    calib = calibration(zm, g, n=3)
     cache = AnalysisCache()
     Pipeline(["quantize.gptq:sequential=false"]).run(g, calibration=calib, cache=cache, probe=False)
     changed = g.apply("quantize.rtn:bits=8,targets=embedding")  # every value downstream changes

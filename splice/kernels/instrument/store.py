@@ -4,14 +4,15 @@ An instrumented graph carries ``observe(x, key)`` nodes (identity ops). While a
 :class:`StatsStore` is active (``with store.recording():``) each call folds ``x`` into the
 accumulators registered for ``key``; outside a recording the op does nothing. Kinds:
 
-* ``hessian``  — ``sum XᵀX`` over the rows of ``x`` (flattened to ``[rows, K]``) and the row count
-  (GPTQ's ``H = 2 XᵀX / n``);
+* ``hessian``  — ``sum XᵀX`` over the rows of ``x`` (flattened to ``[rows, K]``), ``sum ‖x‖⁴`` and the
+  row count (GPTQ's ``H = 2 XᵀX / n``; the fourth moment gives its Ledoit–Wolf shrinkage);
 * ``act``      — per-channel ``sum |x|`` and ``max |x|`` and the row count (AWQ, SmoothQuant);
 * ``inputs``   — up to ``max_rows`` rows of ``x``, sampled evenly, for search-based methods;
 * ``rows``     — every row of ``x``, in call order (a float model's inputs, kept for ``asym``);
 * ``asym``     — ``sum (X_ref − X)ᵀ X`` where ``X_ref`` is the matching call's rows in the
   ``reference`` store (kind ``rows``, filled first by the float model): GPTAQ's asymmetric term
-  (https://arxiv.org/abs/2504.02692), 0 when the quantized and float inputs agree.
+  (https://arxiv.org/abs/2504.02692), 0 when the quantized and float inputs agree; and the float
+  inputs' own ``sum X_refᵀ X_ref`` (``ref_xtx``: a Hessian of the float model's inputs).
 """
 from __future__ import annotations
 
@@ -29,14 +30,32 @@ KINDS = ("hessian", "act", "inputs", "rows", "asym")
 class LayerStats:
     rows: int = 0
     xtx: torch.Tensor | None = None
+    norm4: float = 0.0
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     samples: list[torch.Tensor] = field(default_factory=list)
     dxtx: torch.Tensor | None = None
+    ref_xtx: torch.Tensor | None = None
     queue: deque = field(default_factory=deque)
 
     def hessian(self) -> torch.Tensor:
         return 2 * self.xtx / max(self.rows, 1)
+
+    def shrinkage(self) -> float:
+        """Ledoit–Wolf's intensity ``ρ`` for the second moment ``S = XᵀX/n`` (https://doi.org/10.1016/S0047-259X(03)00096-4):
+        ``(1 − ρ) S + ρ (tr S / K) I`` estimates the input's true second moment best from ``n`` rows;
+        ρ grows as the rows get fewer or noisier (0 when they determine ``S``)."""
+        n = max(self.rows, 1)
+        s = self.xtx.double() / n
+        mu = float(torch.diagonal(s).mean())
+        frob2 = float((s * s).sum())
+        spread = frob2 - s.shape[0] * mu * mu  # ‖S − μI‖²
+        noise = max(self.norm4 / n - frob2, 0.0) / n  # ‖x xᵀ − S‖² averaged over rows, / n
+        return 1.0 if spread <= 0 else min(noise, spread) / spread
+
+    def float_hessian(self) -> torch.Tensor:
+        """``2 X_refᵀ X_ref / n`` of the float model's inputs (kind ``asym``)."""
+        return 2 * self.ref_xtx / max(self.rows, 1)
 
     def asymmetry(self) -> torch.Tensor:
         """``2 (X_ref − X)ᵀ X / n``, on the Hessian's scale."""
@@ -78,6 +97,7 @@ class StatsStore:
         if "hessian" in kinds:
             xtx = rows.T @ rows
             s.xtx = xtx if s.xtx is None else s.xtx + xtx
+            s.norm4 += float((rows.double().pow(2).sum(1) ** 2).sum())
         if "act" in kinds:
             a = rows.abs()
             s.abs_sum = a.sum(0) if s.abs_sum is None else s.abs_sum + a.sum(0)
@@ -90,8 +110,10 @@ class StatsStore:
         if "rows" in kinds:
             s.queue.append(rows.clone())
         if "asym" in kinds:
-            dx = self.reference.stats[key].queue.popleft() - rows
+            ref = self.reference.stats[key].queue.popleft()
+            dx, rxtx = ref - rows, ref.T @ ref
             s.dxtx = dx.T @ rows if s.dxtx is None else s.dxtx + dx.T @ rows
+            s.ref_xtx = rxtx if s.ref_xtx is None else s.ref_xtx + rxtx
 
     def pop(self, key: str) -> LayerStats:
         """Take a key's statistics out (bounded memory: consumers pop what they used)."""

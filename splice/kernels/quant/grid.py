@@ -14,6 +14,8 @@ import torch
 
 from splice.kernels.quant.packing import pack_bits, packed_width, unpack_bits
 
+MSE_SHRINKS = tuple(1 - i / 100 for i in range(20))  # llm-compressor's MSE observer: grid 100, maxshrink 0.2
+
 
 @dataclass(frozen=True)
 class GroupGrid:
@@ -25,22 +27,41 @@ class GroupGrid:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
-    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min/max scales and zero points, each ``[N, K // group_size]`` (zeros as int32)."""
+    def params(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min/max scales and zero points, each ``[N, K // group_size]`` (zeros as int32); ``shrink``
+        scales each group's range (clipping its extremes)."""
         n, k = w.shape
         g = w.float().reshape(n, k // self.group_size, self.group_size)
         if self.symmetric:  # the largest-magnitude weight maps exactly to code 0 (as ORT's quantizer):
             half = (self.maxq + 1) // 2  # signed scale, so the full range -2^(b-1)..2^(b-1)-1 is used
             extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
-            scale = extreme / -half
+            scale = shrink * extreme / -half
             zero = torch.full_like(scale, half, dtype=torch.int32)
         else:
-            lo = g.amin(-1).clamp(max=0)
-            hi = g.amax(-1).clamp(min=0)
+            lo = shrink * g.amin(-1).clamp(max=0)
+            hi = shrink * g.amax(-1).clamp(min=0)
             scale = (hi - lo) / self.maxq
             zero = torch.round(-lo / torch.where(scale > 0, scale, 1)).clamp(0, self.maxq).to(torch.int32)
         scale = torch.where(scale != 0, scale, torch.ones_like(scale))
         return scale, zero
+
+    def mse_params(self, w: torch.Tensor, shrinks=MSE_SHRINKS, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the ``params(w, shrink)`` of the ``shrinks`` that minimize ``Σ|w − q(w)|^norm``
+        (the MSE observer of llm-compressor and AutoGPTQ: ranges clipped by up to 20 %)."""
+        n, k = w.shape
+        g = w.float().reshape(n, k // self.group_size, self.group_size)
+        best = None
+        for shrink in shrinks:
+            scale, zero = self.params(w, shrink)
+            codes = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, self.maxq)
+            err = (g - (codes - zero[..., None]) * scale[..., None]).abs().pow(norm).sum(-1)
+            if best is None:
+                best = [err, scale, zero]
+                continue
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, zero, best[2])]
+        return best[1], best[2]
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Codes ``[N, K]`` (int32) of ``w`` on the grid."""

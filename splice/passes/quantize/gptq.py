@@ -9,6 +9,13 @@ no reordering index), ``sequential`` (block-by-block calibration, see ``_calibra
 A Hessian that is not positive definite is damped further (×10 up to 6 times); the report says
 which layers needed it. Layers that saw no calibration rows fall back to round-to-nearest.
 
+Off the calibration text (docs/calibration.md): ``damp_auto`` damps each layer by the Ledoit–Wolf
+shrinkage of its Hessian (https://doi.org/10.1016/S0047-259X(03)00096-4) when that is more than
+``damp`` — the fewer and noisier the rows per input feature, the closer to the diagonal — and
+reports every layer's damping; ``clip=mse`` searches each group's range (llm-compressor's MSE
+observer); ``hessian_mix`` blends the float model's input Hessian into the quantized model's
+(sequential mode, as GPTAQ gathers both).
+
 ``gptaq`` (GPTAQ, formerly GPTQv2, https://arxiv.org/abs/2504.02692, as its reference code and
 GPTQModel's ``v2=True``): asymmetric calibration. Each layer is fitted to the *float* model's
 output ``W X`` from its quantized-model input ``X̃`` (``min ‖W X − Q X̃‖``): besides ``H = X̃ᵀX̃``
@@ -30,17 +37,25 @@ from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup, solve_layers
 from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
 
+CLIPS = ("minmax", "mse")
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTQConfig(WeightQuantConfig):
     """GPTQ: Hessian-aware error-compensating weight quantization (needs calibration)."""
 
-    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of mean diag(H)"})
+    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of mean diag(H) (the least, with damp_auto)"})
+    damp_auto: bool = field(default=True, metadata={
+        "help": "per layer, damp by the Ledoit-Wolf shrinkage of its Hessian when that is larger"})
+    clip: str = field(default="mse", metadata={"help": "group ranges: minmax, or mse (clipped by up to 20% where "
+                                                         "that lowers the group's error)"})
     block_size: int = field(default=128, metadata={"help": "columns per lazy update block"})
     act_order: bool = field(default=False, metadata={"help": "quantize columns by decreasing diag(H)"})
     sequential: bool = field(default=True, metadata={"help": "calibrate block by block on quantized outputs"})
     gptaq: bool = field(default=False, metadata={"help": "GPTAQ: fit quantized-model inputs to the float model's outputs"})
     gptaq_alpha: float = field(default=0.25, metadata={"help": "weight of GPTAQ's asymmetry term"})
+    hessian_mix: float = field(default=0.0, metadata={
+        "help": "weight of the float model's inputs in each layer's Hessian (0: the quantized model's only)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,10 +63,16 @@ class GPTQConfig(WeightQuantConfig):
             raise ValueError("gptaq needs sequential=true (the quantized and float inputs only differ then)")
         if not 0 <= self.gptaq_alpha <= 1:
             raise ValueError(f"gptaq_alpha must be in [0, 1], got {self.gptaq_alpha}")
+        if not 0 <= self.hessian_mix <= 1:
+            raise ValueError(f"hessian_mix must be in [0, 1], got {self.hessian_mix}")
+        if self.hessian_mix and not self.sequential:
+            raise ValueError("hessian_mix needs sequential=true (the quantized and float inputs only differ then)")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.clip not in CLIPS:
+            raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, int]:
@@ -68,9 +89,14 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor
     raise RuntimeError("Hessian stays singular after damping")
 
 
-def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfig, dxtx: torch.Tensor | None = None):
+def grid_params(grid: GroupGrid, w: torch.Tensor, clip: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return grid.mse_params(w) if clip == "mse" else grid.params(w)
+
+
+def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfig, dxtx: torch.Tensor | None = None,
+               damp: float | None = None):
     """GPTQ on one weight ``[N, K]`` with Hessian ``[K, K]`` (and GPTAQ's ``ΔXᵀX̃`` on the same
-    scale, if given); returns codes, scale, zero, retries."""
+    scale, if given), damped by ``damp`` (default ``cfg.damp``); returns codes, scale, zero, retries."""
     w = w.clone().double()
     h = h.clone().double()
     dead = torch.diag(h) == 0
@@ -78,12 +104,12 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
     w[:, dead] = 0
     dxtx = torch.zeros_like(h) if dxtx is None else dxtx.double().clone()
     dxtx[:, dead] = 0
-    scale, zero = grid.params(w.float())  # static per-group grids (layout needs contiguous groups)
+    scale, zero = grid_params(grid, w.float(), cfg.clip)  # static per-group grids (layout needs contiguous groups)
     scale, zero = scale.double(), zero
     n, k = w.shape
     perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
     w, h, dxtx = w[:, perm], h[perm][:, perm], dxtx[perm][:, perm]
-    hinv, retries = inverse_hessian_cholesky(h, cfg.damp)
+    hinv, retries = inverse_hessian_cholesky(h, cfg.damp if damp is None else damp)
     p = cfg.gptaq_alpha * (dxtx @ hinv.T).triu_(diagonal=1) @ hinv
     codes = torch.zeros(n, k, dtype=torch.int32)
     dynamic_groups = not cfg.act_order
@@ -97,7 +123,7 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
                 cols = w1[:, i:i + grid.group_size]
                 if cols.shape[1] < grid.group_size:  # the group runs past this lazy block
                     cols = torch.cat([cols, w[:, i2:i2 + grid.group_size - cols.shape[1]]], 1)
-                s, z = GroupGrid(grid.bits, cols.shape[1], grid.symmetric).params(cols.float())
+                s, z = grid_params(GroupGrid(grid.bits, cols.shape[1], grid.symmetric), cols.float(), cfg.clip)
                 scale[:, g], zero[:, g] = s[:, 0].double(), z[:, 0]
             q = torch.clamp(torch.round(w1[:, i] / scale[:, g]) + zero[:, g], 0, grid.maxq)
             codes[:, col] = q.to(torch.int32)
@@ -108,29 +134,46 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
     return codes, scale.float(), zero, retries
 
 
+def layer_damp(stats: LayerStats, cfg: GPTQConfig) -> float:
+    """The damping of one layer: ``cfg.damp``, or with ``damp_auto`` the Ledoit–Wolf shrinkage
+    ``ρ`` of its Hessian as a damping (``(1−ρ)S + ρμI ∝ S + ρ/(1−ρ) μI``) when larger, at most 1."""
+    if not cfg.damp_auto:
+        return cfg.damp
+    rho = min(stats.shrinkage(), 0.5)
+    return max(cfg.damp, rho / (1 - rho))
+
+
 @register_pass("quantize.gptq", GPTQConfig, reference="https://arxiv.org/abs/2210.17323", needs_calibration=True,
-               report_fields=QUANT_REPORT)
+               report_fields={**QUANT_REPORT, "damp_mean": "mean damping"})
 def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
     nodes = [n for n in select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), "quantize.gptq")
              if n.target == torch.ops.aten.linear.default]
     damped: dict[str, int] = {}
+    damps: dict[str, float] = {}
 
     def solve(node, w, stats: LayerStats, grid):
         if stats.rows == 0:
-            scale, zero = grid.params(w)
+            scale, zero = grid_params(grid, w, cfg.clip)
             return grid.quantize(w, scale, zero), scale, zero
         asym = stats.asymmetry() if cfg.gptaq else None
-        codes, scale, zero, retries = gptq_layer(w, stats.hessian(), grid, cfg, asym)
+        damp = layer_damp(stats, cfg)
+        h = stats.hessian()
+        if cfg.hessian_mix:
+            h = (1 - cfg.hessian_mix) * h + cfg.hessian_mix * stats.float_hessian()
+        codes, scale, zero, retries = gptq_layer(w, h, grid, cfg, asym, damp)
+        damps[module_path(node)] = round(damp * 10 ** retries, 5)
         if retries:
             damped[module_path(node)] = retries
         return codes, scale, zero
 
-    kinds = ("hessian", "asym") if cfg.gptaq else ("hessian",)
+    kinds = ("hessian", "asym") if cfg.gptaq or cfg.hessian_mix else ("hessian",)
     solutions = solve_layers(graph, nodes, cfg, ctx.calibration, kinds, solve,
                              sequential=cfg.sequential, pass_name="quantize.gptq", progress=ctx.progress,
                              cache=ctx.cache)
 
     report = quantize_layers(graph, cfg, "quantize.gptq", solution_lookup(solutions))
     report["damped_layers"] = damped
+    report["damp"] = damps
+    report["damp_mean"] = round(sum(damps.values()) / len(damps), 5) if damps else None
     report["calibration_samples"] = len(ctx.calibration)
     return PassResult(graph, True, report)

@@ -150,3 +150,56 @@ def test_float_reference_runs_in_step_with_the_working_copy():
         values = list(seen.values())
         assert len(values) > 4 and values[0] == 0
         assert (max(values[1:]) > 0) == change
+
+
+def test_mse_clipping_lowers_each_groups_error():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128) * torch.rand(32, 128).pow(4) * 3  # heavy-tailed groups: clipping pays
+    for symmetric in (True, False):
+        grid = GroupGrid(3, 32, symmetric)
+        errors = {}
+        for name, (s, z) in {"minmax": grid.params(w), "mse": grid.mse_params(w)}.items():
+            deq = grid.dequantize(grid.quantize(w, s, z), s, z)
+            errors[name] = (w - deq).abs().pow(2.4).reshape(32, 4, 32).sum(-1)
+        assert (errors["mse"] <= errors["minmax"] + 1e-6).all()
+        assert errors["mse"].sum() < 0.95 * errors["minmax"].sum()
+
+
+def test_ledoit_wolf_shrinkage_grows_as_rows_get_fewer():
+    torch.manual_seed(0)
+    mix = torch.randn(64, 64)
+    rho = {}
+    for rows in (64, 512, 8192):
+        store = StatsStore({"x": ("hessian",)})
+        with store.recording():
+            store.update("x", torch.randn(rows, 64) @ mix)
+        rho[rows] = store.stats["x"].shrinkage()
+    assert 1 >= rho[64] > rho[512] > rho[8192] >= 0
+    assert rho[8192] < 0.05
+
+
+def test_gptq_reports_the_damping_of_every_layer():
+    zm, g = captured("llama")
+    few, many = _calib(zm, g, n=2, seq=40), _calib(zm, g, n=16, seq=64)
+    damp = {}
+    for name, calib in (("few", few), ("many", many)):
+        rep = g.apply("quantize.gptq:bits=4", calibration=calib).history[-1]["report"]
+        assert set(rep["damp"]) == set(rep["weight_sqnr_db"])  # every layer it solved
+        assert all(0.01 <= d <= 1 for d in rep["damp"].values())
+        damp[name] = rep["damp_mean"]
+    assert damp["few"] > damp["many"]  # fewer rows per feature: more shrinkage toward the diagonal
+    fixed = g.apply("quantize.gptq:bits=4,damp_auto=false", calibration=few).history[-1]["report"]
+    assert set(fixed["damp"].values()) == {0.01}
+
+
+def test_hessian_mix_blends_the_float_models_inputs():
+    zm, g = captured("llama")
+    calib = _calib(zm, g, n=4, seq=32)
+    out = {mix: g.apply(f"quantize.gptq:bits=3,hessian_mix={mix}", calibration=calib) for mix in (0, 0.5, 1)}
+    codes = {mix: q.tensor("model.layers.1.mlp.down_proj.qweight") for mix, q in out.items()}
+    assert not torch.equal(codes[0], codes[0.5]) and not torch.equal(codes[0.5], codes[1])
+    # the first block's inputs are the embeddings, the same in both models: no difference there
+    first = {mix: q.tensor("model.layers.0.self_attn.q_proj.qweight") for mix, q in out.items()}
+    assert torch.equal(first[0], first[1])
+    with pytest.raises(splice.SpliceError, match="hessian_mix needs sequential=true"):
+        g.apply("quantize.gptq:hessian_mix=0.5,sequential=false", calibration=calib)

@@ -149,7 +149,7 @@ def test_cli(capsys, byte_tokenizer, llama_hf_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("PV-Tuning moves scales and codes in turn. " * 40)
     rc, stdout, err = run_cli(capsys, "run", llama_hf_dir, "-p", "quantize.pvtune:bits=2,group_size=64,steps=1,p_steps=2",
-                              "--calib", calib, "--calib-samples", 2, "--calib-seqlen", 32, "-o", out)
+                              "--calib", calib, "--calib-samples", 4, "--calib-seqlen", 32, "-o", out)
     assert rc == 0, err
     art = splice.load(out)
     assert art.history[-1]["pass"] == "quantize.pvtune"

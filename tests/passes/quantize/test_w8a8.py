@@ -15,7 +15,7 @@ from zoo_graphs import assert_error, calibration, captured, input_grid
 W8A8 = torch.ops.splice.w8a8_linear.default
 
 
-def _calib(zm, g, n=2, seq=16):
+def _calib(zm, g, n=2, seq=32):  # 128 tokens: one per input feature of the widest layer
     return calibration(zm, g, n, seq)
 
 
