@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from splice.ir.select import module_path
+from splice.kernels.instrument.store import sample_scope
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
 
@@ -112,13 +113,14 @@ class SegmentRunner:
     def run_to(self, end: int) -> None:
         """Run nodes ``pos..end`` (inclusive) for every sample, on the weights stored now."""
         segment = self.nodes[self.pos:end + 1]
-        for env in self.envs:
+        for sample, env in enumerate(self.envs):
             self.interp.env = env
             self._refresh_attrs(env)
-            for i, node in enumerate(segment, self.pos):
-                if node.op != "placeholder":
-                    env[node] = self.interp.run_node(node)
-                for arg in node.all_input_nodes:
-                    if self.last_use.get(arg, -1) <= i and arg in env:
-                        del env[arg]
+            with sample_scope(sample):
+                for i, node in enumerate(segment, self.pos):
+                    if node.op != "placeholder":
+                        env[node] = self.interp.run_node(node)
+                    for arg in node.all_input_nodes:
+                        if self.last_use.get(arg, -1) <= i and arg in env:
+                            del env[arg]
         self.pos = end + 1

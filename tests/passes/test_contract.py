@@ -195,9 +195,12 @@ def test_two_statistic_consumers_on_the_same_weights_gather_once(register):
     cache = AnalysisCache()
     Pipeline(["test.stats", "quantize.allocate:avg_bits=4"]).run(g, calibration=calib, cache=cache, probe=False)
     assert cache.computed["input_stats"] == 1
-    # another pipeline on the same graph with the same cache: GPTQ (not sequential) gathers nothing
-    Pipeline(["quantize.gptq:sequential=false"]).run(g, calibration=calib, cache=cache, probe=False)
+    # another pipeline on the same graph with the same cache: GPTQ (not sequential, all samples) gathers nothing
+    Pipeline(["quantize.gptq:sequential=false,holdout=0"]).run(g, calibration=calib, cache=cache, probe=False)
     assert cache.computed["input_stats"] == 1
+    # statistics split for a held-out check are another analysis
+    Pipeline(["quantize.gptq:sequential=false"]).run(g, calibration=calib, cache=cache, probe=False)
+    assert cache.computed["input_stats"] == 2
 
 
 def test_statistics_of_changed_weights_are_gathered_again_and_match_a_fresh_run():

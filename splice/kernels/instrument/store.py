@@ -13,6 +13,10 @@ accumulators registered for ``key``; outside a recording the op does nothing. Ki
   ``reference`` store (kind ``rows``, filled first by the float model): GPTAQ's asymmetric term
   (https://arxiv.org/abs/2504.02692), 0 when the quantized and float inputs agree; and the float
   inputs' own ``sum X_refᵀ X_ref`` (``ref_xtx``: a Hessian of the float model's inputs).
+
+A store with ``holdout = k`` routes every k-th calibration sample (index ``k-1, 2k-1, …``, marked
+by ``sample_scope`` around each sample's run) into ``LayerStats.held`` instead: statistics of
+samples a method did not fit to, on which it chooses between candidate results.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 _ACTIVE: list["StatsStore"] = []
+_SAMPLE: list[int] = [0]  # the calibration sample running now (innermost ``sample_scope``)
 KINDS = ("hessian", "act", "inputs", "rows", "asym")
 
 
@@ -37,6 +42,7 @@ class LayerStats:
     dxtx: torch.Tensor | None = None
     ref_xtx: torch.Tensor | None = None
     queue: deque = field(default_factory=deque)
+    held: "LayerStats | None" = None  # the held-out samples' statistics (``StatsStore.holdout``)
 
     def hessian(self) -> torch.Tensor:
         return 2 * self.xtx / max(self.rows, 1)
@@ -75,6 +81,7 @@ class StatsStore:
     kinds: dict[str, tuple[str, ...]]
     max_rows: int = 4096
     reference: "StatsStore | None" = None
+    holdout: int = 0
     stats: dict[str, LayerStats] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -93,6 +100,9 @@ class StatsStore:
             return
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         s = self.stats.setdefault(key, LayerStats())
+        if self.holdout and _SAMPLE[-1] % self.holdout == self.holdout - 1:
+            s.held = s.held or LayerStats()
+            s = s.held
         s.rows += rows.shape[0]
         if "hessian" in kinds:
             xtx = rows.T @ rows
@@ -118,6 +128,21 @@ class StatsStore:
     def pop(self, key: str) -> LayerStats:
         """Take a key's statistics out (bounded memory: consumers pop what they used)."""
         return self.stats.pop(key, LayerStats())
+
+
+def holdout_every(fraction: float) -> int:
+    """``StatsStore.holdout`` for holding out about ``fraction`` of the samples (0: none)."""
+    return round(1 / fraction) if fraction > 0 else 0
+
+
+@contextlib.contextmanager
+def sample_scope(index: int):
+    """Observers inside record for calibration sample ``index`` (stores with ``holdout`` route by it)."""
+    _SAMPLE.append(index)
+    try:
+        yield
+    finally:
+        _SAMPLE.pop()
 
 
 def record(key: str, x: torch.Tensor) -> None:

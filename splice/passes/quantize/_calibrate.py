@@ -24,7 +24,7 @@ from torch import fx
 from splice.ir.graph import Graph, set_attr
 from splice.passes.analysis import AnalysisCache, tensors_fingerprint, value_fingerprints
 from splice.ir.segments import SegmentRunner, block_end, blocks
-from splice.kernels.instrument.store import LayerStats, StatsStore
+from splice.kernels.instrument.store import LayerStats, StatsStore, sample_scope
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize._common import WeightQuantConfig, layer_grid
@@ -57,65 +57,75 @@ class _FloatReference:
         self.runner.run_to(end)
 
 
-def _merged(held: tuple[frozenset, LayerStats] | None, new: LayerStats, kinds: tuple[str, ...]):
-    """A cache entry holding ``held``'s kinds and ``new``'s (same rows: the same data)."""
-    if held is None:
+def _merged(entry: tuple[frozenset, LayerStats] | None, new: LayerStats, kinds: tuple[str, ...]):
+    """A cache entry holding ``entry``'s kinds and ``new``'s (same rows: the same data)."""
+    if entry is None:
         return frozenset(kinds), new
-    stats = dataclasses.replace(held[1])
+    return entry[0] | frozenset(kinds), _with_kinds(entry[1], new, kinds)
+
+
+def _with_kinds(old: LayerStats, new: LayerStats, kinds: tuple[str, ...]) -> LayerStats:
+    """A copy of ``old`` with ``new``'s fields of ``kinds`` (held-out statistics too)."""
+    stats = dataclasses.replace(old)
     for kind in kinds:
         for name in CACHED[kind]:
             setattr(stats, name, getattr(new, name))
-    return held[0] | frozenset(kinds), stats
+    if new.held is not None:
+        stats.held = _with_kinds(old.held or LayerStats(rows=new.held.rows), new.held, kinds)
+    return stats
 
 
 def _gather(graph: Graph, nodes: list[fx.Node], calibration: list[tuple],
-            kinds: tuple[str, ...]) -> dict[str, LayerStats]:
-    """Run ``calibration`` once through an observed copy of ``graph``: statistics of each node's input."""
+            kinds: tuple[str, ...], holdout: int = 0) -> dict[str, LayerStats]:
+    """Run ``calibration`` once through an observed copy of ``graph``: statistics of each node's
+    input (every ``holdout``-th sample's in ``LayerStats.held``)."""
     work = graph.copy()
     by_name = {n.name: n for n in work.gm.graph.nodes}
     keys = insert_observers(work, [by_name[n.name] for n in nodes])
-    store = StatsStore({k: kinds for k in keys.values()})
+    store = StatsStore({k: kinds for k in keys.values()}, holdout=holdout)
     with store.recording(), torch.no_grad():
-        for sample in calibration:
-            work.gm(*sample)
+        for i, sample in enumerate(calibration):
+            with sample_scope(i):
+                work.gm(*sample)
     return {node.name: store.stats.get(key, LayerStats()) for node, key in keys.items()}
 
 
 def input_stats(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], kinds: tuple[str, ...],
-                cache: AnalysisCache | None = None) -> dict[str, LayerStats]:
+                cache: AnalysisCache | None = None, holdout: int = 0) -> dict[str, LayerStats]:
     """Statistics (``kinds``) of the input of each of ``nodes`` (of ``graph``) on ``calibration``
     with the float graph run once, by node name; do not modify them (they may be shared). With a
     ``cache``, kinds in ``CACHED`` are looked up by the input value's fingerprint and the
-    calibration's, and the graph runs only for inputs (and kinds) not gathered before."""
+    calibration's (and ``holdout``), and the graph runs only for inputs (and kinds) not gathered before."""
     if cache is None or not set(kinds) <= CACHED.keys():
-        return _gather(graph, nodes, calibration, kinds)
-    fps, data = value_fingerprints(graph), tensors_fingerprint(calibration)
-    held = {fps[n.args[0]]: cache.get("input_stats", fps[n.args[0]], data) for n in nodes}
-    missing = [n for n in nodes if held[fps[n.args[0]]] is None or not set(kinds) <= held[fps[n.args[0]]][0]]
+        return _gather(graph, nodes, calibration, kinds, holdout)
+    fps, data = value_fingerprints(graph), (tensors_fingerprint(calibration), holdout)
+    entries = {fps[n.args[0]]: cache.get("input_stats", fps[n.args[0]], data) for n in nodes}
+    missing = [n for n in nodes if entries[fps[n.args[0]]] is None or not set(kinds) <= entries[fps[n.args[0]]][0]]
     if missing:
         cache.ran("input_stats")
-        fresh = _gather(graph, missing, calibration, kinds)
+        fresh = _gather(graph, missing, calibration, kinds, holdout)
         for fp, node in {fps[n.args[0]]: n for n in missing}.items():  # one node per input value
-            held[fp] = _merged(held[fp], fresh[node.name], kinds)
-            cache.put("input_stats", fp, data, held[fp])
-    return {n.name: held[fps[n.args[0]]][1] for n in nodes}
+            entries[fp] = _merged(entries[fp], fresh[node.name], kinds)
+            cache.put("input_stats", fp, data, entries[fp])
+    return {n.name: entries[fps[n.args[0]]][1] for n in nodes}
 
 
 def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], kinds: tuple[str, ...],
                  solve_group: GroupSolveFn, *, sequential: bool, pass_name: str, progress: bool = False,
-                 cache: AnalysisCache | None = None) -> None:
+                 cache: AnalysisCache | None = None, holdout: int = 0) -> None:
     """Call ``solve_group`` once per set of ``nodes`` (linears of ``graph``, left untouched) that
     read the same input tensor (q/k/v, gate/up), in graph order, with that input's statistics.
     ``solve_group`` receives the nodes of a private working copy; their weights there are
     replaced by what it returns, so later blocks calibrate on the solved layers' outputs.
-    Not sequential, the statistics come from ``input_stats`` (through ``cache``)."""
+    Not sequential, the statistics come from ``input_stats`` (through ``cache``). With ``holdout``
+    every ``holdout``-th sample's statistics are apart, in ``LayerStats.held``."""
     work = graph.copy()
     by_name = {n.name: n for n in work.gm.graph.nodes}
     targets = [by_name[n.name] for n in nodes]
     keys = insert_observers(work, targets)
     reference = _FloatReference(graph, nodes, calibration) if "asym" in kinds and sequential else None
     store = StatsStore({k: kinds if reference else tuple(x for x in kinds if x != "asym") for k in keys.values()},
-                       reference=reference and reference.store)
+                       reference=reference and reference.store, holdout=holdout)
     groups: dict[str, list[fx.Node]] = {}
     for node in work.gm.graph.nodes:
         if node in keys:
@@ -152,14 +162,14 @@ def solve_groups(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], k
                 runner.restore(snap)
                 runner.run_to(end)
     else:
-        by_input = input_stats(graph, nodes, calibration, tuple(x for x in kinds if x != "asym"), cache)
+        by_input = input_stats(graph, nodes, calibration, tuple(x for x in kinds if x != "asym"), cache, holdout)
         for block_key_list in block_keys.values():
             solve_block(block_key_list, lambda key: by_input[groups[key][0].name])
 
 
 def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, calibration: list[tuple],
                  kinds: tuple[str, ...], solve: SolveFn, *, sequential: bool, pass_name: str,
-                 progress: bool = False, cache: AnalysisCache | None = None) -> dict[str, Solution]:
+                 progress: bool = False, cache: AnalysisCache | None = None, holdout: int = 0) -> dict[str, Solution]:
     """Solutions keyed by weight target for the linear ``nodes`` of ``graph`` (untouched),
     each layer solved on its own by ``solve``."""
     solutions: dict[str, Solution] = {}
@@ -178,7 +188,7 @@ def solve_layers(graph: Graph, nodes: list[fx.Node], cfg: WeightQuantConfig, cal
         return out
 
     solve_groups(graph, nodes, calibration, kinds, solve_each, sequential=sequential,
-                 pass_name=pass_name, progress=progress, cache=cache)
+                 pass_name=pass_name, progress=progress, cache=cache, holdout=holdout)
     return solutions
 
 

@@ -57,6 +57,12 @@ def layer_grid(cfg: WeightQuantConfig, node: fx.Node, k: int, pass_name: str) ->
     return GroupGrid(cfg.bits, resolve_group(cfg, k, module_path(node), pass_name), cfg.symmetric)
 
 
+def output_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per row of ``delta`` [N, K] (a weight error): ``δ H δᵀ``, the mean squared output error
+    over the inputs whose Hessian is ``H``."""
+    return (delta @ h).mul_(delta).sum(-1)
+
+
 def check_not_quantized(node: fx.Node, pass_name: str) -> None:
     if node.target in QUANTIZED_OPS:
         raise ConfigError(f"{pass_name}: '{module_path(node)}' is already quantized "

@@ -11,7 +11,10 @@ Then (``clip``, AutoAWQ's auto_clip) each layer's per-group clipping range is sh
 steps down to half where that lowers the group's partial output error (not for layers
 feeding attention scores: q/k). Errors are computed exactly over every calibration token
 from the input Hessian ``XᵀX`` (observer kinds ``act`` + ``hessian``), block by block on
-the outputs of already-quantized blocks (``sequential``, see ``_calibrate.py``).
+the outputs of already-quantized blocks (``sequential``, see ``_calibrate.py``). Both searches
+run on the calibration samples but every ``1/holdout``-th (``holdout``): a group keeps its
+scales, and a layer its clipping, only where they also lower the output error on those
+(``held_back`` in the report lists the others).
 
 ``1/s`` reaches the input by folding into the op that produces it where exact, else an
 explicit Mul (``_smooth.py``). Weights read by other ops too (tied embeddings) are not
@@ -26,7 +29,7 @@ from torch import fx
 
 from splice.ir.graph import Graph, attr_users
 from splice.ir.select import module_path, op_kind, select_nodes
-from splice.kernels.instrument.store import LayerStats
+from splice.kernels.instrument.store import LayerStats, holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup, solve_groups
@@ -34,6 +37,7 @@ from splice.passes.quantize._common import (
     QUANT_REPORT,
     WeightQuantConfig,
     layer_grid,
+    output_error,
     quantize_layers,
 )
 from splice.passes.quantize._smooth import input_groups, migrate_scales, tied_group
@@ -53,11 +57,16 @@ class AWQConfig(WeightQuantConfig):
     clip: bool = field(default=True, metadata={"help": "search per-group weight clipping (AutoAWQ auto_clip)"})
     duo_scaling: bool = field(default=False, metadata={"help": "s = mean|x|^α / mean|ŵ|^(1-α) (AutoAWQ's default) instead of mean|x|^α"})
     sequential: bool = field(default=True, metadata={"help": "calibrate block by block on quantized outputs"})
+    holdout: float = field(default=0.125, metadata={
+        "help": "fraction of calibration samples held out: a group keeps its scales, and a layer its clipping, "
+                "only where their output error on them is lower (0: no check)"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.grid < 1:
             raise ValueError(f"grid must be >= 1, got {self.grid}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
 
 
 # ------------------------------------------------------------------------------ search
@@ -73,17 +82,12 @@ def _fake_quant(w: torch.Tensor, grid: GroupGrid) -> torch.Tensor:
     return q.round_().add_(z).clamp_(0, grid.maxq).sub_(z).mul_(s).reshape(n, k)
 
 
-def _output_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per row of ``delta`` [N, K]: ``δ H δᵀ`` = mean squared output error over the inputs."""
-    return (delta @ h).mul_(delta).sum(-1)
-
-
 def search_scale(w: torch.Tensor, x_mean: torch.Tensor, h: torch.Tensor, grid: GroupGrid, steps: int,
                  duo: bool) -> tuple[float | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Best ``(α, s)`` for the (row-concatenated) group weight ``w`` [N, K], and the output
     error per row of round-to-nearest and of the best scaling. ``α`` and ``s`` are None when
     no scaling beats plain round-to-nearest."""
-    rtn = _output_error(_fake_quant(w, grid).sub_(w), h)
+    rtn = output_error(_fake_quant(w, grid).sub_(w), h)
     alpha, best_s, best = None, None, rtn
     if duo:
         n, k = w.shape
@@ -94,7 +98,7 @@ def search_scale(w: torch.Tensor, x_mean: torch.Tensor, h: torch.Tensor, grid: G
         s = x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4) if duo else x_mean.pow(a)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = _output_error(_fake_quant(w * s, grid).div_(s).sub_(w), h)
+        err = output_error(_fake_quant(w * s, grid).div_(s).sub_(w), h)
         if err.sum() < best.sum():
             alpha, best_s, best = a, s, err
     return alpha, best_s, rtn, best
@@ -157,6 +161,7 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
     no_clip = {m.name for m in nodes if not cfg.clip or _feeds_attention_scores(m)}
     solutions: dict[str, Solution] = {}
     scales: dict[str, torch.Tensor] = {}
+    held_back: dict[str, str] = {}  # layer -> "scale" / "clip": not kept, worse on the held-out samples
     layers: dict[str, dict] = {}
 
     def solve_group(members, weights, stats: LayerStats):
@@ -171,7 +176,12 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
                                                  "skipped": "tied weight" if stats.rows else "no calibration rows"}
             return [_dequant(solutions[m.args[1].target], grid) for m in members]
         h = stats.hessian()
-        alpha, s, rtn, scaled = search_scale(torch.cat(weights), stats.abs_mean(), h, grid, cfg.grid, cfg.duo_scaling)
+        h_held = stats.held.hessian() if stats.held is not None and stats.held.rows else None
+        w_all = torch.cat(weights)
+        alpha, s, rtn, scaled = search_scale(w_all, stats.abs_mean(), h, grid, cfg.grid, cfg.duo_scaling)
+        if s is not None and h_held is not None and \
+                not _beats(_fake_quant(w_all * s, grid) / s, _fake_quant(w_all, grid), w_all, h_held):
+            alpha, s, scaled, held_back[module_path(members[0])] = None, None, rtn, "scale"
         if s is None:
             s = torch.ones(k)
         else:
@@ -181,20 +191,26 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
         for node, w in zip(members, weights):
             ws, ratio = w * s, None
             if node.name not in no_clip:
-                ws, ratio = search_clip(ws, h_scaled, grid)
+                clipped, ratio = search_clip(ws, h_scaled, grid)
+                if h_held is None or _beats(_fake_quant(clipped, grid), _fake_quant(ws, grid), ws,
+                                            h_held / torch.outer(s, s)):
+                    ws = clipped
+                else:
+                    ratio, held_back[module_path(node)] = None, "clip"
             scale, zero = grid.params(ws)
             solutions[node.args[1].target] = (grid.quantize(ws, scale, zero), scale, zero)
             out.append(_dequant(solutions[node.args[1].target], grid) / s)
             rows = slice(row, row + w.shape[0])
             row += w.shape[0]
-            ref = float(_output_error(w, h).sum()) or 1.0
+            ref = float(output_error(w, h).sum()) or 1.0
             layers[module_path(node)] = {"alpha": alpha, "clip": None if ratio is None else round(ratio, 4),
                                          "err_rtn": _rel(rtn[rows], ref), "err_scaled": _rel(scaled[rows], ref),
-                                         "err_awq": _rel(_output_error(out[-1] - w, h), ref)}
+                                         "err_awq": _rel(output_error(out[-1] - w, h), ref)}
         return out
 
     solve_groups(graph, nodes, ctx.calibration, ("act", "hessian"), solve_group,
-                 sequential=cfg.sequential, pass_name="quantize.awq", progress=ctx.progress, cache=ctx.cache)
+                 sequential=cfg.sequential, pass_name="quantize.awq", progress=ctx.progress, cache=ctx.cache,
+                 holdout=holdout_every(cfg.holdout))
     leaders = [name for name in by_leader if name in scales]
     sites = migrate_scales(graph, [by_leader[n] for n in leaders], [scales[n] for n in leaders], solutions,
                            tag="awq")
@@ -209,8 +225,14 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
         "mean_err_rtn": _mean([v["err_rtn"] for v in solved]),
         "mean_err_awq": _mean([v["err_awq"] for v in solved]),
         "calibration_samples": len(ctx.calibration),
+        "held_back": held_back,
     })
     return PassResult(graph, True, report)
+
+
+def _beats(candidate: torch.Tensor, baseline: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether quantized ``candidate`` has a lower output error than ``baseline`` (both of ``w``) on inputs of Hessian ``h``."""
+    return bool(output_error(candidate - w, h).sum() < output_error(baseline - w, h).sum())
 
 
 def _dequant(solution: Solution, grid: GroupGrid) -> torch.Tensor:

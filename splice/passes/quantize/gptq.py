@@ -31,11 +31,11 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes
-from splice.kernels.instrument.store import LayerStats
+from splice.kernels.instrument.store import LayerStats, holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup, solve_layers
-from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, output_error, quantize_layers
 
 CLIPS = ("minmax", "mse")
 
@@ -54,6 +54,9 @@ class GPTQConfig(WeightQuantConfig):
     sequential: bool = field(default=True, metadata={"help": "calibrate block by block on quantized outputs"})
     gptaq: bool = field(default=False, metadata={"help": "GPTAQ: fit quantized-model inputs to the float model's outputs"})
     gptaq_alpha: float = field(default=0.25, metadata={"help": "weight of GPTAQ's asymmetry term"})
+    holdout: float = field(default=0.125, metadata={
+        "help": "fraction of calibration samples held out: a layer keeps round-to-nearest where GPTQ's output "
+                "error on them is larger (0: no check)"})
     hessian_mix: float = field(default=0.0, metadata={
         "help": "weight of the float model's inputs in each layer's Hessian (0: the quantized model's only)"})
 
@@ -63,6 +66,8 @@ class GPTQConfig(WeightQuantConfig):
             raise ValueError("gptaq needs sequential=true (the quantized and float inputs only differ then)")
         if not 0 <= self.gptaq_alpha <= 1:
             raise ValueError(f"gptaq_alpha must be in [0, 1], got {self.gptaq_alpha}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if not 0 <= self.hessian_mix <= 1:
             raise ValueError(f"hessian_mix must be in [0, 1], got {self.hessian_mix}")
         if self.hessian_mix and not self.sequential:
@@ -134,6 +139,11 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
     return codes, scale.float(), zero, retries
 
 
+def held_error(w: torch.Tensor, solution, grid: GroupGrid, h: torch.Tensor) -> torch.Tensor:
+    """Output error ``Σ δ H δᵀ`` of a solution ``(codes, scale, zero)`` of ``w`` on inputs of Hessian ``h``."""
+    return output_error(grid.dequantize(*solution).double() - w.double(), h.double()).sum()
+
+
 def layer_damp(stats: LayerStats, cfg: GPTQConfig) -> float:
     """The damping of one layer: ``cfg.damp``, or with ``damp_auto`` the Ledoit–Wolf shrinkage
     ``ρ`` of its Hessian as a damping (``(1−ρ)S + ρμI ∝ S + ρ/(1−ρ) μI``) when larger, at most 1."""
@@ -150,11 +160,15 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
              if n.target == torch.ops.aten.linear.default]
     damped: dict[str, int] = {}
     damps: dict[str, float] = {}
+    kept_rtn: dict[str, float] = {}
+
+    def nearest(w, grid):
+        scale, zero = grid_params(grid, w, cfg.clip)
+        return grid.quantize(w, scale, zero), scale, zero
 
     def solve(node, w, stats: LayerStats, grid):
         if stats.rows == 0:
-            scale, zero = grid_params(grid, w, cfg.clip)
-            return grid.quantize(w, scale, zero), scale, zero
+            return nearest(w, grid)
         asym = stats.asymmetry() if cfg.gptaq else None
         damp = layer_damp(stats, cfg)
         h = stats.hessian()
@@ -164,16 +178,24 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
         damps[module_path(node)] = round(damp * 10 ** retries, 5)
         if retries:
             damped[module_path(node)] = retries
+        if stats.held is not None and stats.held.rows:  # GPTQ vs round-to-nearest on unseen samples
+            rtn = nearest(w, grid)
+            h_held = stats.held.hessian()
+            ratio = float(held_error(w, (codes, scale, zero), grid, h_held) / held_error(w, rtn, grid, h_held))
+            if ratio > 1:
+                kept_rtn[module_path(node)] = round(ratio, 4)
+                return rtn
         return codes, scale, zero
 
     kinds = ("hessian", "asym") if cfg.gptaq or cfg.hessian_mix else ("hessian",)
     solutions = solve_layers(graph, nodes, cfg, ctx.calibration, kinds, solve,
                              sequential=cfg.sequential, pass_name="quantize.gptq", progress=ctx.progress,
-                             cache=ctx.cache)
+                             cache=ctx.cache, holdout=holdout_every(cfg.holdout))
 
     report = quantize_layers(graph, cfg, "quantize.gptq", solution_lookup(solutions))
     report["damped_layers"] = damped
     report["damp"] = damps
     report["damp_mean"] = round(sum(damps.values()) / len(damps), 5) if damps else None
+    report["kept_rtn"] = kept_rtn  # layer -> GPTQ's held-out error / round-to-nearest's
     report["calibration_samples"] = len(ctx.calibration)
     return PassResult(graph, True, report)
