@@ -50,7 +50,8 @@ class GPTQConfig(WeightQuantConfig):
     clip: str = field(default="mse", metadata={"help": "group ranges: minmax, or mse (clipped by up to 20% where "
                                                          "that lowers the group's error)"})
     block_size: int = field(default=128, metadata={"help": "columns per lazy update block"})
-    act_order: bool = field(default=False, metadata={"help": "quantize columns by decreasing diag(H)"})
+    act_order: bool = field(default=True, metadata={
+        "help": "quantize columns by decreasing diag(H), groups' grids fixed up front (static groups)"})
     sequential: bool = field(default=True, metadata={"help": "calibrate block by block on quantized outputs"})
     gptaq: bool = field(default=False, metadata={"help": "GPTAQ: fit quantized-model inputs to the float model's outputs"})
     gptaq_alpha: float = field(default=0.25, metadata={"help": "weight of GPTAQ's asymmetry term"})
