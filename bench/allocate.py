@@ -1,7 +1,8 @@
 """Mixed precision and non-uniform grids on SmolLM2-135M-Instruct, against uniform RTN.
 
-In one run (the settings of ``bench/quantize.py``: fp32 capture; calibration on pydoc, 16 x 256
-tokens; strided perplexity on the GPL-3, windows of 512): uniform RTN at 3 and 4 bits (group 64,
+In one run (the settings of ``bench/quantize.py``: fp32 capture; calibration on the first 80 % of
+Python's help topics, sized as ``splice run`` sizes it; strided perplexity, windows of 512, on
+four domains: the help topics' held-out part, licence, prose and code): uniform RTN at 3 and 4 bits (group 64,
 symmetric), ``quantize.allocate`` at an average of 3.5 code bits (candidates 2,3,4,8; RTN, group
 64; Fisher-weighted output-error sensitivity), and ``quantize.nonuniform`` at 3 bits with power
 grids (group 64) and per-channel k-means codebooks, both sensitivity-weighted by the calibration
@@ -11,7 +12,7 @@ peaks at while built, in a fresh process), and ORT
 latency for batch 1 x 1 token (interleaved rounds). Writes JSON and the generated section of
 ``docs/bench_allocate.md``.
 
-    python bench/allocate.py --max-tokens 2048          # the documented run (shared, loaded 2-core machine)
+    python bench/allocate.py                            # at most 8,192 tokens a domain
     python bench/allocate.py --render-only
 """
 from __future__ import annotations

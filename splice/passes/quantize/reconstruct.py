@@ -14,6 +14,9 @@ in step to give the targets (as ``_calibrate.py``'s sequential mode):
 * ``window=w`` (CBQ's cross-block dependency): blocks ``b..b+w−1`` train together, then block
   ``b`` is fixed and the window slides by one, so each block is tuned with the next in view.
 
+Every ``1/holdout``-th calibration sample is not trained on: a window whose loss on those did
+not fall is put back (``block_loss_before_after`` reports those losses).
+
 ``bias_correction`` (AdaQuant; Nagel et al. https://arxiv.org/abs/1906.04721): once a block
 is fixed, each of its linears in order gets ``bias += mean(y_float − y_q)`` over the
 calibration tokens (a bias is added where the layer had none). Weights other ops also read
@@ -30,6 +33,7 @@ from torch import fx
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
 from splice.ir.select import module_path
+from splice.kernels.instrument.store import holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
@@ -48,6 +52,9 @@ class ReconstructConfig(WeightQuantConfig):
     steps: int = field(default=50, metadata={"help": "optimizer steps per window"})
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of the rounding offsets (grid steps); scales use lr/10"})
     bias_correction: bool = field(default=True, metadata={"help": "correct each fixed layer's mean output error with its bias"})
+    holdout: float = field(default=0.125, metadata={
+        "help": "fraction of calibration samples not trained on: a window is kept only if its loss on them fell (0: "
+                "judged on the training samples)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +64,8 @@ class ReconstructConfig(WeightQuantConfig):
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
 
 
 class _Layer:
@@ -87,8 +96,9 @@ class _Layer:
 
 def _train(runner: SegmentRunner, end: int, read: list[int], targets: list[list[torch.Tensor]],
            layers: dict[str, _Layer], cfg: ReconstructConfig) -> tuple[float, float]:
-    """Adam (cosine-annealed) on the window's offsets and scales; returns the mean calibration
-    loss before and after. A window that ends worse than it started is put back."""
+    """Adam (cosine-annealed) on the window's offsets and scales, over the samples not held out
+    (``cfg.holdout``); returns the mean loss before and after on the held-out samples (on the
+    others when none are). A window that ends worse there than it started is put back."""
     tensors = [t for x in layers.values() for t in (x.offset, x.log_scale)]
     start = [t.detach().clone() for t in tensors]
     opt = torch.optim.Adam([{"params": tensors[0::2], "lr": cfg.lr}, {"params": tensors[1::2], "lr": cfg.lr / 10}])
@@ -97,14 +107,18 @@ def _train(runner: SegmentRunner, end: int, read: list[int], targets: list[list[
     def loss_of(sample: int) -> torch.Tensor:
         return mse_loss(runner.replay(sample, end, read, {t: x.weight() for t, x in layers.items()}), targets[sample])
 
+    every = holdout_every(cfg.holdout)
+    held = [j for j in range(len(targets)) if every and j % every == every - 1]
+    fit = [j for j in range(len(targets)) if j not in held]
+
     def mean_loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_of(j)) for j in range(len(targets))) / len(targets)
+            return sum(float(loss_of(j)) for j in held or fit) / len(held or fit)
 
     first = mean_loss()
     for step in range(cfg.steps):
         opt.zero_grad()
-        loss_of(step % len(targets)).backward()
+        loss_of(fit[step % len(fit)]).backward()
         opt.step()
         schedule.step()
     last = mean_loss()

@@ -9,7 +9,7 @@ from splice.kernels.instrument.store import StatsStore
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.instrument.observe import insert_observers
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
-from zoo_graphs import calibration, captured
+from zoo_graphs import calibration, captured, unlike_samples
 
 
 _calib = calibration
@@ -205,18 +205,11 @@ def test_hessian_mix_blends_the_float_models_inputs():
         g.apply("quantize.gptq:hessian_mix=0.5,sequential=false", calibration=calib)
 
 
-def _unlike_samples(zm, g):
-    """16 samples: every 8th (the held-out ones) random tokens, the rest one token repeated."""
-    rand = _calib(zm, g, n=8, seq=32, seed=3)
-    const = [(torch.full_like(s[0], 7), *s[1:]) for s in rand]
-    return [rand[i % 8] if i % 8 == 7 else const[i % 8] for i in range(16)]
-
-
 @pytest.mark.parametrize("spec, key", [("quantize.gptq:bits=3", "kept_rtn"), ("quantize.awq:bits=3", "held_back")])
 def test_held_out_samples_overrule_a_fit_to_unlike_samples(spec, key):
     zm, g = captured("llama")
-    fit_to_one_token = g.apply(spec, calibration=_unlike_samples(zm, g)).history[-1]["report"][key]
+    fit_to_one_token = g.apply(spec, calibration=unlike_samples(zm, g)).history[-1]["report"][key]
     assert len(fit_to_one_token) >= 10  # layers whose fit loses to round-to-nearest on the random samples
-    assert not g.apply(f"{spec},holdout=0", calibration=_unlike_samples(zm, g)).history[-1]["report"][key]
+    assert not g.apply(f"{spec},holdout=0", calibration=unlike_samples(zm, g)).history[-1]["report"][key]
     alike = g.apply(spec, calibration=_calib(zm, g, n=16, seq=32)).history[-1]["report"][key]
     assert len(alike) <= 2  # samples like the fit's: the fit stands (nearly) everywhere

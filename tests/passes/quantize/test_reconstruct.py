@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import splice
-from zoo_graphs import calibration, captured
+from zoo_graphs import calibration, captured, unlike_samples
 
 
 _calib = calibration
@@ -49,6 +49,17 @@ def test_bias_correction_zeroes_the_mean_output_error():
     err = torch.cat([g.run(*c)[g.output_names[0]] - q.run(*c)[g.output_names[0]] for c in calib])
     assert err.mean(0).abs().max() < 1e-5 < err.abs().max()
     assert q.history[-1]["report"]["bias_corrected_layers"] == 2
+
+
+def test_windows_that_do_not_carry_to_held_out_samples_are_put_back():
+    zm, g = captured("llama")
+    spec = "quantize.reconstruct:bits=3,group_size=16,steps=20,bias_correction=false"
+    # trained on one repeated token, judged on the held-out random ones
+    held = g.apply(spec, calibration=unlike_samples(zm, g)).history[-1]["report"]["block_loss_before_after"]
+    assert all(after <= before for before, after in held.values())
+    assert any(after == before for before, after in held.values())  # put back
+    judged_on_fit = g.apply(f"{spec},holdout=0", calibration=unlike_samples(zm, g)).history[-1]["report"]
+    assert all(after < before for before, after in judged_on_fit["block_loss_before_after"].values())
 
 
 def test_bad_options():  # without calibration: tests/passes/test_needs_calibration.py
