@@ -81,3 +81,10 @@ class Distiller:
     def mean_loss(self, weights: Callable[[], dict[str, torch.Tensor]]) -> float:
         with torch.no_grad():
             return sum(float(self.loss(j, weights())) for j in range(len(self.targets))) / len(self.targets)
+
+
+def split_holdout(samples: list, holdout: float) -> tuple[list, list]:
+    """(training, held-out) samples: the last ``holdout`` fraction is held out (with windows drawn
+    in text order, the end of the text), at least one sample stays for training."""
+    held = min(int(holdout * len(samples)), len(samples) - 1)
+    return samples[:len(samples) - held], samples[len(samples) - held:]

@@ -49,7 +49,7 @@ from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
 from splice.passes.quantize._common import (QUANT_REPORT, WeightQuantConfig, check_not_quantized, layer_grid,
                                               quantize_layers, stored_solution)
-from splice.passes.quantize._finetune import Distiller, trainable_layers
+from splice.passes.quantize._finetune import Distiller, split_holdout, trainable_layers
 from splice.passes.quantize.gptq import GPTQConfig, gptq
 from splice.passes.quantize.rtn import RTNConfig, rtn
 
@@ -290,13 +290,6 @@ class _PVTuner:
         return report
 
 
-def _split(samples: list, holdout: float) -> tuple[list, list]:
-    """(training, held-out) samples: the last ``holdout`` fraction is held out, at least one
-    sample stays for training."""
-    held = min(int(holdout * len(samples)), len(samples) - 1)
-    return samples[:len(samples) - held], samples[len(samples) - held:]
-
-
 def _moved(layers: dict[str, _Layer], steps: dict[str, torch.Tensor], mask: torch.Tensor,
            length: float) -> dict[str, torch.Tensor]:
     """Every layer's codes after a step of ``length`` × ``steps`` inside the flat ``mask``
@@ -319,7 +312,7 @@ def pvtune(graph: Graph, cfg: PVTuneConfig, ctx: PassContext) -> PassResult:
     start = _start(graph, cfg, ctx, nodes)
     layers = {t: _Layer(*start[t]) for t in trainable}
     work, fixed = _untied(graph, nodes, trainable, start)
-    train, held_out = _split(ctx.calibration, cfg.holdout)
+    train, held_out = split_holdout(ctx.calibration, cfg.holdout)
     judge = Distiller(work, held_out) if held_out else None
     history = _PVTuner(layers, fixed, Distiller(work, train), judge, cfg).run()
     solutions = {t: solution for t, (solution, _) in start.items()} | {t: x.solution() for t, x in layers.items()}

@@ -32,6 +32,15 @@ def test_discquant_beats_round_to_nearest_with_neighbouring_codes():
     assert not torch.equal(a[target + ".qweight"], b[target + ".qweight"])
 
 
+def test_held_out_samples_decide_between_the_rounding_and_round_to_nearest():
+    zm, g = captured("llama")
+    q = g.apply("quantize.discquant:bits=3,group_size=16,steps=8", calibration=_calib(zm, g, n=8))
+    ours, nearest = q.history[-1]["report"]["held_out_kl_discquant_rtn"]  # KL on the last 2 samples
+    rtn = g.apply("quantize.rtn:bits=3,group_size=16")
+    same = all(torch.equal(a, b) for a, b in zip(q.tensors().values(), rtn.tensors().values()))
+    assert same == (ours >= nearest)
+
+
 def test_bad_options():  # without calibration: tests/passes/test_needs_calibration.py
     zm, g = captured("llama")
     with pytest.raises(splice.SpliceError, match="lr must be > 0 and reg >= 0"):
