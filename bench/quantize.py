@@ -143,6 +143,7 @@ def main(argv=None) -> int:
         doc_path = ROOT / doc_path
     if args.render_only:
         result = json.loads(out_path.read_text())
+        result["targets"] = targets(result["rows"])
         write_doc(result, doc_path)
         print(render(result))
         return 0

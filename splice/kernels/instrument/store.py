@@ -48,8 +48,8 @@ class LayerStats:
         return 2 * self.xtx / max(self.rows, 1)
 
     def shrinkage(self) -> float:
-        """Ledoit–Wolf's intensity ``ρ`` for the second moment ``S = XᵀX/n`` (https://doi.org/10.1016/S0047-259X(03)00096-4):
-        ``(1 − ρ) S + ρ (tr S / K) I`` estimates the input's true second moment best from ``n`` rows;
+        """Ledoit–Wolf's intensity ``ρ`` for the second moment ``S = XᵀX/n``
+        (https://doi.org/10.1016/S0047-259X(03)00096-4): ``(1 − ρ) S + ρ (tr S / K) I`` estimates the input's true second moment best from ``n`` rows;
         ρ grows as the rows get fewer or noisier (0 when they determine ``S``)."""
         n = max(self.rows, 1)
         s = self.xtx.double() / n

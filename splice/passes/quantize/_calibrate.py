@@ -36,7 +36,8 @@ Solution = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # (layers reading one input tensor, their float weights, that input's statistics)
 #   -> the float weights the rest of calibration should see (e.g. dequantized), one per layer
 GroupSolveFn = Callable[[list[fx.Node], list[torch.Tensor], LayerStats], list[torch.Tensor]]
-CACHED = {"hessian": ("xtx", "norm4"), "act": ("abs_sum", "abs_max")}  # kinds input_stats caches: their LayerStats fields
+# the kinds input_stats caches: their LayerStats fields
+CACHED = {"hessian": ("xtx", "norm4"), "act": ("abs_sum", "abs_max")}
 
 
 class _FloatReference:

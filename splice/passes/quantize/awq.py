@@ -231,7 +231,8 @@ def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
 
 
 def _beats(candidate: torch.Tensor, baseline: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> bool:
-    """Whether quantized ``candidate`` has a lower output error than ``baseline`` (both of ``w``) on inputs of Hessian ``h``."""
+    """Whether quantized ``candidate`` has a lower output error than ``baseline`` (both of ``w``)
+    on inputs of Hessian ``h``."""
     return bool(output_error(candidate - w, h).sum() < output_error(baseline - w, h).sum())
 
 

@@ -44,7 +44,8 @@ CLIPS = ("minmax", "mse")
 class GPTQConfig(WeightQuantConfig):
     """GPTQ: Hessian-aware error-compensating weight quantization (needs calibration)."""
 
-    damp: float = field(default=0.01, metadata={"help": "dampening, fraction of mean diag(H) (the least, with damp_auto)"})
+    damp: float = field(default=0.01, metadata={
+        "help": "dampening, fraction of mean diag(H) (the least, with damp_auto)"})
     damp_auto: bool = field(default=True, metadata={
         "help": "per layer, damp by the Ledoit-Wolf shrinkage of its Hessian when that is larger"})
     clip: str = field(default="mse", metadata={"help": "group ranges: minmax, or mse (clipped by up to 20% where "
