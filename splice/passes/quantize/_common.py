@@ -57,6 +57,19 @@ def layer_grid(cfg: WeightQuantConfig, node: fx.Node, k: int, pass_name: str) ->
     return GroupGrid(cfg.bits, resolve_group(cfg, k, module_path(node), pass_name), cfg.symmetric)
 
 
+def pinning(**old_defaults):
+    """A ``migrate`` hook for a pass whose version 2 added options (with new defaults) to its
+    version 1: a version-1 entry gets the options' values that reproduce what it ran."""
+
+    def migrate(entry: dict) -> dict:
+        if entry.get("version") == 1:
+            entry["config"] = {**old_defaults, **(entry.get("config") or {})}
+            entry["version"] = 2
+        return entry
+
+    return migrate
+
+
 def output_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per row of ``delta`` [N, K] (a weight error): ``δ H δᵀ``, the mean squared output error
     over the inputs whose Hessian is ``H``."""

@@ -38,6 +38,7 @@ from splice.passes.quantize._common import (
     WeightQuantConfig,
     layer_grid,
     output_error,
+    pinning,
     quantize_layers,
 )
 from splice.passes.quantize._smooth import input_groups, migrate_scales, tied_group
@@ -150,7 +151,8 @@ def _feeds_attention_scores(node: fx.Node, depth: int = 16) -> bool:
 
 
 @register_pass("quantize.awq", AWQConfig, reference="https://arxiv.org/abs/2306.00978", needs_calibration=True,
-               report_fields={**QUANT_REPORT, "mean_err_awq": "mean AWQ output error"})
+               report_fields={**QUANT_REPORT, "mean_err_awq": "mean AWQ output error"}, version=2,
+               migrate=pinning(holdout=0.0))
 def awq(graph: Graph, cfg: AWQConfig, ctx: PassContext) -> PassResult:
     nodes = [n for n in select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), "quantize.awq")
              if n.target == aten.linear.default]

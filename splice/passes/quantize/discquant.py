@@ -29,7 +29,7 @@ import torch
 from splice.ir.graph import Graph
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup
-from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, pinning, quantize_layers
 from splice.passes.quantize._finetune import Distiller, split_holdout, trainable_layers
 
 PASS = "quantize.discquant"
@@ -85,7 +85,7 @@ class _Rounding:
 
 
 @register_pass(PASS, DiscQuantConfig, reference="https://arxiv.org/abs/2409.19246", needs_calibration=True,
-               report_fields=QUANT_REPORT)
+               report_fields=QUANT_REPORT, version=2, migrate=pinning(holdout=0.0))
 def discquant(graph: Graph, cfg: DiscQuantConfig, ctx: PassContext) -> PassResult:
     _, weights = trainable_layers(graph, cfg, PASS)
     layers = {t: _Rounding(w, grid) for t, (w, grid) in weights.items()}

@@ -35,7 +35,8 @@ from splice.kernels.instrument.store import LayerStats, holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import solution_lookup, solve_layers
-from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, output_error, quantize_layers
+from splice.passes.quantize._common import (QUANT_REPORT, WeightQuantConfig, output_error, pinning,
+                                            quantize_layers)
 
 CLIPS = ("minmax", "mse")
 
@@ -156,7 +157,8 @@ def layer_damp(stats: LayerStats, cfg: GPTQConfig) -> float:
 
 
 @register_pass("quantize.gptq", GPTQConfig, reference="https://arxiv.org/abs/2210.17323", needs_calibration=True,
-               report_fields={**QUANT_REPORT, "damp_mean": "mean damping"})
+               report_fields={**QUANT_REPORT, "damp_mean": "mean damping"}, version=2,
+               migrate=pinning(damp_auto=False, clip="minmax", holdout=0.0, hessian_mix=0.0))
 def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
     nodes = [n for n in select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), "quantize.gptq")
              if n.target == torch.ops.aten.linear.default]

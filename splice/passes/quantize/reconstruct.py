@@ -37,7 +37,7 @@ from splice.kernels.instrument.store import holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
-from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, quantize_layers
+from splice.passes.quantize._common import QUANT_REPORT, WeightQuantConfig, pinning, quantize_layers
 from splice.passes.quantize._finetune import mse_loss, ste_round, trainable_layers
 
 PASS = "quantize.reconstruct"
@@ -167,7 +167,7 @@ def _correct_biases(work: Graph, runner: SegmentRunner, ref: SegmentRunner, memb
 
 
 @register_pass(PASS, ReconstructConfig, reference="https://arxiv.org/abs/2312.07950", needs_calibration=True,
-               report_fields=QUANT_REPORT)
+               report_fields=QUANT_REPORT, version=2, migrate=pinning(holdout=0.0))
 def reconstruct(graph: Graph, cfg: ReconstructConfig, ctx: PassContext) -> PassResult:
     nodes, weights = trainable_layers(graph, cfg, PASS)
     # float twins of one structure: work's weights get quantized block by block, ref stays float

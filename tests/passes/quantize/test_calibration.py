@@ -213,3 +213,16 @@ def test_held_out_samples_overrule_a_fit_to_unlike_samples(spec, key):
     assert not g.apply(f"{spec},holdout=0", calibration=unlike_samples(zm, g)).history[-1]["report"][key]
     alike = g.apply(spec, calibration=_calib(zm, g, n=16, seq=32)).history[-1]["report"][key]
     assert len(alike) <= 2  # samples like the fit's: the fit stands (nearly) everywhere
+
+
+def test_version_1_entries_keep_what_they_ran():
+    from splice.passes.base import get_pass, migrate_entry
+
+    old = {"pass": "quantize.gptq", "version": 1, "config": {"bits": 3, "act_order": False}}
+    new = migrate_entry(get_pass("quantize.gptq"), old)
+    assert new["version"] == 2 and new["config"] == {"bits": 3, "act_order": False, "damp_auto": False,
+                                                     "clip": "minmax", "holdout": 0.0, "hessian_mix": 0.0}
+    for name in ("quantize.awq", "quantize.reconstruct", "quantize.discquant"):
+        entry = migrate_entry(get_pass(name), {"pass": name, "version": 1, "config": {"holdout": 0.5}})
+        assert entry["version"] == 2 and entry["config"] == {"holdout": 0.5}  # an explicit value stays
+        assert migrate_entry(get_pass(name), {"pass": name, "version": 1, "config": {}})["config"] == {"holdout": 0.0}
