@@ -40,7 +40,7 @@ def _setup(name: str) -> list[str]:
 
 
 def _calibration(zm, graph):
-    kw = zm.make_inputs(2, 16, seed=1)
+    kw = zm.make_inputs(2, 64, seed=1)  # 128 tokens: one per input feature of the widest layer
     return [tuple(kw[n] for n in graph.input_names)]
 
 
