@@ -77,8 +77,12 @@ def _exit_at_once(signum, frame) -> None:
     os._exit(INTERRUPTED)
 
 
+_INTERRUPTED: list[bool] = []  # set once Ctrl-C arrived: a library may turn its KeyboardInterrupt into an error
+
+
 def _on_interrupt(signum, frame) -> None:
     signal.signal(signal.SIGINT, _exit_at_once)
+    _INTERRUPTED.append(True)
     raise KeyboardInterrupt
 
 
@@ -107,7 +111,25 @@ def _warning_printer(stream, debug: bool):
     return show
 
 
+def _failed(e: Exception) -> int:
+    """Report a command's error in one line; its exit code (2 usage, 1 otherwise)."""
+    if isinstance(e, UsageError):
+        error(e)
+        return 2
+    if isinstance(e, SpliceError):
+        error(e)
+        return 1
+    if isinstance(e, OSError):  # FileNotFoundError, PermissionError, disk full …
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        error(f"{where}{e.strerror or e}")
+        return 1
+    print(f"{PROG}: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _INTERRUPTED.clear()
     previous = _catch_interrupts()
     debug = False
     try:
@@ -126,33 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args, UI(debug))
     except SystemExit as e:  # a nested parser (demo) exiting
         return _exit_code(e, 1)
-    except UsageError as e:
+    except (Exception, KeyboardInterrupt) as e:
         if debug:
             raise
-        error(e)
-        return 2
-    except SpliceError as e:
-        if debug:
-            raise
-        error(e)
-        return 1
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return INTERRUPTED
-    except OSError as e:  # FileNotFoundError, PermissionError, disk full …
-        if debug:
-            raise
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        error(f"{where}{e.strerror or e}")
-        return 1
-    except Exception as e:
-        if debug:
-            raise
-        print(f"{PROG}: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        if isinstance(e, KeyboardInterrupt) or _INTERRUPTED:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return INTERRUPTED
+        return _failed(e)
     finally:
         progress.configure()
         if previous is not None:
