@@ -49,8 +49,9 @@ class LayerStats:
 
     def shrinkage(self) -> float:
         """Ledoit–Wolf's intensity ``ρ`` for the second moment ``S = XᵀX/n``
-        (https://doi.org/10.1016/S0047-259X(03)00096-4): ``(1 − ρ) S + ρ (tr S / K) I`` estimates the input's true second moment best from ``n`` rows;
-        ρ grows as the rows get fewer or noisier (0 when they determine ``S``)."""
+        (https://doi.org/10.1016/S0047-259X(03)00096-4): ``(1 − ρ) S + ρ (tr S / K) I`` estimates
+        the input's true second moment best from ``n`` rows; ρ grows as the rows get fewer or
+        noisier (0 when they determine ``S``)."""
         n = max(self.rows, 1)
         s = self.xtx.double() / n
         mu = float(torch.diagonal(s).mean())
@@ -100,7 +101,7 @@ class StatsStore:
             return
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         s = self.stats.setdefault(key, LayerStats())
-        if self.holdout and _SAMPLE[-1] % self.holdout == self.holdout - 1:
+        if held_out(_SAMPLE[-1], self.holdout):
             s.held = s.held or LayerStats()
             s = s.held
         s.rows += rows.shape[0]
@@ -133,6 +134,11 @@ class StatsStore:
 def holdout_every(fraction: float) -> int:
     """``StatsStore.holdout`` for holding out about ``fraction`` of the samples (0: none)."""
     return round(1 / fraction) if fraction > 0 else 0
+
+
+def held_out(sample: int, every: int) -> bool:
+    """Whether calibration sample ``sample`` is held out when every ``every``-th is (0: none)."""
+    return bool(every) and sample % every == every - 1
 
 
 @contextlib.contextmanager

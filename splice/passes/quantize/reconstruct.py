@@ -33,7 +33,7 @@ from torch import fx
 from splice.ir.graph import Graph, set_attr
 from splice.ir.segments import SegmentRunner, block_end, blocks
 from splice.ir.select import module_path
-from splice.kernels.instrument.store import holdout_every
+from splice.kernels.instrument.store import held_out, holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.quantize._calibrate import Solution, solution_lookup
@@ -108,7 +108,7 @@ def _train(runner: SegmentRunner, end: int, read: list[int], targets: list[list[
         return mse_loss(runner.replay(sample, end, read, {t: x.weight() for t, x in layers.items()}), targets[sample])
 
     every = holdout_every(cfg.holdout)
-    held = [j for j in range(len(targets)) if every and j % every == every - 1]
+    held = [j for j in range(len(targets)) if held_out(j, every)]
     fit = [j for j in range(len(targets)) if j not in held]
 
     def mean_loss() -> float:
