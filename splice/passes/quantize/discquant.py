@@ -53,6 +53,8 @@ class DiscQuantConfig(WeightQuantConfig):
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0 or self.reg < 0:
             raise ValueError(f"lr must be > 0 and reg >= 0, got lr={self.lr}, reg={self.reg}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
 
 
 class _Rounding:

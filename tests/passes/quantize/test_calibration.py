@@ -226,3 +226,17 @@ def test_version_1_entries_keep_what_they_ran():
         entry = migrate_entry(get_pass(name), {"pass": name, "version": 1, "config": {"holdout": 0.5}})
         assert entry["version"] == 2 and entry["config"] == {"holdout": 0.5}  # an explicit value stays
         assert migrate_entry(get_pass(name), {"pass": name, "version": 1, "config": {}})["config"] == {"holdout": 0.0}
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("quantize.gptq:clip=max", "clip must be one of minmax, mse"),
+    ("quantize.gptq:holdout=1", "holdout must be in [0, 1)"),
+    ("quantize.gptq:hessian_mix=2", "hessian_mix must be in [0, 1]"),
+    ("quantize.awq:holdout=-0.1", "holdout must be in [0, 1)"),
+    ("quantize.reconstruct:holdout=1.5", "holdout must be in [0, 1)"),
+    ("quantize.discquant:holdout=1", "holdout must be in [0, 1)"),
+])
+def test_new_options_reject_bad_values_in_one_line(spec, needle):
+    with pytest.raises(splice.SpliceError) as e:
+        splice.Pipeline([spec])
+    assert spec.split(":")[0] in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
