@@ -30,16 +30,25 @@ class GroupGrid:
     def params(self, w: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Min/max scales and zero points, each ``[N, K // group_size]`` (zeros as int32); ``shrink``
         scales each group's range (clipping its extremes)."""
+        return self._shrunk(self._extremes(self._groups(w)), shrink)
+
+    def _groups(self, w: torch.Tensor) -> torch.Tensor:
         n, k = w.shape
-        g = w.float().reshape(n, k // self.group_size, self.group_size)
+        return w.float().reshape(n, k // self.group_size, self.group_size)
+
+    def _extremes(self, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per group: the largest-magnitude weight (symmetric), or the range's ends clamped to include 0."""
+        if self.symmetric:
+            return (g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1),)
+        return g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+
+    def _shrunk(self, extremes: tuple[torch.Tensor, ...], shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.symmetric:  # the largest-magnitude weight maps exactly to code 0 (as ORT's quantizer):
             half = (self.maxq + 1) // 2  # signed scale, so the full range -2^(b-1)..2^(b-1)-1 is used
-            extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)
-            scale = shrink * extreme / -half
+            scale = shrink * extremes[0] / -half
             zero = torch.full_like(scale, half, dtype=torch.int32)
         else:
-            lo = shrink * g.amin(-1).clamp(max=0)
-            hi = shrink * g.amax(-1).clamp(min=0)
+            lo, hi = shrink * extremes[0], shrink * extremes[1]
             scale = (hi - lo) / self.maxq
             zero = torch.round(-lo / torch.where(scale > 0, scale, 1)).clamp(0, self.maxq).to(torch.int32)
         scale = torch.where(scale != 0, scale, torch.ones_like(scale))
@@ -48,13 +57,13 @@ class GroupGrid:
     def mse_params(self, w: torch.Tensor, shrinks=MSE_SHRINKS, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the ``params(w, shrink)`` of the ``shrinks`` that minimize ``Σ|w − q(w)|^norm``
         (the MSE observer of llm-compressor and AutoGPTQ: ranges clipped by up to 20 %)."""
-        n, k = w.shape
-        g = w.float().reshape(n, k // self.group_size, self.group_size)
+        g = self._groups(w)
+        extremes = self._extremes(g)
         best = None
         for shrink in shrinks:
-            scale, zero = self.params(w, shrink)
+            scale, zero = self._shrunk(extremes, shrink)
             codes = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, self.maxq)
-            err = (g - (codes - zero[..., None]) * scale[..., None]).abs().pow(norm).sum(-1)
+            err = (g - (codes - zero[..., None]) * scale[..., None]).abs_().pow_(norm).sum(-1)
             if best is None:
                 best = [err, scale, zero]
                 continue

@@ -102,28 +102,36 @@ def grid_params(grid: GroupGrid, w: torch.Tensor, clip: str) -> tuple[torch.Tens
 
 
 def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfig, dxtx: torch.Tensor | None = None,
-               damp: float | None = None):
+               damp: float | None = None, static: tuple[torch.Tensor, torch.Tensor] | None = None):
     """GPTQ on one weight ``[N, K]`` with Hessian ``[K, K]`` (and GPTAQ's ``ΔXᵀX̃`` on the same
-    scale, if given), damped by ``damp`` (default ``cfg.damp``); returns codes, scale, zero, retries."""
-    w = w.clone().double()
+    scale, if given), damped by ``damp`` (default ``cfg.damp``); ``static`` is the layer's grid
+    ``(scale, zero)`` if already computed. Returns codes, scale, zero, retries.
+
+    The Hessian is factored in float64, the column loop runs in float32 (as the reference code)."""
+    scale, zero = static if static is not None else grid_params(grid, w.float(), cfg.clip)
+    scale = scale.clone()  # static per-group grids (the layout needs contiguous groups) ...
+    zero = zero.clone()  # ... or, without act-order, filled in group by group below
+    w = w.clone().float()
     h = h.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    dxtx = torch.zeros_like(h) if dxtx is None else dxtx.double().clone()
-    dxtx[:, dead] = 0
-    scale, zero = grid_params(grid, w.float(), cfg.clip)  # static per-group grids (layout needs contiguous groups)
-    scale, zero = scale.double(), zero
     n, k = w.shape
     perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
-    w, h, dxtx = w[:, perm], h[perm][:, perm], dxtx[perm][:, perm]
+    w, h = w[:, perm], h[perm][:, perm]
     hinv, retries = inverse_hessian_cholesky(h, cfg.damp if damp is None else damp)
-    p = cfg.gptaq_alpha * (dxtx @ hinv.T).triu_(diagonal=1) @ hinv
+    p = None
+    if dxtx is not None:
+        dxtx = dxtx.double().clone()
+        dxtx[:, dead] = 0
+        dxtx = dxtx[perm][:, perm]
+        p = (cfg.gptaq_alpha * (dxtx @ hinv.T).triu_(diagonal=1) @ hinv).float()
+    hinv = hinv.float()
     codes = torch.zeros(n, k, dtype=torch.int32)
     dynamic_groups = not cfg.act_order
     for i1 in range(0, k, cfg.block_size):
         i2 = min(i1 + cfg.block_size, k)
-        w1, err1, hinv1, p1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype), hinv[i1:i2, i1:i2], p[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // grid.group_size
@@ -131,15 +139,18 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
                 cols = w1[:, i:i + grid.group_size]
                 if cols.shape[1] < grid.group_size:  # the group runs past this lazy block
                     cols = torch.cat([cols, w[:, i2:i2 + grid.group_size - cols.shape[1]]], 1)
-                s, z = grid_params(GroupGrid(grid.bits, cols.shape[1], grid.symmetric), cols.float(), cfg.clip)
-                scale[:, g], zero[:, g] = s[:, 0].double(), z[:, 0]
+                s, z = grid_params(GroupGrid(grid.bits, cols.shape[1], grid.symmetric), cols, cfg.clip)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             q = torch.clamp(torch.round(w1[:, i] / scale[:, g]) + zero[:, g], 0, grid.maxq)
             codes[:, col] = q.to(torch.int32)
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0) - w1[:, i:i + 1] * p1[i, i:].unsqueeze(0)
+            if p is None:
+                w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+            else:
+                w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0) - w1[:, i:i + 1] * p[i1 + i, i1 + i:i2].unsqueeze(0)
             err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:] - w1 @ p[i1:i2, i2:]
-    return codes, scale.float(), zero, retries
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:] - (0 if p is None else w1 @ p[i1:i2, i2:])
+    return codes, scale, zero, retries
 
 
 def held_error(w: torch.Tensor, solution, grid: GroupGrid, h: torch.Tensor) -> torch.Tensor:
@@ -166,24 +177,21 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
     damps: dict[str, float] = {}
     kept_rtn: dict[str, float] = {}
 
-    def nearest(w, grid):
-        scale, zero = grid_params(grid, w, cfg.clip)
-        return grid.quantize(w, scale, zero), scale, zero
-
     def solve(node, w, stats: LayerStats, grid):
+        static = grid_params(grid, w, cfg.clip)
+        rtn = grid.quantize(w, *static), *static
         if stats.rows == 0:
-            return nearest(w, grid)
+            return rtn
         asym = stats.asymmetry() if cfg.gptaq else None
         damp = layer_damp(stats, cfg)
         h = stats.hessian()
         if cfg.hessian_mix:
             h = (1 - cfg.hessian_mix) * h + cfg.hessian_mix * stats.float_hessian()
-        codes, scale, zero, retries = gptq_layer(w, h, grid, cfg, asym, damp)
+        codes, scale, zero, retries = gptq_layer(w, h, grid, cfg, asym, damp, static)
         damps[module_path(node)] = round(damp * 10 ** retries, 5)
         if retries:
             damped[module_path(node)] = retries
         if stats.held is not None and stats.held.rows:  # GPTQ vs round-to-nearest on unseen samples
-            rtn = nearest(w, grid)
             h_held = stats.held.hessian()
             ratio = float(held_error(w, (codes, scale, zero), grid, h_held) / held_error(w, rtn, grid, h_held))
             if ratio > 1:
