@@ -80,8 +80,9 @@ def _ints(text: str, opt: str) -> list[int]:
         raise SystemExit(f"quantize bench: {opt} must be a comma list of integers, got {text!r}") from None
 
 
-def row_name(method: str, bits: int, group: int) -> str:
-    return f"{method} w{bits} g{group if group > 0 else 'ch'}"
+def row_name(method: str, bits: int, group: int, calib_tokens: int | None = None) -> str:
+    """``gptq w3 g64``; rows calibrated on other than the CLI's default size carry their token count."""
+    return f"{method} w{bits} g{group if group > 0 else 'ch'}" + (f" @{calib_tokens // 1024}k" if calib_tokens else "")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.calibration import text_calibration
+    from splice.ir.calibration import calibration_record
     from splice.eval.perplexity import tokenize
 
     registered = {p.name for p in splice.list_passes()}
@@ -215,7 +217,12 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         train, texts = domain_texts()
         calib = text_calibration(graph, train, args.calib_samples, args.calib_seqlen)
-        result["settings"]["calibration"].update({k: v for k, v in calib.record.items() if k != "sources"})
+        calib_default = args.calib_samples is None and args.calib_seqlen is None
+        calib_rec = {k: v for k, v in calibration_record(graph, calib).items() if k != "sources"}
+        if calib_default or not previous:  # the header describes the default calibration's rows
+            result["settings"]["calibration"].update(calib_rec)
+        else:
+            result["settings"]["calibration"] = previous["settings"]["calibration"]
         ids = {name: tokenize(graph, text) for name, text in texts.items()}
         result["seconds_tokenize"] = time.perf_counter() - t
 
@@ -229,19 +236,23 @@ def main(argv=None) -> int:
 
         rows = result["rows"]
         earlier_fp32 = rows.get(FP32, {})
-        rows[FP32] = {"method": FP32, "bits": 32, "group_size": None, "spec": None}
-        evaluate(FP32, graph, rows[FP32])
+        if args.skip_onnx and "ppl" in earlier_fp32:  # same perplexity settings (checked above): same numbers
+            log(f"{FP32}: perplexity kept from the merged run")
+        else:
+            rows[FP32] = {"method": FP32, "bits": 32, "group_size": None, "spec": None}
+            evaluate(FP32, graph, rows[FP32])
         if skip_latency:  # no new fp32 session: the merged rows' latencies stay relative to the earlier one
             rows[FP32].update({k: v for k, v in earlier_fp32.items() if k in FP32_SESSION_KEYS and k not in rows[FP32]})
         for method in methods:
             for bits in bits_list:
                 for group in groups:
-                    name = row_name(method, bits, group)
+                    name = row_name(method, bits, group, None if calib_default else calib_rec["tokens"])
                     spec = f"{PASSES[method][0]}:bits={bits},group_size={group}{PASSES[method][1]}" + \
                         f",symmetric={'false' if args.asymmetric else 'true'}" + \
                         (f",targets={args.targets}" if args.targets != "linear" else "")
                     log(f"{name}: {spec}")
-                    row = {"method": method, "bits": bits, "group_size": group, "spec": spec}
+                    row = {"method": method, "bits": bits, "group_size": group, "spec": spec,
+                           "calibration": calib_rec}
                     load_before, cpu = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF)
                     t = time.perf_counter()
                     with PeakRSS() as mem:
@@ -358,9 +369,9 @@ def render(r: dict) -> str:
              f"{c.get('seq_len')} = {c.get('tokens', 0):,} tokens ({c.get('tokens_per_feature', '?')} per input "
              f"feature of the widest layer); {'symmetric' if r['settings'].get('symmetric', True) else 'asymmetric'} "
              f"grids, targets `{r['settings'].get('targets', 'linear').split(' ')[0]}`.", "",
-             "| config | " + " | ".join(domains) + " | ood | worst | pass wall s | CPU s (load) | peak RSS MiB "
+             "| config | " + " | ".join(domains) + " | ood | worst | calib tokens | pass wall s | CPU s (load) | peak RSS MiB "
              "(Δ during pass) | ONNX MB | 1×1 ms (ORT) | × fp32 |",
-             "|---|" + "---:|" * len(domains) + "---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|" + "---:|" * len(domains) + "---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in _order(rows):
         row = rows[name]
         mem = row.get("memory") or {}
@@ -374,7 +385,8 @@ def render(r: dict) -> str:
         cpu = (f"{row['cpu_seconds_apply']:.0f} ({row['loadavg_1min'][0]:.1f})" if "cpu_seconds_apply" in row
                else "—")
         cells = " | ".join(f"{row['ppl'][d]:.2f}" for d in domains)
-        lines.append(f"| {name} | {cells} | {row['ppl_ood_geomean']:.2f} | {row['worst_ood']} | ")
+        tokens = "—" if row["method"] in (FP32, "rtn") else f"{row.get('calibration', c).get('tokens', 0):,}"
+        lines.append(f"| {name} | {cells} | {row['ppl_ood_geomean']:.2f} | {row['worst_ood']} | {tokens} | ")
         lines[-1] += f"{row['seconds_pass']:.1f} | {cpu} | {m} | " if name != FP32 else "— | — | — | "
         lines[-1] += (f"{row['onnx_bytes'] / 1e6:.1f} | " if "onnx_bytes" in row else "— | ")
         star = "*" if lat and lat.get("from_previous_run") else ""
