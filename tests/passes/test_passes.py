@@ -1,8 +1,9 @@
 """Registry-driven: every registered pass runs on every zoo model with its test config.
 
 The fast suite (CI) runs each pass on two of the zoo models it applies to (its declared
-``applies``), rotating so every model is exercised by many passes; ``-m slow`` runs the whole
-pass × model matrix. What a pass declares it needs comes from the registry too: the passes its
+``applies``), rotating so every model is exercised by many passes, and checks ONNX Runtime parity
+on the first of the two (an export is most of a case's time); ``-m slow`` runs the whole
+pass × model matrix, every case with ONNX. What a pass declares it needs comes from the registry too: the passes its
 ``requires`` name run first, and each graph it reads (``graphs``) is the model itself.
 Checks structure (the pass changed something and the graph verifies), numerics (a cosine
 floor against the original for lossy passes), config round-trip, save/load bit-identity,
@@ -55,17 +56,21 @@ def test_config_round_trip(name):
 
 
 def _matrix() -> list:
+    """(pass, model, onnx) cases: fast ones for two models per pass, ONNX on the first; the rest slow."""
     cases = []
     for i, name in enumerate(PASSES):
         models = _models(name)
-        fast = {models[i % len(models)], models[(i + len(models) // 2) % len(models)]}
-        cases += [pytest.param(name, model, id=f"{name}-{model}", marks=() if model in fast else pytest.mark.slow)
-                  for model in models]
+        with_onnx, without = models[i % len(models)], models[(i + len(models) // 2) % len(models)]
+        cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}"))
+        if without != with_onnx:
+            cases.append(pytest.param(name, without, False, id=f"{name}-{without}-no-onnx"))
+        cases += [pytest.param(name, model, True, id=f"{name}-{model}", marks=pytest.mark.slow)
+                  for model in models if model != with_onnx]
     return cases
 
 
-@pytest.mark.parametrize(("name", "model"), _matrix())
-def test_pass_on_zoo(name, model, tmp_path):
+@pytest.mark.parametrize(("name", "model", "onnx"), _matrix())
+def test_pass_on_zoo(name, model, onnx, tmp_path):
     zm, graph = captured(model)
     info = splice.passes.base.get_pass(name)
     calib = _calibration(zm, graph) if info.needs_calibration else None
@@ -95,6 +100,8 @@ def test_pass_on_zoo(name, model, tmp_path):
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["passes"][-1]["config"] == entry["config"]
     # ONNX Runtime parity at two batch sizes and two sequence lengths (observers: stripped by a pass first)
+    if not onnx:
+        return
     if "splice.observe" in out.op_counts():
         out = splice.Pipeline(["instrument.strip"]).run(out, probe=False).graph
     onnx_path = splice.export_onnx(out, tmp_path / "m.onnx")
