@@ -166,8 +166,8 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.calibration import text_calibration
-    from splice.ir.calibration import calibration_record
     from splice.eval.perplexity import tokenize
+    from splice.ir.calibration import calibration_record
 
     registered = {p.name for p in splice.list_passes()}
     missing = [m for m in methods if PASSES[m][0] not in registered]

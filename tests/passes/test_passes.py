@@ -3,8 +3,9 @@
 The fast suite (CI) runs each pass on two of the zoo models it applies to (its declared
 ``applies``), rotating so every model is exercised by many passes, and checks ONNX Runtime parity
 on the first of the two (an export is most of a case's time); ``-m slow`` runs the whole
-pass × model matrix, every case with ONNX. What a pass declares it needs comes from the registry too: the passes its
-``requires`` name run first, and each graph it reads (``graphs``) is the model itself.
+pass × model matrix, every case with ONNX. What a pass declares it needs comes from the registry
+too: the passes its ``requires`` name run first, and each graph it reads (``graphs``) is the
+model itself.
 Checks structure (the pass changed something and the graph verifies), numerics (a cosine
 floor against the original for lossy passes), config round-trip, save/load bit-identity,
 and ONNX Runtime parity of the result.

@@ -178,10 +178,13 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
     kept_rtn: dict[str, float] = {}
 
     def solve(node, w, stats: LayerStats, grid):
-        static = grid_params(grid, w, cfg.clip)
-        rtn = grid.quantize(w, *static), *static
+        static = grid_params(grid, w, cfg.clip)  # GPTQ's static grid, and round-to-nearest's
+
+        def nearest():
+            return grid.quantize(w, *static), *static
+
         if stats.rows == 0:
-            return rtn
+            return nearest()
         asym = stats.asymmetry() if cfg.gptaq else None
         damp = layer_damp(stats, cfg)
         h = stats.hessian()
@@ -192,7 +195,7 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
         if retries:
             damped[module_path(node)] = retries
         if stats.held is not None and stats.held.rows:  # GPTQ vs round-to-nearest on unseen samples
-            h_held = stats.held.hessian()
+            rtn, h_held = nearest(), stats.held.hessian()
             ratio = float(held_error(w, (codes, scale, zero), grid, h_held) / held_error(w, rtn, grid, h_held))
             if ratio > 1:
                 kept_rtn[module_path(node)] = round(ratio, 4)
