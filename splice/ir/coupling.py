@@ -72,7 +72,8 @@ class Group:
         return self.pinned_by is None
 
     def params_per_unit(self, tensors: dict[str, torch.Tensor]) -> int:
-        """Stored elements one unit removes (over every member)."""
+        """Stored elements one unit owns (over every member; a tensor the group slices on two
+        axes counts both, so removing k units removes slightly less than k times this)."""
         return sum(tensors[m.target].numel() // tensors[m.target].shape[m.axis] * m.index.shape[1]
                    for m in self.members)
 
