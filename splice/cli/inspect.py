@@ -1,4 +1,5 @@
-"""``splice inspect MODEL|ARTIFACT``: layers, stored bytes by role, op counts and the pass history."""
+"""``splice inspect MODEL|ARTIFACT``: layers, stored bytes by role, op counts, the pass history and,
+with ``--coupling``, the channel groups that shrink together (``ir/coupling.py``)."""
 from __future__ import annotations
 
 from splice.cli.tables import history_table
@@ -14,6 +15,9 @@ def add_parser(sub, common) -> None:
                                    "for artifacts, the pass history with fidelity numbers.")
     p.add_argument("model", metavar="MODEL|ARTIFACT")
     p.add_argument("--top-ops", type=positive_int, default=12, metavar="N", help="op types listed (default 12)")
+    p.add_argument("--coupling", action="store_true",
+                   help="also list the coupling groups: channels, heads and KV groups that shrink together, "
+                        "the tensors each slices, and the op that pins a group that cannot shrink")
     p.set_defaults(func=run)
 
 
@@ -53,6 +57,28 @@ def _sizes_table(by_role: dict[str, int]):
     return sizes
 
 
+def _coupling_table(graph):
+    """One row per coupling group: id, kind, units × channels, members, modules, why pinned."""
+    from rich.table import Table
+
+    from splice.ir.coupling import analyze
+
+    groups = analyze(graph).groups
+    free = sum(g.shrinkable for g in groups)
+    table = Table(title=f"coupling groups ({len(groups)}, {free} shrinkable)", title_justify="left")
+    for col, just in (("#", "right"), ("kind", "left"), ("units", "right"), ("unit", "right"),
+                      ("size", "right"), ("tensors", "right")):
+        table.add_column(col, justify=just, no_wrap=True)
+    for col in ("touches", "can shrink"):
+        table.add_column(col, overflow="fold")
+    for g in groups:
+        kind = g.kind + (f" ({g.per_parent} per #{g.parent})" if g.parent is not None else "")
+        state = "yes" if g.shrinkable else f"no: {g.pinned_by}"
+        table.add_row(str(g.id), esc(kind), str(g.units), str(g.unit), str(g.size), str(len(g.members)),
+                      esc(g.touches()), esc(state))
+    return table
+
+
 def run(args, ui: UI) -> int:
     graph, seconds = capture(args.model, ui)
     artifact = is_artifact(args.model)
@@ -81,4 +107,6 @@ def run(args, ui: UI) -> int:
         ui.print(history_table(graph.history, out, f"pass history (fidelity of '{out}' vs the captured model)"))
     elif artifact:
         ui.print("pass history: none")
+    if args.coupling:
+        ui.print(_coupling_table(graph))
     return 0

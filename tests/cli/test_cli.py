@@ -131,6 +131,18 @@ def test_inspect_hf_dir(capsys, llama_hf_dir):
     assert "pass history" not in out
 
 
+def test_inspect_coupling(capsys, llama_hf_dir):
+    rc, out, err = run_cli(capsys, "inspect", llama_hf_dir, "--coupling")
+    assert rc == 0, err
+    table = out[out.index("coupling groups"):]
+    assert "coupling groups (11, 9 shrinkable)" in table
+    rows = [line for line in table.splitlines() if "│" in line]
+    kinds = [row.split("│")[2].strip() for row in rows]
+    assert kinds.count("mlp") == 2 and kinds.count("kv_heads") == 2 and kinds.count("residual") == 1
+    assert kinds.count("heads (2 per #1)") + kinds.count("heads (2 per #7)") == 2  # GQA: each KV head carries two query heads
+    assert "no: rows read by" in table and "aten.slice.Tensor" in table
+
+
 def test_inspect_artifact(capsys, artifact):
     rc, out, err = run_cli(capsys, "inspect", artifact[0])
     assert rc == 0, err
