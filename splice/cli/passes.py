@@ -41,7 +41,7 @@ def run(args, ui: UI) -> int:
         infos = list_passes()
         width = max((len(i.name) for i in infos), default=0)
         for info in infos:
-            calib = "  [needs calibration]" if info.needs_calibration else ""
+            calib = {True: "  [needs calibration]", False: ""}.get(info.needs_calibration, "  [calibration: by options]")
             print(f"{info.name:<{width}}  {info.summary}{calib}  {info.reference}".rstrip())
         return 0
     info = get_pass(args.name)
@@ -49,7 +49,7 @@ def run(args, ui: UI) -> int:
 
     ui.print(f"[bold]{esc(info.name)}[/bold]  {esc(info.summary)}")
     ui.print(f"reference: {esc(info.reference)}")
-    calib = "yes (--calib FILE)" if info.needs_calibration else "no"
+    calib = {True: "yes (--calib FILE)", False: "no"}.get(info.needs_calibration, "with some options (--calib FILE)")
     ui.print(f"version: {info.version}    needs calibration: {calib}")
     fields = info.config_cls.options()
     if not fields:

@@ -75,7 +75,7 @@ def run(args, ui: UI) -> int:
     for peft_dir in args.peft or []:
         if not (Path(peft_dir) / "adapter_config.json").is_file():
             raise SpliceError(f"--peft {peft_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    needs = [info.name for info, _ in pipeline.steps if info.needs_calibration]
+    needs = [info.name for info, cfg in pipeline.steps if info.calibrated(cfg)]
     if needs and not args.calib:
         raise ConfigError(f"{needs[0]}: needs calibration data; pass --calib FILE (or --calib builtin)")
     sources = None

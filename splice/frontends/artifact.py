@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 
 from splice.errors import ArtifactError, SpliceError
 from splice.frontends.safe_pt2 import read_program
 from splice.frontends.torch_export import graph_from_program
-from splice.ir.artifact import INPUTS, MANIFEST, PROGRAM, read_manifest
+from splice.ir.artifact import INPUTS, MANIFEST, MASKS, PROGRAM, read_manifest
 from splice.ir.graph import Graph
+from splice.ir.sparsity import unpack_graph
+from splice.kernels.prune.ops import unpack_mask
 from splice.progress import phase
 
 
@@ -29,6 +32,31 @@ def _example_inputs(path: Path, names: list) -> tuple:
     if set(tensors) != set(names):
         raise ArtifactError(f"{path / INPUTS}: holds {sorted(tensors)}, the manifest's inputs are {names}")
     return tuple(tensors[n] for n in names)
+
+
+def _masks(path: Path, manifest: dict) -> dict:
+    """The pruning masks ``masks.safetensors`` holds, shaped as the manifest says."""
+    shapes = manifest.get("masks") or {}
+    if not shapes:
+        return {}
+    if not isinstance(shapes, dict) or MASKS not in manifest["files"]:
+        raise ArtifactError(f"{path / MANIFEST}: 'masks' must map layers to shapes, with {MASKS} listed")
+    try:
+        bits = safetensors_load((path / MASKS).read_bytes())
+    except (OSError, SafetensorError) as e:
+        raise ArtifactError(f"{path / MASKS}: unreadable ({type(e).__name__})") from None
+    out = {}
+    for key, shape in shapes.items():
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ArtifactError(f"{path / MANIFEST}: mask shape of '{key}' must list sizes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        b = bits.get(key)
+        if b is None or b.dtype != torch.uint8 or b.shape != ((numel + 7) // 8,):
+            raise ArtifactError(f"{path / MASKS}: no {numel}-weight bitmask for '{key}'")
+        out[key] = unpack_mask(b, numel).reshape(shape)
+    return out
 
 
 def load(path: str | Path) -> Graph:
@@ -57,4 +85,6 @@ def load(path: str | Path) -> Graph:
         raise ArtifactError(f"{path / MANIFEST}: inputs {manifest['inputs']} and {len(manifest['outputs'])} outputs "
                             f"do not match {PROGRAM} (inputs {graph.input_names}, {outputs} outputs)")
     graph.dynamic = dynamic
+    unpack_graph(graph)
+    graph.masks.update(_masks(path, manifest))
     return graph

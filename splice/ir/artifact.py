@@ -3,6 +3,9 @@
 * ``program.pt2``: ``torch.export.save`` of the re-exported graph, without torch's pickled sample
   inputs (weights and constants are raw tensor bytes);
 * ``inputs.safetensors``: the example inputs, one tensor per graph input name;
+* ``masks.safetensors`` (when a pruned layer's weight is not a plain float tensor, e.g. quantized
+  after pruning): those layers' pruning masks as bitmasks, their shapes in the manifest's ``masks``.
+  Masked float weights are stored packed in the program itself (``ir/sparsity.py``'s ``pack_graph``);
 * ``manifest.json``: the source model, every pass with its config, version and report, the package
   versions, the graph's input/output spec, the SHA-256 and size of every other file, and a checksum
   of the manifest itself.
@@ -31,10 +34,14 @@ import torch
 from splice.errors import ArtifactError
 from splice.ir.atomic import ARTIFACT_FORMAT as FORMAT
 from splice.ir.atomic import MANIFEST, atomic_dir, check_writable, failsafe_file
+from splice.ir.graph import set_save
+from splice.ir.sparsity import pack_graph
+from splice.kernels.prune.ops import pack_mask
 
 FORMAT_VERSION = 2  # 2: example inputs in inputs.safetensors, none pickled in program.pt2
 PROGRAM = "program.pt2"
 INPUTS = "inputs.safetensors"
+MASKS = "masks.safetensors"
 FILES = (PROGRAM, INPUTS)
 REQUIRED = {"format": str, "format_version": int, "source": dict, "inputs": list, "outputs": list,
             "dynamic": dict, "passes": list, "files": dict, "checksum": str}
@@ -79,28 +86,39 @@ def save(graph, path: str | Path, *, force: bool = False) -> Path:
     from safetensors.torch import save as safetensors_bytes
 
     path = check_writable(path, force)
-    program = graph.export_program()
+    packed = pack_graph(graph)
+    program = packed.export_program()
     program.example_inputs = None  # torch would pickle them; inputs.safetensors holds them
     inputs = safetensors_bytes(_example_tensors(graph))
+    masks = safetensors_bytes({k: pack_mask(m) for k, m in packed.masks.items()}) if packed.masks else None
+    by_role = packed.bytes_by_role()
+    if masks is not None:
+        by_role["mask"] = by_role.get("mask", 0) + sum((m.numel() + 7) // 8 for m in packed.masks.values())
+    files = FILES + ((MASKS,) if masks is not None else ())
 
     def write(tmp: Path) -> None:
         with failsafe_file(tmp / PROGRAM) as f:
             torch.export.save(program, f)
-        with open(tmp / INPUTS, "wb") as f:
-            f.write(inputs)
-            os.fsync(f.fileno())
+        for name, data in ((INPUTS, inputs), (MASKS, masks)):
+            if data is not None:
+                with open(tmp / name, "wb") as f:
+                    f.write(data)
+                    os.fsync(f.fileno())
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "source": graph.source, "inputs": graph.input_names, "outputs": graph.output_names,
             "dynamic": {k: {str(a): v for a, v in d.items()} for k, d in graph.dynamic.items()},
-            "passes": graph.history, "bytes_by_role": graph.bytes_by_role(), "params": graph.num_params(),
-            "packages": package_versions(),
-            "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES},
+            "passes": graph.history, "bytes_by_role": by_role, "params": graph.num_params(),
+            "masks": {k: list(m.shape) for k, m in packed.masks.items()}, "packages": package_versions(),
+            "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
         manifest["checksum"] = manifest_checksum(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
     return atomic_dir(path, force, write)
+
+
+set_save(save)
 
 
 def _parse(mpath: Path) -> dict[str, Any]:

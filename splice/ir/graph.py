@@ -57,6 +57,14 @@ def set_apply(fn: Callable[..., "Graph"]) -> None:
     _APPLY[:] = [fn]
 
 
+_SAVE: list[Callable[..., Any]] = []  # what Graph.save runs: ir/artifact.py's save
+
+
+def set_save(fn: Callable[..., Any]) -> None:
+    """Plug in ``Graph.save``'s implementation (``splice.ir.artifact`` does, on import)."""
+    _SAVE[:] = [fn]
+
+
 @dataclass
 class Graph:
     """A captured model: flat GraphModule plus its input/output spec and history."""
@@ -68,6 +76,7 @@ class Graph:
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruning masks by layer path (ir/sparsity.py)
 
     # ------------------------------------------------------------------ running
     def module(self) -> fx.GraphModule:
@@ -118,11 +127,11 @@ class Graph:
         new.output(out)
         return Graph(rebuild_module(self.gm, new), list(self.input_names), list(self.output_names),
                      self.example_inputs, _copy.deepcopy(self.dynamic), dict(self.source),
-                     list(self.history))
+                     list(self.history), dict(self.masks))
 
     def with_graph(self, gm: fx.GraphModule) -> "Graph":
         return Graph(gm, self.input_names, self.output_names, self.example_inputs, self.dynamic,
-                     self.source, self.history)
+                     self.source, self.history, self.masks)
 
     def nodes(self, kind: str | None = None) -> Iterator[fx.Node]:
         for node in self.gm.graph.nodes:
@@ -219,9 +228,12 @@ class Graph:
         return _APPLY[0](self, *specs, calibration=calibration, verify=verify)
 
     def save(self, path, *, force: bool = False) -> None:
-        from splice.ir.artifact import save
-
-        save(self, path, force=force)
+        """Save as an artifact directory (``ir/artifact.py`` plugs itself in here with ``set_save``
+        when imported: the frontends import it, so every captured or loaded graph has it)."""
+        if not _SAVE:
+            raise SpliceError("Graph.save: no artifact writer loaded (import splice.ir.artifact, or make the "
+                              "graph with splice.capture / splice.load)")
+        _SAVE[0](self, path, force=force)
 
     def __repr__(self) -> str:
         return (f"Graph({self.source.get('name', '?')}: {len(self.gm.graph.nodes)} nodes, "

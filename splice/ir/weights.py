@@ -75,11 +75,20 @@ def dense_weight(graph: Graph, node: fx.Node) -> torch.Tensor:
     return record(node.target).weight.read(args)
 
 
+def layer_key(node: fx.Node) -> str:
+    """The key of ``node``'s pruning mask in ``Graph.masks``: its module path (the node's name for an
+    op outside any module); see ``ir/sparsity.py``."""
+    return module_path(node) or node.name
+
+
 def replace_weight(graph: Graph, node: fx.Node, new_dense: torch.Tensor, suffix: str = "_folded") -> Originals:
-    """Give ``node`` the weight ``new_dense`` in its own format (dtype, grid, tables). A tensor only
-    ``node`` reads is replaced under its own name, unless the format is lossy; otherwise (a tied
-    weight, or a re-quantized one) the new tensor is stored as ``<name><suffix>`` and the original's
-    node is returned by name, so ``restore_weight`` puts it back exactly."""
+    """Give ``node`` the weight ``new_dense`` in its own format (dtype, grid, tables); weights its
+    pruning mask drops stay zero. A tensor only ``node`` reads is replaced under its own name, unless
+    the format is lossy; otherwise (a tied weight, or a re-quantized one) the new tensor is stored as
+    ``<name><suffix>`` and the original's node is returned by name, so ``restore_weight`` puts it back exactly."""
+    keep = graph.masks.get(layer_key(node))
+    if keep is not None:
+        new_dense = new_dense * keep
     args = _args(graph, node)
     if node.target in _ATEN_WEIGHT:
         i = _ATEN_WEIGHT[node.target]

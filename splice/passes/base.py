@@ -161,7 +161,7 @@ class PassInfo:
     config_cls: type[PassConfig]
     fn: Callable[..., PassResult]
     reference: str
-    needs_calibration: bool
+    needs_calibration: bool | Callable[[PassConfig], bool]  # or: whether a config needs it (by its options)
     version: int
     requires: tuple[str, ...] = ()  # passes or capabilities needed earlier (adapter.fold: "adapter")
     provides: tuple[str, ...] = ()  # capabilities it gives later passes, besides its own name
@@ -174,6 +174,10 @@ class PassInfo:
     def summary(self) -> str:
         doc = (self.config_cls.__doc__ or self.fn.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+    def calibrated(self, cfg: PassConfig) -> bool:
+        """Whether the pass needs calibration data with ``cfg``."""
+        return bool(self.needs_calibration(cfg) if callable(self.needs_calibration) else self.needs_calibration)
 
     def applies_to(self, graph) -> bool:
         return self.applies is None or self.applies(graph)
@@ -210,7 +214,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, config_cls: type[PassConfig], *, reference: str,
-                  needs_calibration: bool = False, version: int = 1, requires: tuple[str, ...] = (),
+                  needs_calibration: bool | Callable[[PassConfig], bool] = False, version: int = 1, requires: tuple[str, ...] = (),
                   provides: tuple[str, ...] = (), graphs: tuple[str, ...] = (),
                   report_fields: dict[str, str] | None = None, applies: Applies | None = None,
                   migrate: Callable[[dict], dict] | None = None):

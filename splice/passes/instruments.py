@@ -8,6 +8,7 @@ which it may add keys. An instrument raises a ``SpliceError`` to stop the pipeli
 
 Built-ins (``default_instruments``): ``FidelityProbe`` (outputs on the example inputs against
 the graph the pipeline started from), ``Verify`` (``ir/verify.py`` after every pass),
+``MaskGuard`` (no pruned weight comes back, ``ir/sparsity.py``; always on),
 ``PeakMemory`` (peak resident memory during the pass) and ``Timing``. A pass that reports
 ``modified=False`` is neither verified nor probed again: its graph computes what it did before.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from splice.errors import VerifyError
 from splice.ir.metrics import compare_outputs
+from splice.ir.sparsity import check_masks
 from splice.ir.verify import output_signature, verify as verify_graph
 
 
@@ -57,6 +59,20 @@ class Verify(PassInstrument):
                 verify_graph(result.graph, self.signature)
             except VerifyError as e:
                 raise VerifyError(f"{info.name}: graph invalid after this pass{after(self.done)}: {e}") from e
+        self.done.append(info.name)
+
+
+class MaskGuard(PassInstrument):
+    """After every pass, each pruned weight of the graph is still exactly zero (``check_masks``);
+    otherwise the pipeline stops naming the pass and the first layer it revived."""
+
+    def before_pipeline(self, graph, ctx) -> None:
+        self.done = []
+
+    def after_pass(self, graph, info, cfg, result, entry) -> None:
+        if result.modified and result.graph.masks and (problems := check_masks(result.graph)):
+            more = f" (and {len(problems) - 1} more layers)" if len(problems) > 1 else ""
+            raise VerifyError(f"{info.name}: revives pruned weights{after(self.done)}: {problems[0]}{more}")
         self.done.append(info.name)
 
 
@@ -116,4 +132,4 @@ def peak_rss_bytes() -> int:
 
 def default_instruments(*, verify: bool = True, probe: bool = True) -> list[PassInstrument]:
     """What ``Pipeline.run`` uses unless told otherwise (``verify=`` / ``probe=`` drop one)."""
-    return [*([FidelityProbe()] if probe else []), *([Verify()] if verify else []), PeakMemory(), Timing()]
+    return [*([FidelityProbe()] if probe else []), *([Verify()] if verify else []), MaskGuard(), PeakMemory(), Timing()]

@@ -52,7 +52,7 @@ def set_graph_loader(load: GraphLoader) -> None:
 
 def run_pass(graph: Graph, info: PassInfo, cfg: PassConfig, ctx: PassContext | None = None) -> PassResult:
     """Run one pass on a private copy of ``graph`` and mark the nodes it created."""
-    if info.needs_calibration and (ctx is None or not ctx.calibration):
+    if info.calibrated(cfg) and (ctx is None or not ctx.calibration):
         raise ConfigError(f"{info.name}: needs calibration data; pass --calib FILE (calibration=...)")
     ctx = ctx or PassContext()
     for name in info.graphs:
@@ -96,15 +96,15 @@ class Pipeline:
         for entry in graph.history:
             name = entry.get("pass") if isinstance(entry, dict) else None
             have |= _gives(name)
-        for info, _ in self.steps:
+        for info, cfg in self.steps:
             for need in info.requires:
                 if need not in have:
                     raise ConfigError(f"{info.name}: requires {_describe_need(need)} earlier in the pipeline "
                                       "or in the graph's history")
-            if info.needs_calibration and not calibration:
+            if info.calibrated(cfg) and not calibration:
                 raise ConfigError(f"{info.name}: needs calibration data; pass --calib FILE (calibration=...)")
             have |= {info.name, *info.provides}
-        calibrated = [info.name for info, _ in self.steps if info.needs_calibration]
+        calibrated = [info.name for info, cfg in self.steps if info.calibrated(cfg)]
         if calibrated:
             check_size(graph, calibration, calibrated[0])
 
@@ -131,7 +131,7 @@ class Pipeline:
                 result = self._guarded(graph, info, cfg, dataclasses.replace(ctx, graphs=named), done)
             entry = {"pass": info.name, "spec": format_spec(info, cfg), "config": cfg.to_dict(),
                      "version": info.version, "modified": result.modified, "report": result.report}
-            if info.needs_calibration:
+            if info.calibrated(cfg):
                 entry["calibration"] = record
             if target is not None:
                 entry["target"] = target

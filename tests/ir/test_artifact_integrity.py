@@ -468,3 +468,24 @@ def test_payload_helper_is_real(tmp_path):
     """The marker payload itself: plain unpickling creates the file."""
     pickle.loads(pickle.dumps(_Touch(tmp_path / "x")))
     assert (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------- pruning masks
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["masks"].update({"fc": [10, 64, 3]}), "no 1920-weight bitmask for 'fc'"),
+    (lambda m: m["masks"].update({"fc": "10x64"}), "mask shape of 'fc' must list sizes"),
+    (lambda m: m["files"].pop("masks.safetensors"), "masks.safetensors: not listed in the manifest"),
+])
+def test_crafted_masks_are_refused(tmp_path, edit, message):
+    """Masks of quantized layers live in masks.safetensors: a shape that does not fit the bitmask,
+    a malformed shape or an unlisted file is one line, nothing read past it."""
+    _, g = captured("cnn")
+    art = tmp_path / "art"
+    g.apply("prune.magnitude:targets=conv|fc,include_head=true", "quantize.rtn:bits=8,group_size=0").save(art)
+    assert (art / "masks.safetensors").is_file()
+    reseal(art, edit)
+    with pytest.raises(ArtifactError, match=message) as err:
+        splice.load(art)
+    assert "\n" not in str(err.value)

@@ -15,7 +15,7 @@ from splice.passes.analysis import AnalysisCache, value_fingerprints
 from splice.passes.base import PassConfig, PassResult, PassVersionError, check_history, report_summary
 from splice.passes.instruments import PassInstrument
 from splice.passes.manager import Pipeline
-from splice.passes.quantize._calibrate import input_hessians
+from splice.passes.instrument.calibrate import input_hessians
 from splice.passes.spec import load_recipe, parse_spec
 
 

@@ -1,17 +1,18 @@
-"""Every pass that declares ``needs_calibration`` refuses to run without calibration data, with
-one line naming the pass (before it reads the graph, on a decoder and on a CNN alike)."""
+"""Every pass that declares ``needs_calibration`` (with its default options) refuses to run without
+calibration data, with one line naming the pass (before it reads the graph, on a decoder and on a
+CNN alike); a pass that needs it only with some options refuses with those."""
 import pytest
 from zoo_graphs import captured
 
 import splice
 from splice.errors import ConfigError
 
-CALIBRATED = sorted(p.name for p in splice.list_passes() if p.needs_calibration)
+CALIBRATED = sorted(p.name for p in splice.list_passes() if p.calibrated(p.config_cls()))
 
 
 def test_the_calibrated_passes():
     assert {"quantize.allocate", "quantize.awq", "quantize.discquant", "quantize.gptq", "quantize.pvtune",
-            "quantize.reconstruct", "quantize.smoothquant"} <= set(CALIBRATED)
+            "quantize.reconstruct", "quantize.smoothquant", "prune.wanda", "prune.sparsegpt"} <= set(CALIBRATED)
 
 
 @pytest.mark.parametrize("model", ["llama", "cnn"])
@@ -21,3 +22,11 @@ def test_refused_without_calibration(name, model):
     with pytest.raises(ConfigError, match=f"{name}: needs calibration data") as err:
         g.apply(name)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["prune.nm:criterion=wanda", "prune.nm:criterion=sparsegpt"])
+def test_refused_by_option(spec):
+    _, g = captured("llama")
+    g.apply("prune.nm")  # magnitude: data-free
+    with pytest.raises(ConfigError, match="prune.nm: needs calibration data"):
+        g.apply(spec)

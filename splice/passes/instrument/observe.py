@@ -1,6 +1,6 @@
 """``instrument.observe``: put a ``splice::observe`` op on the input of every targeted layer.
 
-Data then flows through the instrumented graph (``splice.passes.quantize._calibrate`` runs it,
+Data then flows through the instrumented graph (``splice.passes.instrument.calibrate`` runs it,
 whole or block by block) and a later pass consumes the statistics gathered under each
 layer's key (its module path). ``strip_observers`` removes them (the pass ``instrument.strip``);
 export refuses them.

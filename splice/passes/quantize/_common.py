@@ -2,7 +2,8 @@
 ``linear -> splice::qlinear`` / ``embedding -> splice::qembedding`` over packed storage.
 
 A quantizer only decides the integer codes and the grid of each weight; this module checks
-the group size, stores the packed tensors, and rewrites the nodes. Tied weights (one tensor
+the group size, keeps pruned weights (``ir/sparsity.py``) on the grid's zero, stores the packed
+tensors, and rewrites the nodes. Tied weights (one tensor
 read by an embedding and the LM head) are quantized once and shared by both ops.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path, select_nodes, validate_targets
+from splice.ir.sparsity import mask_of
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig
 
@@ -107,6 +109,8 @@ def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quanti
             g = resolve_group(cfg, w.shape[1], module_path(node), pass_name)
             grid = GroupGrid(cfg.bits if bits_of is None else bits_of(w_node.target), g, cfg.symmetric)
             codes, scale, zero = quantize(node, w.detach().float(), grid)
+            if (keep := mask_of(graph, node)) is not None:  # pruned weights stay on the grid's zero
+                codes = torch.where(keep, codes, zero.repeat_interleave(grid.group_size, dim=1).to(codes.dtype))
             deq = grid.dequantize(codes, scale, zero)
             layers[module_path(node)] = round(sqnr_db(w.detach().float(), deq), 2)
             stored[w_node.target] = _store(graph, w_node.target, grid, codes, scale.to(w.dtype), zero)

@@ -42,7 +42,7 @@ from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.packing import packed_width
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
-from splice.passes.quantize._calibrate import input_hessians
+from splice.passes.instrument.calibrate import input_hessians
 from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, quantize_layers, resolve_group
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
 

@@ -11,7 +11,7 @@ Then (``clip``, AutoAWQ's auto_clip) each layer's per-group clipping range is sh
 steps down to half where that lowers the group's partial output error (not for layers
 feeding attention scores: q/k). Errors are computed exactly over every calibration token
 from the input Hessian ``XᵀX`` (observer kinds ``act`` + ``hessian``), block by block on
-the outputs of already-quantized blocks (``sequential``, see ``_calibrate.py``). Both searches
+the outputs of already-quantized blocks (``sequential``, see ``passes/instrument/calibrate.py``). Both searches
 run on the calibration samples but every ``1/holdout``-th (``holdout``): a group keeps its
 scales, and a layer its clipping, only where they also lower the output error on those
 (``held_back`` in the report lists the others).
@@ -32,7 +32,8 @@ from splice.ir.select import module_path, op_kind, select_nodes
 from splice.kernels.instrument.store import LayerStats, holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
-from splice.passes.quantize._calibrate import Solution, solution_lookup, solve_groups
+from splice.passes.instrument.calibrate import solve_groups
+from splice.passes.quantize._calibrate import Solution, solution_lookup
 from splice.passes.quantize._common import (
     QUANT_REPORT,
     WeightQuantConfig,

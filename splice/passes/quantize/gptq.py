@@ -5,7 +5,7 @@ of the layer's inputs (Cholesky form). https://arxiv.org/abs/2210.17323
 Options as in AutoGPTQ/llm-compressor: ``damp`` (fraction of the mean Hessian diagonal added
 to it), ``block_size`` (lazy-batch width), ``act_order`` (columns by decreasing Hessian
 diagonal; grids are computed up front per group — "static groups" — so the stored layout needs
-no reordering index), ``sequential`` (block-by-block calibration, see ``_calibrate.py``).
+no reordering index), ``sequential`` (block-by-block calibration, see ``passes/instrument/calibrate.py``).
 A Hessian that is not positive definite is damped further (×10 up to 6 times); the report says
 which layers needed it. Layers that saw no calibration rows fall back to round-to-nearest.
 
@@ -31,9 +31,11 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes
+from splice.ir.sparsity import mask_of
 from splice.kernels.instrument.store import LayerStats, holdout_every
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassContext, PassResult, register_pass
+from splice.passes.instrument.hessian import inverse_hessian_cholesky, without_dead_inputs
 from splice.passes.quantize._calibrate import solution_lookup, solve_layers
 from splice.passes.quantize._common import (QUANT_REPORT, WeightQuantConfig, output_error, pinning,
                                             quantize_layers)
@@ -83,42 +85,29 @@ class GPTQConfig(WeightQuantConfig):
             raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
 
 
-def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, int]:
-    """Upper Cholesky factor of ``H⁻¹`` after dampening; retries with more damping."""
-    mean_diag = torch.diag(h).mean().clamp(min=1e-8)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    for tries in range(7):
-        try:
-            lower = torch.linalg.cholesky(h + damp * (10 ** tries) * mean_diag * eye)
-            inv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inv, upper=True), tries
-        except torch.linalg.LinAlgError:
-            continue
-    raise RuntimeError("Hessian stays singular after damping")
-
-
 def grid_params(grid: GroupGrid, w: torch.Tensor, clip: str) -> tuple[torch.Tensor, torch.Tensor]:
     return grid.mse_params(w) if clip == "mse" else grid.params(w)
 
 
 def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfig, dxtx: torch.Tensor | None = None,
-               damp: float | None = None, static: tuple[torch.Tensor, torch.Tensor] | None = None):
+               damp: float | None = None, static: tuple[torch.Tensor, torch.Tensor] | None = None,
+               keep: torch.Tensor | None = None):
     """GPTQ on one weight ``[N, K]`` with Hessian ``[K, K]`` (and GPTAQ's ``ΔXᵀX̃`` on the same
     scale, if given), damped by ``damp`` (default ``cfg.damp``); ``static`` is the layer's grid
-    ``(scale, zero)`` if already computed. Returns codes, scale, zero, retries.
+    ``(scale, zero)`` if already computed. A pruning mask ``keep`` puts pruned weights on the grid's
+    zero and spreads what that costs over the columns left, as SparseGPT's joint quantization does.
+    Returns codes, scale, zero, retries.
 
     The Hessian is factored in float64, the column loop runs in float32 (as the reference code)."""
     scale, zero = static if static is not None else grid_params(grid, w.float(), cfg.clip)
     scale = scale.clone()  # static per-group grids (the layout needs contiguous groups) ...
     zero = zero.clone()  # ... or, without act-order, filled in group by group below
-    w = w.clone().float()
-    h = h.clone().double()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    w, h = without_dead_inputs(w, h)
     n, k = w.shape
     perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
+    keep = None if keep is None else keep[:, perm]
     hinv, retries = inverse_hessian_cholesky(h, cfg.damp if damp is None else damp)
     p = None
     if dxtx is not None:
@@ -142,6 +131,8 @@ def gptq_layer(w: torch.Tensor, h: torch.Tensor, grid: GroupGrid, cfg: GPTQConfi
                 s, z = grid_params(GroupGrid(grid.bits, cols.shape[1], grid.symmetric), cols, cfg.clip)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             q = torch.clamp(torch.round(w1[:, i] / scale[:, g]) + zero[:, g], 0, grid.maxq)
+            if keep is not None:
+                q = torch.where(keep[:, i1 + i], q, zero[:, g].to(q.dtype))
             codes[:, col] = q.to(torch.int32)
             err = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / hinv1[i, i]
             if p is None:
@@ -190,7 +181,7 @@ def gptq(graph: Graph, cfg: GPTQConfig, ctx: PassContext) -> PassResult:
         h = stats.hessian()
         if cfg.hessian_mix:
             h = (1 - cfg.hessian_mix) * h + cfg.hessian_mix * stats.float_hessian()
-        codes, scale, zero, retries = gptq_layer(w, h, grid, cfg, asym, damp, static)
+        codes, scale, zero, retries = gptq_layer(w, h, grid, cfg, asym, damp, static, mask_of(graph, node))
         damps[module_path(node)] = round(damp * 10 ** retries, 5)
         if retries:
             damped[module_path(node)] = retries

@@ -32,7 +32,7 @@ from splice.ir.metrics import sqnr_db
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.lut import apply_scales, lut_lookup, pack_indices
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
-from splice.passes.quantize._calibrate import input_hessians
+from splice.passes.instrument.calibrate import input_hessians
 from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, resolve_group
 
 PASS = "quantize.nonuniform"

@@ -7,7 +7,7 @@ Weights start on the round-to-nearest grid. Per layer two tensors train: a round
 (``s = s₀·e^ρ``), through a straight-through round: AdaQuant's continuous weight optimization,
 in grid units, with learned steps as in LSQ. Blocks (``model.layers.3``) are processed in
 order on the outputs of the blocks before them already quantized, with the float model run
-in step to give the targets (as ``_calibrate.py``'s sequential mode):
+in step to give the targets (as ``instrument/calibrate.py``'s sequential mode):
 
 * ``scope=layer`` (AdaQuant): the loss is ``Σ ‖y_q − y_float‖²`` over the window's linears;
 * ``scope=block`` (BRECQ/CBQ): the loss is on the values leaving the window (block outputs);

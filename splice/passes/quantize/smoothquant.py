@@ -25,7 +25,7 @@ from splice.ir.graph import Graph, attr_users
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.instrument.store import LayerStats
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
-from splice.passes.quantize._calibrate import solve_groups
+from splice.passes.instrument.calibrate import solve_groups
 from splice.passes.quantize._common import check_not_quantized
 from splice.passes.quantize._smooth import input_groups, migrate_scales, plan_fold
 

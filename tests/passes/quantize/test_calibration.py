@@ -135,7 +135,7 @@ def test_float_reference_runs_in_step_with_the_working_copy():
     """Sequential ``asym`` statistics pair each observer call with the float model's matching
     call: while no layer changes, the quantized and float inputs agree, so ΔXᵀX̃ is 0; once a
     block's weights change, later blocks see a difference."""
-    from splice.passes.quantize._calibrate import solve_groups
+    from splice.passes.instrument.calibrate import solve_groups
 
     zm, g = captured("llama")
     nodes = list(g.nodes("linear"))
