@@ -224,6 +224,17 @@ def _conv(p: Propagator, node: fx.Node) -> None:
         p.cls.writers[p.cls.find(out[1])].add(node.name)
 
 
+def _pool(p: Propagator, node: fx.Node) -> None:
+    """Pooling: batch and channel axes pass through, spatial axes are pinned."""
+    x = p.axes(node.args[0])
+    for i in range(len(node.meta["val"]) if isinstance(node.meta["val"], (tuple, list)) else 1):
+        out = p.out(node, i)
+        p.cls.union(out[0], x[0])
+        p.cls.union(out[1], x[1])
+        p.pin(out[2:], "spatial axis of a pooling op")
+    p.pin(x[2:], "spatial axis of a pooling op")
+
+
 def _embedding(p: Propagator, node: fx.Node) -> None:
     w, idx, out = p.axes(node.args[0]), p.axes(node.args[1]), p.out(node)
     p.cls.union(out[-1], w[1])
@@ -484,6 +495,9 @@ _RULES = {
     aten.expand_as.default: _expand,
     aten.broadcast_to.default: _expand,
     **{op: _conv for op in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)},
+    **{op: _pool for op in (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default,
+                            aten.max_pool2d_with_indices.default, aten.adaptive_avg_pool1d.default,
+                            aten.avg_pool1d.default, aten.max_pool1d.default)},
     **{op: _reduce for op in (aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default,
                               aten.amax.default, aten.amin.default, aten.var.correction, aten.var.dim,
                               aten.std.correction)},

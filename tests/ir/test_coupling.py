@@ -229,3 +229,48 @@ def test_bad_keep_is_one_line(make_keep, message):
     with pytest.raises(ConfigError, match=message) as err:
         shrink(captured("llama")[1], make_keep(c), c)
     assert "\n" not in str(err.value)
+
+
+class SqueezeExcite(torch.nn.Module):
+    """Conv, squeeze-excitation (pool -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid -> scale), grouped conv, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.reduce = torch.nn.Conv2d(16, 4, 1)
+        self.expand = torch.nn.Conv2d(4, 16, 1)
+        self.grouped = torch.nn.Conv2d(16, 8, 3, padding=1, groups=4)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        s = torch.nn.functional.adaptive_avg_pool2d(y, 1)
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+        return self.head(torch.relu(self.grouped(y)).mean((2, 3)))
+
+
+def test_squeeze_excitation_and_grouped_conv():
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    graph = splice.capture(model, (torch.randn(2, 3, 8, 8),))
+    c = analyze(graph)
+
+    def groups_of(target, axis):
+        return [g for g in c.groups if any((m.target, m.axis) == (target, axis) for m in g.members)]
+
+    # the grouped conv reads the conv's 16 channels as 4 conv groups × 4 channels: those are the
+    # groups (a conv group shrinks whole, or each group loses the same channels); the SE branch's
+    # output scales the same channels, so its expand conv's rows belong to both
+    conv_groups, = [g for g in groups_of("conv.weight", 0) if g in groups_of("grouped.weight", 0)]
+    per_group, = groups_of("grouped.weight", 1)
+    assert groups_of("conv.weight", 0) == groups_of("expand.weight", 0) == [conv_groups, per_group]
+    assert conv_groups.members[0].index[1].tolist() == [4, 5, 6, 7]  # conv group 1: channels 4..7
+    squeeze, = groups_of("reduce.weight", 0)
+    assert groups_of("expand.weight", 1) == [squeeze] and squeeze.shrinkable
+    x = [(torch.randn(b, 3, 8, 8),) for b in (1, 3)]
+    for group, keep in ((squeeze, [0, 2]), (conv_groups, [1, 3]), (per_group, [0, 1, 3])):
+        small = shrink(graph, {group.id: torch.tensor(keep)}, c)
+        verify(small)
+        removed = torch.tensor([u for u in range(group.units) if u not in keep])
+        reference = zero_outgoing(graph, group, removed)
+        assert max(float((small.run(*i)["output"] - reference.run(*i)["output"]).abs().max()) for i in x) <= 1e-5
