@@ -447,7 +447,8 @@ def _matmul(p: Propagator, node: fx.Node) -> None:
     if len(out) > 2:
         for c in out[:-2]:
             p.cls.tag(c, "heads")
-        p.cls.tag(a[-1], "head_dim")
+        p.cls.tag(a[-1], "head_dim")  # q·kᵀ
+        p.cls.tag(out[-1], "head_dim")  # probabilities · v
 
 
 def _repeat_interleave(p: Propagator, node: fx.Node) -> None:
