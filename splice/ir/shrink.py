@@ -4,7 +4,7 @@
 biases, norms, batch-norm statistics, a GQA KV head's query-head rows), fixes every shape constant
 that depends on it (head counts in ``view``/``reshape``/``expand``, ``layer_norm``'s
 normalized_shape, ``split`` sizes, conv ``groups``, ``repeat_interleave`` counts), and
-re-propagates the fake-tensor shapes in ``node.meta["val"]``. The input Graph is not touched:
+re-propagates the fake-tensor shapes in ``node.meta["val"]``; pruning masks are sliced with their weights. The input Graph is not touched:
 the result is a copy whose sliced tensors are new and whose other tensors are shared.
 
 Under GQA, a ``kv_heads`` group removes whole KV groups (each KV head with its query heads); its
@@ -21,6 +21,8 @@ from splice.errors import ConfigError
 from splice.ir.axes import Classes
 from splice.ir.coupling import Coupling, analyze
 from splice.ir.graph import Graph, set_attr
+from splice.ir.sparsity import weight_layers
+from splice.ir.weights import weight_args
 
 aten = torch.ops.aten
 
@@ -37,6 +39,7 @@ def shrink(graph: Graph, keep: dict[int, torch.Tensor], coupling: Coupling | Non
     for node in g.gm.graph.nodes:
         if node.op == "call_function":
             _fix_constants(node, c, sizes, g)
+    _slice_masks(g, c, sizes)
     g.gm.recompile()
     refresh_meta(g)
     return g
@@ -146,6 +149,20 @@ def _slice_tensor(g: Graph, t: torch.Tensor, target: str, axes, sizes: _Sizes) -
     if new is not t:
         trainable = isinstance(t, torch.nn.Parameter) and t.requires_grad
         set_attr(g.gm, target, new.detach(), trainable=trainable)
+
+
+def _slice_masks(g: Graph, c: Coupling, sizes: _Sizes) -> None:
+    """Slice each pruning mask (``ir/sparsity.py``) as its layer's weight was sliced."""
+    layers = weight_layers(g)
+    for key, keep in list(g.masks.items()):
+        node = layers.get(key)
+        args = weight_args(node) if node is not None else None
+        axes = c.state.stored.get(node.args[next(iter(args))].target) if args else None
+        for a, cl in enumerate(axes or ()):
+            idx = sizes.kept(cl) if cl is not None else None
+            if idx is not None:
+                keep = keep.index_select(a, idx)
+        g.masks[key] = keep
 
 
 # ----------------------------------------------------------------------- constants

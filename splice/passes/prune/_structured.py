@@ -1,0 +1,100 @@
+"""Shared by the structured pruners (``prune.channels``, ``prune.heads``): the config, which
+coupling groups a pass removes units from (``ir/coupling.py``), data-free unit scores from the
+norms of every tensor slice a unit owns, and the physical shrink (``ir/shrink.py``) with its report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from splice.errors import ConfigError
+from splice.ir.coupling import Coupling, Group
+from splice.ir.graph import Graph
+from splice.ir.select import parse_targets, validate_targets
+from splice.ir.shrink import shrink
+from splice.passes.base import PassConfig
+
+SCORES = ("l2", "l1")
+STRUCTURED_REPORT = {"groups": "groups shrunk", "units_removed": "units removed",
+                     "params_before": "parameters before", "params_after": "parameters after"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StructuredConfig(PassConfig):
+    """Fields every structured pruner takes."""
+
+    amount: float = field(default=0.25, metadata={"help": "fraction of each targeted group's units removed, in [0, 1)"})
+    targets: str = field(default="all", metadata={
+        "help": "groups whose layers match (module-path globs, re:, !exclude, joined by |); all: every shrinkable one"})
+    score: str = field(default="l2", metadata={"help": "unit importance: l2 or l1 norm of every weight slice it owns"})
+
+    def __post_init__(self):
+        if not 0 <= self.amount < 1:
+            raise ValueError(f"amount must be in [0, 1), got {self.amount}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        validate_targets(self.targets)
+
+
+def targeted(coupling: Coupling, kinds: tuple[str, ...], cfg: StructuredConfig, pass_name: str,
+             where=lambda g: True) -> tuple[list[Group], dict[int, str]]:
+    """The groups of ``kinds`` (and ``where``) whose layers ``cfg.targets`` selects, and the pinned
+    ones left out (id -> reason). A group the user named explicitly that cannot shrink is an error."""
+    sel = parse_targets(cfg.targets)
+    chosen, pinned = [], {}
+    for group in coupling.groups:
+        if group.kind not in kinds or not where(group) or not any(sel.matches("all", m) for m in group.modules):
+            continue
+        if group.pinned_by is None:
+            chosen.append(group)
+        elif cfg.targets != "all":
+            raise ConfigError(f"{pass_name}: {group.kind} group #{group.id} of {group.touches()} cannot shrink: "
+                              f"pinned by {group.pinned_by}")
+        else:
+            pinned[group.id] = str(group.pinned_by)
+    if not chosen:
+        raise ConfigError(f"{pass_name}: no shrinkable {'/'.join(kinds)} group matches targets '{cfg.targets}'"
+                          + (f" ({len(pinned)} pinned)" if pinned else ""))
+    return chosen, pinned
+
+
+def unit_scores(graph: Graph, group: Group, score: str) -> torch.Tensor:
+    """Importance of each unit of ``group``: the sum over its member tensors of the ``score`` norm
+    (l2: squared) of the slice the unit owns (Torch-Pruning's group norm importance)."""
+    power = 2 if score == "l2" else 1
+    out = torch.zeros(group.units, dtype=torch.float64)
+    for m in group.members:
+        t = graph.tensor(m.target).detach().double()
+        owned = t.index_select(m.axis, m.index.reshape(-1)).movedim(m.axis, 0)
+        out += owned.reshape(group.units, -1).abs().pow(power).sum(1)
+    return out
+
+
+def kept_units(scores: torch.Tensor, amount: float, group: Group, pass_name: str) -> torch.Tensor:
+    """The highest-scoring ``1 - amount`` of the units, in order."""
+    remove = round(amount * len(scores))
+    if remove >= len(scores):
+        raise ConfigError(f"{pass_name}: amount={amount} would remove every unit ({len(scores)}) of {group.kind} "
+                          f"group #{group.id} ({group.touches()})")
+    return torch.topk(scores, len(scores) - remove).indices.sort().values
+
+
+def shrink_report(graph: Graph, out: Graph, keep: dict[int, torch.Tensor], coupling: Coupling,
+                  pinned: dict[int, str]) -> dict:
+    return {"groups": len(keep),
+            "units_removed": sum(coupling.group(g).units - len(k) for g, k in keep.items()),
+            "params_before": graph.num_params(), "params_after": out.num_params(),
+            "kept": {f"#{g} {coupling.group(g).kind} {coupling.group(g).touches()}":
+                     f"{len(k)}/{coupling.group(g).units}" for g, k in keep.items()},
+            "pinned_skipped": pinned}
+
+
+def shrink_groups(graph: Graph, keep: dict[int, torch.Tensor], coupling: Coupling, pinned: dict[int, str]):
+    """The shrunk graph and the report (``STRUCTURED_REPORT`` fields, kept units per group)."""
+    keep = {g: k for g, k in keep.items() if len(k) < coupling.group(g).units}
+    if not keep:
+        return graph, {"groups": 0, "units_removed": 0, "params_before": graph.num_params(),
+                       "params_after": graph.num_params(), "pinned_skipped": pinned}
+    out = shrink(graph, keep, coupling)
+    return out, shrink_report(graph, out, keep, coupling, pinned)

@@ -1,0 +1,55 @@
+"""``prune.channels``: remove whole channels — MLP intermediate channels of transformers, conv
+channels of CNNs (through batch norm, depthwise and grouped convs, squeeze-excitation and residual
+adds) — so the weights physically shrink and the model exports smaller. The coupling analysis
+(``ir/coupling.py``) finds which axes shrink together; each targeted group loses the ``amount`` of
+its channels with the lowest group norm (Torch-Pruning's default importance,
+https://arxiv.org/abs/2301.12900), data-free.
+
+Kinds pruned: ``mlp`` and ``conv``/``channels`` groups; the residual stream too in a graph without
+attention (a CNN's stages), where it is the channel axis a residual add shares. A transformer's
+hidden size (``kinds=residual``) is left alone by default: its norms then normalize over fewer
+channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splice.ir.coupling import analyze
+from splice.ir.graph import Graph
+from splice.passes.base import Applies, PassContext, PassResult, register_pass
+from splice.passes.prune._structured import (STRUCTURED_REPORT, StructuredConfig, kept_units, shrink_groups, targeted,
+                                             unit_scores)
+
+KINDS = ("mlp", "conv", "channels", "residual")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelsConfig(StructuredConfig):
+    """Structured channel pruning (physically smaller layers; data-free by default)."""
+
+    kinds: str = field(default="auto", metadata={
+        "help": "group kinds pruned, comma list of mlp, conv, channels, residual; auto: mlp, conv, channels, "
+                "and residual where the graph has no attention"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        bad = [k for k in self.kinds.split(",") if k not in KINDS] if self.kinds != "auto" else []
+        if bad:
+            raise ValueError(f"kinds must be auto or a comma list of {', '.join(KINDS)}, got {bad[0]!r}")
+
+
+def chosen_kinds(cfg: ChannelsConfig, coupling) -> tuple[str, ...]:
+    if cfg.kinds != "auto":
+        return tuple(cfg.kinds.split(","))
+    attention = any(g.kind in ("heads", "kv_heads") for g in coupling.groups)
+    return ("mlp", "conv", "channels") if attention else KINDS
+
+
+@register_pass("prune.channels", ChannelsConfig, reference="https://arxiv.org/abs/2301.12900",
+               report_fields=STRUCTURED_REPORT, applies=Applies("a linear or conv layer", kinds=("linear", "conv")))
+def channels(graph: Graph, cfg: ChannelsConfig, ctx: PassContext) -> PassResult:
+    coupling = analyze(graph)
+    groups, pinned = targeted(coupling, chosen_kinds(cfg, coupling), cfg, "prune.channels")
+    keep = {g.id: kept_units(unit_scores(graph, g, cfg.score), cfg.amount, g, "prune.channels") for g in groups}
+    out, report = shrink_groups(graph, keep, coupling, pinned)
+    return PassResult(out, report["groups"] > 0, report)
