@@ -12,7 +12,7 @@ CALIBRATED = sorted(p.name for p in splice.list_passes() if p.calibrated(p.confi
 
 def test_the_calibrated_passes():
     assert {"quantize.allocate", "quantize.awq", "quantize.discquant", "quantize.gptq", "quantize.pvtune",
-            "quantize.reconstruct", "quantize.smoothquant", "prune.wanda", "prune.sparsegpt"} <= set(CALIBRATED)
+            "quantize.reconstruct", "quantize.smoothquant", "prune.wanda", "prune.sparsegpt", "prune.depth"} <= set(CALIBRATED)
 
 
 @pytest.mark.parametrize("model", ["llama", "cnn"])

@@ -135,3 +135,51 @@ def test_a_pinned_target_names_the_op():
 def test_query_mode_needs_gqa():
     assert_one_line_error(["prune.heads:mode=query"], "prune.heads: mode=query needs grouped-query attention",
                           model="gpt2")
+
+
+# ------------------------------------------------------------------------------------- depth
+
+
+def test_depth_skips_the_block_exactly():
+    """Removing a block gives the model with that layer deleted (transformers, eager), to 1e-5."""
+    import copy
+
+    zm, g = captured("llama")
+    out = g.apply("prune.depth:score=random,protect_first=0,seed=1")
+    removed = out.history[-1]["report"]["removed"]
+    index = int(removed[0].rsplit(".", 1)[1])
+    model = copy.deepcopy(zm.model)
+    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(model.model.layers) if i != index])
+    for layer_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = layer_idx
+    for b, s in ((1, 5), (3, 17)):
+        kw = zm.make_inputs(b, s)
+        with torch.no_grad():
+            ref = model(**kw, use_cache=False).logits
+        assert torch.allclose(out.run(*(kw[n] for n in g.input_names))["logits"], ref, atol=1e-5)
+    assert out.num_params() < g.num_params()
+
+
+@pytest.mark.parametrize("score", ["bi", "angular"])
+def test_depth_removes_the_block_its_score_ranks_last(score):
+    from zoo_graphs import calibration
+
+    zm, g = captured("gpt2")
+    out = g.apply(f"prune.depth:score={score},protect_first=0", calibration=calibration(zm, g))
+    rep = out.history[-1]["report"]
+    best = min(range(len(rep["scores"])), key=rep["scores"].__getitem__)
+    assert rep["removed"] == [f"transformer.h.{best}"]
+
+
+def test_depth_drops_the_masks_of_removed_blocks():
+    _, g = captured("llama")
+    out = g.apply("prune.magnitude", "prune.depth:score=random")
+    assert not any(k.startswith("model.layers.1.") for k in out.masks) and check_masks(out) == []
+    assert any(k.startswith("model.layers.0.") for k in out.masks)
+
+
+def test_depth_bad_input():
+    assert_bad_option("prune.depth:blocks=0", "prune.depth: blocks must be >= 1, got 0")
+    assert_bad_option("prune.depth:score=cosine", "prune.depth: score must be one of bi, angular, random")
+    assert_one_line_error(["prune.depth:blocks=2,score=random"], r"prune.depth: blocks=2 but only 1 of the 2 blocks "
+                                                                 r"may go \(protect_first=1\)")
