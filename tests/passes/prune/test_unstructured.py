@@ -184,3 +184,21 @@ def test_cli_bad_sparsity(capsys, no_capture, llama_hf_dir, tmp_path):
     out = tmp_path / "out"
     assert_error(capsys, ["run", llama_hf_dir, "-p", "prune.magnitude:sparsity=1.5", "-o", out],
                  "prune.magnitude: sparsity must be in [0, 1)", absent=[out])
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_owl_allocation(llama, criterion):
+    """OWL: blocks with more outliers keep more weights, the mean ratio is the target, each block
+    is pruned at its ratio."""
+    _, g, cal = llama
+    out = g.apply(f"prune.allocate:sparsity=0.5,criterion={criterion}", calibration=cal)
+    rep = out.history[-1]["report"]
+    ratios, outliers = rep["block_sparsity"], rep["outlier_ratio"]
+    assert sum(ratios.values()) / len(ratios) == pytest.approx(0.5, abs=1e-3)
+    assert max(ratios.values()) - min(ratios.values()) == pytest.approx(0.16, abs=1e-3)  # 2 × max_deviation
+    most = max(outliers, key=outliers.get)
+    assert ratios[most] == min(ratios.values())
+    for key, keep in out.masks.items():
+        block = key.rsplit(".", 2)[0]
+        assert 1 - float(keep.float().mean()) == pytest.approx(ratios[block], abs=0.02)
+    assert _zero_where_pruned(out)
