@@ -1,15 +1,20 @@
-"""Pruners side by side on SmolLM2-135M-Instruct: magnitude, Wanda, SparseGPT at several sparsities, and N:M.
+"""Pruners side by side on SmolLM2-135M-Instruct: unstructured, N:M, OWL, structured and depth.
 
 In one run: capture the model (fp32); calibrate as ``splice run`` does by default (Python's help
-topics, their first 80 %, windows sized to the model); for every method x sparsity (and N:M pattern)
-run the pass (wall and CPU time, load average, peak RSS sampled during the pass) and measure strided
-perplexity on four domains (``_common.domain_texts``: the help topics' held-out 20 % and licence,
-prose and Python source, which the calibration never saw), each as a multiple of the dense model's;
-the weight bytes of the pruned layers dense and as the artifact stores them (kept values + bitmask).
-Writes JSON, and the table and a plot into the generated section of ``docs/bench_prune.md``.
+topics, their first 80 %, windows sized to the model); for every method x sparsity (and N:M pattern,
+OWL allocation) run the pass (wall and CPU time, load average, peak RSS sampled during the pass) and
+measure strided perplexity on four domains (``_common.domain_texts``: the help topics' held-out 20 %
+and licence, prose and Python source, which the calibration never saw), each as a multiple of the
+dense model's; the weight bytes of the pruned layers dense and as the artifact stores them (kept
+values + bitmask). Structured rows (``--structured``: 25 % of MLP channels, a third of the KV groups,
+both) also export to ONNX: file size and ONNX Runtime latency (1 x 1 and 1 x 128 tokens) against the
+dense model's, interleaved in the same run. Depth rows (``--depth N``): N blocks removed by block
+influence, by angular distance, and at random (seeds 0-2, their mean). Writes JSON, and the tables
+and a plot into the generated section of ``docs/bench_prune.md``.
 
     python bench/prune.py                                        # 50 % and 2:4, three criteria
-    python bench/prune.py --sparsities 0.3,0.6,0.7 --nm "" --merge
+    python bench/prune.py --sparsities 0.3,0.6,0.7 --nm "" --owl "" --merge
+    python bench/prune.py --sparsities "" --nm "" --owl "" --structured --depth 4 --merge
     python bench/prune.py --render-only
 """
 from __future__ import annotations
@@ -19,14 +24,16 @@ import gc
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import IN_DOMAIN, add_lm_eval_args, domain_texts, evaluate_lm, logger, machine_info, smollm2_gguf  # noqa: E402
-from _common import versions, write_json  # noqa: E402
+from _common import interleaved_latency, versions, write_json  # noqa: E402
 from quantize import PeakRSS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +48,9 @@ def parse_args(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
     ap.add_argument("--sparsities", default="0.5", help="comma list of unstructured sparsities")
     ap.add_argument("--nm", default="2:4", help="comma list of N:M patterns (empty: none)")
+    ap.add_argument("--owl", default="0.5", help="comma list of sparsities for OWL allocation + Wanda (empty: none)")
+    ap.add_argument("--structured", action="store_true", help="channel / KV-group rows with ONNX size and ORT latency")
+    ap.add_argument("--depth", type=int, default=0, help="blocks removed in the depth rows (0: none)")
     add_lm_eval_args(ap)
     ap.add_argument("--out", default="bench/results/prune.json")
     ap.add_argument("--doc", default="docs/bench_prune.md")
@@ -64,17 +74,35 @@ def configs(args) -> list[tuple[str, str, dict]]:
         n, m_ = (int(x) for x in pattern.split(":"))
         out += [(f"{m} {pattern}", f"prune.nm:n={n},m={m_},criterion={m}",
                  {"method": m, "sparsity": 1 - n / m_, "pattern": pattern}) for m in methods]
+    for s in [float(x) for x in args.owl.split(",") if x]:
+        out.append((f"owl+wanda {s:.0%}", f"prune.allocate:sparsity={s}", {"method": "owl", "sparsity": s, "pattern": None}))
+    if args.structured:
+        out += [(name, spec, {"method": "structured", "sparsity": None, "pattern": None, "onnx": True})
+                for name, spec in STRUCTURED.items()]
+    if args.depth:
+        d = args.depth
+        out += [(f"depth {d} {score}", f"prune.depth:blocks={d},score={score}",
+                 {"method": "depth", "sparsity": None, "pattern": None}) for score in ("bi", "angular")]
+        out += [(f"depth {d} random s{seed}", f"prune.depth:blocks={d},score=random,seed={seed}",
+                 {"method": "depth-random", "sparsity": None, "pattern": None}) for seed in range(3)]
     return out
+
+
+STRUCTURED = {"channels 25% l2": "prune.channels:amount=0.25", "kv groups 1/3 l2": "prune.heads:amount=0.34",
+              "channels 25% wanda": "prune.channels:amount=0.25,score=wanda",
+              "kv groups 1/3 wanda": "prune.heads:amount=0.34,score=wanda",
+              "channels 25% + kv 1/3 wanda": "prune.channels:amount=0.25,score=wanda prune.heads:amount=0.34,score=wanda"}
 
 
 def run_pass(graph, spec: str, calib, row: dict):
     load, cpu = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     with PeakRSS() as mem:
-        out = graph.apply(spec, calibration=calib)
+        out = graph.apply(*spec.split(" "), calibration=calib)
     end = resource.getrusage(resource.RUSAGE_SELF)
     entry = out.history[-1]
-    row.update(seconds_apply=time.perf_counter() - t, seconds_pass=entry["seconds"],
+    row.update(seconds_apply=time.perf_counter() - t, seconds_pass=sum(h["seconds"] for h in out.history),
+               params=out.num_params(),
                cpu_seconds_apply=(end.ru_utime - cpu.ru_utime) + (end.ru_stime - cpu.ru_stime),
                loadavg_1min=[load, os.getloadavg()[0]], memory=mem.report(),
                report={k: v for k, v in entry["report"].items() if k != "layer_sparsity"},
@@ -122,19 +150,32 @@ def main(argv=None) -> int:
                     batch_size=args.ppl_batch, log=lambda m: log(f"{name}: {m}"))
 
     rows = result["rows"]
-    if DENSE not in rows:
-        rows[DENSE] = {"method": DENSE, "sparsity": 0.0, "pattern": None}
+    workdir = Path(tempfile.mkdtemp(prefix="splice-bench-prune-"))
+    onnx_paths: dict[str, Path] = {}
+    needs_onnx = any(f.get("onnx") for _, _, f in todo)
+    if DENSE not in rows or needs_onnx:
+        rows[DENSE] = {"method": DENSE, "sparsity": 0.0, "pattern": None, "params": graph.num_params()}
         evaluate(DENSE, graph, rows[DENSE])
+        if needs_onnx:
+            onnx_paths[DENSE] = export(graph, workdir / "dense.onnx", rows[DENSE])
     for name, spec, fields in todo:
         log(f"{name}: {spec}")
         row = {**fields, "spec": spec}
-        pruned = run_pass(graph, spec, calib if fields["method"] != "magnitude" else None, row)
-        log(f"{name}: pass {row['seconds_pass']:.1f} s, sparsity {row['report']['sparsity']:.3f}")
+        pruned = run_pass(graph, spec, calib, row)
+        log(f"{name}: pass {row['seconds_pass']:.1f} s, {row['params']:,} parameters")
         evaluate(name, pruned, row)
+        if fields.get("onnx"):
+            onnx_paths[name] = export(pruned, workdir / f"{len(onnx_paths)}.onnx", row)
         rows[name] = row
         del pruned
         gc.collect()
         write_json(out_path, result)
+    if len(onnx_paths) > 1:
+        log(f"ONNX Runtime latency over {len(onnx_paths)} sessions")
+        for shape, lat in ort_latency(onnx_paths, threads=args.threads, rounds=args.rounds, repeats=args.repeats).items():
+            for name, v in lat.items():
+                rows[name][f"latency_{shape}"] = v
+    shutil.rmtree(workdir, ignore_errors=True)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     write_json(out_path, result)
     if not args.no_doc:
@@ -143,31 +184,95 @@ def main(argv=None) -> int:
     return 0
 
 
+def export(graph, path: Path, row: dict) -> Path:
+    from splice.runtime.onnx import export_onnx, onnx_bytes
+
+    export_onnx(graph, path, external_data=True)
+    row["onnx_bytes"] = onnx_bytes(path)
+    return path
+
+
+def ort_latency(paths: dict[str, Path], *, threads: int, rounds: int, repeats: int) -> dict[str, dict]:
+    """ORT latency of 1 x 1 and 1 x 128 tokens per model, interleaved, each with its ratio to the dense model's."""
+    import numpy as np
+
+    from splice.runtime.onnx import session
+
+    sessions = {name: session(p, threads=threads) for name, p in paths.items()}
+    out = {}
+    for seq in (1, 128):
+        x = np.random.default_rng(0).integers(0, 1000, (1, seq), dtype=np.int64)
+        feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
+        lat = interleaved_latency({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
+                                  rounds=rounds, repeats=repeats if seq == 1 else max(3, repeats // 4))
+        out[f"1x{seq}"] = {n: {**v, "ratio_vs_dense": v["median_s"] / lat[DENSE]["median_s"]} for n, v in lat.items()}
+    return out
+
+
+def ratio_to_dense(row: dict, dense: dict) -> float:
+    """Geometric mean over the domains of perplexity / the dense model's."""
+    out = 1.0
+    for d in dense:
+        out *= row["ppl"][d] / dense[d]
+    return out ** (1 / len(dense))
+
+
+def _cost(row: dict) -> str:
+    mem = row["memory"]
+    peak = mem.get("peak_rss_bytes", mem.get("process_peak_bytes"))
+    return f"{row['seconds_pass']:.0f} | {row['cpu_seconds_apply']:.0f} ({row['loadavg_1min'][0]:.1f}) | {peak / 2**20:.0f}"
+
+
 def render(r: dict) -> str:
-    rows = r["rows"]
-    dense = rows[DENSE]["ppl"]
+    rows, dense = r["rows"], r["rows"][DENSE]["ppl"]
     domains = list(dense)
     c, p = r["settings"]["calibration"], r["settings"]["perplexity"]
+    ppl = "| " + " | ".join(domains) + " | × dense |"
     lines = [f"Perplexity on {len(domains)} domains ({p['max_tokens']:,} tokens each at most, windows of {p['seq_len']}); "
              f"{IN_DOMAIN} is the calibration text's held-out part, the others are unlike it; '× dense' is the geometric "
-             f"mean over the four domains of perplexity / the dense model's. Calibration (Wanda, SparseGPT): {c['text']}, "
-             f"{c.get('samples')} x {c.get('seq_len')} = {c.get('tokens', 0):,} tokens. Pruned: every linear but the LM "
-             "head; 'packed' is their weight bytes as the artifact stores them (kept values + 1-bit mask) over dense.", "",
-             "| config | sparsity | " + " | ".join(domains) + " | × dense | packed | pass wall s | CPU s (load) | "
-             "peak RSS MiB |", "|---|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|---:|"]
+             f"mean over the four domains of perplexity / the dense model's. Calibration (Wanda, SparseGPT, OWL, depth "
+             f"scores): {c['text']}, {c.get('samples')} x {c.get('seq_len')} = {c.get('tokens', 0):,} tokens. Pruned: every "
+             "linear but the LM head. Pass times: wall s, CPU s (1-min load average when it started), peak RSS MiB.", "",
+             "### Unstructured, N:M, OWL", "",
+             "'packed': the pruned layers' weight bytes as the artifact stores them (kept values + 1-bit mask) / dense.", "",
+             "| config | sparsity " + ppl + " packed | pass s | CPU s (load) | peak MiB |",
+             "|---|---:|" + "---:|" * (len(domains) + 1) + "---:|---:|---:|---:|",
+             f"| dense | 0 | " + " | ".join(f"{dense[d]:.2f}" for d in domains) + " | 1.00 | — | — | — | — |"]
     for name, row in rows.items():
-        ratio = 1.0
-        for d in domains:
-            ratio *= row["ppl"][d] / dense[d]
-        ratio **= 1 / len(domains)
-        rep = row.get("report", {})
-        packed = f"{rep['weight_bytes_after'] / rep['weight_bytes_before']:.3f}" if rep else "—"
-        mem = row.get("memory", {})
-        peak = mem.get("peak_rss_bytes", mem.get("process_peak_bytes"))
-        lines.append(f"| {name} | {rep.get('sparsity', 0):.3f} | " + " | ".join(f"{row['ppl'][d]:.2f}" for d in domains)
-                     + f" | {ratio:.2f} | {packed} | " +
-                     (f"{row['seconds_pass']:.0f} | {row['cpu_seconds_apply']:.0f} ({row['loadavg_1min'][0]:.1f}) | "
-                      f"{peak / 2**20:.0f} |" if rep else "— | — | — |"))
+        if row["method"] in METHODS + ("owl",):
+            rep = row["report"]
+            lines.append(f"| {name} | {rep['sparsity']:.3f} | " + " | ".join(f"{row['ppl'][d]:.2f}" for d in domains) +
+                         f" | {ratio_to_dense(row, dense):.2f} | {rep['weight_bytes_after'] / rep['weight_bytes_before']:.3f} "
+                         f"| {_cost(row)} |")
+    structured = [(n, row) for n, row in rows.items() if row["method"] == "structured"]
+    if structured:
+        lat = [k for k in ("latency_1x1", "latency_1x128") if k in structured[0][1]]
+        lines += ["", "### Structured (physically smaller; scores: l2 group norm, data-free, or structured Wanda from the "
+                  "calibration; no recovery training)", "",
+                  "ORT latency: median of interleaved runs in the same process as the dense model's, as a ratio.", "",
+                  "| config | parameters " + ppl + " ONNX MB | " + " | ".join(f"ORT {k[8:]} × dense" for k in lat) +
+                  " | pass s | CPU s (load) | peak MiB |",
+                  "|---|---:|" + "---:|" * (len(domains) + 2 + len(lat)) + "---:|---:|---:|",
+                  f"| dense | {rows[DENSE]['params']:,} | " + " | ".join(f"{dense[d]:.2f}" for d in domains) +
+                  f" | 1.00 | {rows[DENSE].get('onnx_bytes', 0) / 1e6:.1f} | " + " | ".join("1.00" for _ in lat) + " | — | — | — |"]
+        for name, row in structured:
+            lines.append(f"| {name} | {row['params']:,} | " + " | ".join(f"{row['ppl'][d]:.2f}" for d in domains) +
+                         f" | {ratio_to_dense(row, dense):.2f} | {row['onnx_bytes'] / 1e6:.1f} | " +
+                         " | ".join(f"{row[k]['ratio_vs_dense']:.2f}" for k in lat) + f" | {_cost(row)} |")
+    depth = [(n, row) for n, row in rows.items() if row["method"] in ("depth", "depth-random")]
+    if depth:
+        lines += ["", "### Depth (whole blocks removed; no recovery training)", "",
+                  "| config | removed | parameters " + ppl + " pass s |",
+                  "|---|---|---:|" + "---:|" * (len(domains) + 1) + "---:|"]
+        for name, row in depth:
+            removed = ", ".join(b.rsplit(".", 1)[-1] for b in row["report"]["removed"])
+            lines.append(f"| {name} | {removed} | {row['params']:,} | " + " | ".join(f"{row['ppl'][d]:.2f}" for d in domains)
+                         + f" | {ratio_to_dense(row, dense):.2f} | {row['seconds_pass']:.0f} |")
+        randoms = [row for _, row in depth if row["method"] == "depth-random"]
+        if randoms:
+            mean = sum(ratio_to_dense(row, dense) for row in randoms) / len(randoms)
+            lines.append(f"| random, mean of {len(randoms)} seeds | | | " + " | ".join(
+                f"{sum(row['ppl'][d] for row in randoms) / len(randoms):.2f}" for d in domains) + f" | {mean:.2f} | |")
     return "\n".join(lines)
 
 
@@ -183,13 +288,10 @@ def plot(r: dict, path: Path) -> str | None:
     rows, dense = r["rows"], r["rows"][DENSE]["ppl"]
 
     def ratio(row):
-        out = 1.0
-        for d in dense:
-            out *= row["ppl"][d] / dense[d]
-        return out ** (1 / len(dense))
+        return ratio_to_dense(row, dense)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
+    for method in METHODS + ("owl",):
         pts = sorted((row["sparsity"], ratio(row)) for row in rows.values()
                      if row["method"] == method and row["pattern"] is None)
         if pts:

@@ -24,9 +24,11 @@ def test_refused_without_calibration(name, model):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("spec", ["prune.nm:criterion=wanda", "prune.nm:criterion=sparsegpt"])
+@pytest.mark.parametrize("spec", ["prune.nm:criterion=wanda", "prune.nm:criterion=sparsegpt",
+                                  "prune.channels:score=wanda", "prune.heads:score=wanda"])
 def test_refused_by_option(spec):
     _, g = captured("llama")
-    g.apply("prune.nm")  # magnitude: data-free
-    with pytest.raises(ConfigError, match="prune.nm: needs calibration data"):
+    name = spec.split(":")[0]
+    g.apply(name)  # the default: data-free
+    with pytest.raises(ConfigError, match=f"{name}: needs calibration data"):
         g.apply(spec)

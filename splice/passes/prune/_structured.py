@@ -1,6 +1,8 @@
 """Shared by the structured pruners (``prune.channels``, ``prune.heads``): the config, which
-coupling groups a pass removes units from (``ir/coupling.py``), data-free unit scores from the
-norms of every tensor slice a unit owns, and the physical shrink (``ir/shrink.py``) with its report.
+coupling groups a pass removes units from (``ir/coupling.py``), unit scores — data-free from the
+norms of every tensor slice a unit owns, or from calibration as structured Wanda (each unit's input
+feature norm times the weights that read it: Wanda-sp, https://arxiv.org/abs/2312.11983) — and the
+physical shrink (``ir/shrink.py``) with its report.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ from splice.ir.coupling import Coupling, Group
 from splice.ir.graph import Graph
 from splice.ir.select import parse_targets, validate_targets
 from splice.ir.shrink import shrink
-from splice.passes.base import PassConfig
+from splice.passes.base import PassConfig, PassContext
+from splice.passes.instrument.calibrate import input_stats
 
-SCORES = ("l2", "l1")
+aten = torch.ops.aten
+
+SCORES = ("l2", "l1", "wanda")
 STRUCTURED_REPORT = {"groups": "groups shrunk", "units_removed": "units removed",
                      "params_before": "parameters before", "params_after": "parameters after"}
 
@@ -27,7 +32,9 @@ class StructuredConfig(PassConfig):
     amount: float = field(default=0.25, metadata={"help": "fraction of each targeted group's units removed, in [0, 1)"})
     targets: str = field(default="all", metadata={
         "help": "groups whose layers match (module-path globs, re:, !exclude, joined by |); all: every shrinkable one"})
-    score: str = field(default="l2", metadata={"help": "unit importance: l2 or l1 norm of every weight slice it owns"})
+    score: str = field(default="l2", metadata={
+        "help": "unit importance: l2 or l1 norm of every weight slice it owns (data-free), or wanda: "
+                "Σ |W|·‖X‖ over the weights that read it (needs calibration)"})
 
     def __post_init__(self):
         if not 0 <= self.amount < 1:
@@ -69,6 +76,39 @@ def unit_scores(graph: Graph, group: Group, score: str) -> torch.Tensor:
         owned = t.index_select(m.axis, m.index.reshape(-1)).movedim(m.axis, 0)
         out += owned.reshape(group.units, -1).abs().pow(power).sum(1)
     return out
+
+
+def wanda_scores(graph: Graph, groups: list[Group], ctx: PassContext) -> dict[int, torch.Tensor]:
+    """Structured Wanda: for each unit, ``Σ |W_ij| · ‖X_j‖₂`` over the input features ``j`` it owns
+    of every linear that reads it (down_proj's columns for an MLP channel, o_proj's for a head),
+    with ``‖X_j‖`` from calibration on the graph as it is (cached with the other passes' statistics)."""
+    readers = {m.target for g in groups for m in g.members if m.axis == 1}
+    nodes = [n for n in graph.gm.graph.nodes if n.target == aten.linear.default and n.args[1].target in readers]
+    stats = input_stats(graph, nodes, ctx.calibration, ("hessian",), ctx.cache)
+    per_feature = {}
+    for node in nodes:
+        xtx = stats[node.name].xtx
+        norm = torch.diagonal(xtx).double().clamp(min=0).sqrt() if xtx is not None else 1.0
+        per_feature[node.args[1].target] = (graph.tensor(node.args[1].target).detach().double().abs() * norm).sum(0)
+    out = {}
+    for g in groups:
+        score = torch.zeros(g.units, dtype=torch.float64)
+        for m in g.members:
+            if m.axis == 1 and m.target in per_feature:
+                score += per_feature[m.target][m.index].sum(1)
+        out[g.id] = score
+    return out
+
+
+def scores_of(graph: Graph, groups: list[Group], cfg: StructuredConfig, ctx: PassContext) -> dict[int, torch.Tensor]:
+    """Each group's unit scores by ``cfg.score``."""
+    if cfg.score == "wanda":
+        return wanda_scores(graph, groups, ctx)
+    return {g.id: unit_scores(graph, g, cfg.score) for g in groups}
+
+
+def needs_data(cfg: StructuredConfig) -> bool:
+    return cfg.score == "wanda"
 
 
 def kept_units(scores: torch.Tensor, amount: float, group: Group, pass_name: str) -> torch.Tensor:

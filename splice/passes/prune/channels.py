@@ -3,7 +3,9 @@ channels of CNNs (through batch norm, depthwise and grouped convs, squeeze-excit
 adds) — so the weights physically shrink and the model exports smaller. The coupling analysis
 (``ir/coupling.py``) finds which axes shrink together; each targeted group loses the ``amount`` of
 its channels with the lowest group norm (Torch-Pruning's default importance,
-https://arxiv.org/abs/2301.12900), data-free.
+https://arxiv.org/abs/2301.12900), data-free, or with ``score=wanda`` the lowest structured Wanda
+score from calibration (Wanda-sp, https://arxiv.org/abs/2312.11983): on LLMs the data-free norm
+ranks channels badly (docs/bench_prune.md), as LLM-Pruner found for its L2 baseline.
 
 Kinds pruned: ``mlp`` and ``conv``/``channels`` groups; the residual stream too in a graph without
 attention (a CNN's stages), where it is the channel axis a residual add shares. A transformer's
@@ -17,8 +19,8 @@ from dataclasses import dataclass, field
 from splice.ir.coupling import analyze
 from splice.ir.graph import Graph
 from splice.passes.base import Applies, PassContext, PassResult, register_pass
-from splice.passes.prune._structured import (STRUCTURED_REPORT, StructuredConfig, kept_units, shrink_groups, targeted,
-                                             unit_scores)
+from splice.passes.prune._structured import (STRUCTURED_REPORT, StructuredConfig, kept_units, needs_data, scores_of,
+                                             shrink_groups, targeted)
 
 KINDS = ("mlp", "conv", "channels", "residual")
 
@@ -46,10 +48,12 @@ def chosen_kinds(cfg: ChannelsConfig, coupling) -> tuple[str, ...]:
 
 
 @register_pass("prune.channels", ChannelsConfig, reference="https://arxiv.org/abs/2301.12900",
-               report_fields=STRUCTURED_REPORT, applies=Applies("a linear or conv layer", kinds=("linear", "conv")))
+               report_fields=STRUCTURED_REPORT, needs_calibration=needs_data,
+               applies=Applies("a linear or conv layer", kinds=("linear", "conv")))
 def channels(graph: Graph, cfg: ChannelsConfig, ctx: PassContext) -> PassResult:
     coupling = analyze(graph)
     groups, pinned = targeted(coupling, chosen_kinds(cfg, coupling), cfg, "prune.channels")
-    keep = {g.id: kept_units(unit_scores(graph, g, cfg.score), cfg.amount, g, "prune.channels") for g in groups}
+    scores = scores_of(graph, groups, cfg, ctx)
+    keep = {g.id: kept_units(scores[g.id], cfg.amount, g, "prune.channels") for g in groups}
     out, report = shrink_groups(graph, keep, coupling, pinned)
     return PassResult(out, report["groups"] > 0, report)

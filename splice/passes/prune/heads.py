@@ -17,8 +17,8 @@ from splice.errors import ConfigError
 from splice.ir.coupling import analyze
 from splice.ir.graph import Graph
 from splice.passes.base import Applies, PassContext, PassResult, register_pass
-from splice.passes.prune._structured import (STRUCTURED_REPORT, StructuredConfig, kept_units, shrink_groups, targeted,
-                                             unit_scores)
+from splice.passes.prune._structured import (STRUCTURED_REPORT, StructuredConfig, kept_units, needs_data, scores_of,
+                                             shrink_groups, targeted)
 
 MODES = ("kv", "query")
 
@@ -53,7 +53,8 @@ def _has_attention(graph: Graph) -> bool:
 
 
 @register_pass("prune.heads", HeadsConfig, reference="https://arxiv.org/abs/1905.10650",
-               report_fields=STRUCTURED_REPORT, applies=Applies("attention heads", check=_has_attention))
+               report_fields=STRUCTURED_REPORT, needs_calibration=needs_data,
+               applies=Applies("attention heads", check=_has_attention))
 def heads(graph: Graph, cfg: HeadsConfig, ctx: PassContext) -> PassResult:
     coupling = analyze(graph)
     if cfg.mode == "query":
@@ -61,11 +62,12 @@ def heads(graph: Graph, cfg: HeadsConfig, ctx: PassContext) -> PassResult:
             raise ConfigError("prune.heads: mode=query needs grouped-query attention (this graph has no KV groups); "
                               "use mode=kv")
         groups, pinned = targeted(coupling, ("heads",), cfg, "prune.heads", where=lambda g: g.parent is not None)
-        keep = {g.id: query_heads_kept(unit_scores(graph, g, cfg.score), g, coupling.group(g.parent).units, cfg.amount)
-                for g in groups}
+        scores = scores_of(graph, groups, cfg, ctx)
+        keep = {g.id: query_heads_kept(scores[g.id], g, coupling.group(g.parent).units, cfg.amount) for g in groups}
     else:
         gqa = any(g.kind == "kv_heads" for g in coupling.groups)
         groups, pinned = targeted(coupling, ("kv_heads",) if gqa else ("heads",), cfg, "prune.heads")
-        keep = {g.id: kept_units(unit_scores(graph, g, cfg.score), cfg.amount, g, "prune.heads") for g in groups}
+        scores = scores_of(graph, groups, cfg, ctx)
+        keep = {g.id: kept_units(scores[g.id], cfg.amount, g, "prune.heads") for g in groups}
     out, report = shrink_groups(graph, keep, coupling, pinned)
     return PassResult(out, report["groups"] > 0, report)

@@ -32,6 +32,25 @@ def test_channels_remove_the_lowest_norm_mlp_channels():
     assert dense_weight(out, weight_layers(out)["model.layers.0.mlp.down_proj"]).shape == (64, 96)
 
 
+def test_structured_wanda_scores_the_readers_of_each_channel():
+    """score=wanda keeps the MLP channels with the largest Σ|W_down[:, j]|·‖X_j‖ (X: down_proj's inputs)."""
+    from zoo_graphs import calibration
+
+    zm, g = captured("llama")
+    cal = calibration(zm, g, n=4, seq=32)
+    out = g.apply("prune.channels:score=wanda,amount=0.25,targets=model.layers.0.mlp.*", calibration=cal)
+    x = []
+    hook = zm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: x.append(i[0].reshape(-1, 128)))
+    with torch.no_grad():
+        for sample in cal:
+            zm.model(**dict(zip(g.input_names, sample)), use_cache=False)
+    hook.remove()
+    norm = torch.cat(x).double().pow(2).sum(0).sqrt()
+    w = zm.model.model.layers[0].mlp.down_proj.weight.detach().double()
+    kept = torch.topk((w.abs() * norm).sum(0), 96).indices.sort().values
+    assert torch.equal(dense_weight(out, weight_layers(out)["model.layers.0.mlp.down_proj"]), w[:, kept].float())
+
+
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_heads_under_gqa(model, tmp_path):
     """mode=kv removes a KV head with both its query heads; mode=query one query head of each KV group."""
