@@ -59,7 +59,7 @@ def _refuse_inside_input(dest: Path, source: str) -> None:
 
 
 def run(args, ui: UI) -> int:
-    from splice.ir.atomic import atomic_files
+    from splice.ir.atomic import atomic_dir, atomic_files
 
     target = next(t for t in args.targets if getattr(args, t.name) is not None)
     if args.check and target.check is None:
@@ -70,15 +70,17 @@ def run(args, ui: UI) -> int:
     graph, _ = capture(args.artifact, ui)  # artifacts and .pt2 load; models are captured
     written: dict[str, int] = {}
 
+    directory = target.metavar == "DIR"
+
     def write(tmp: Path) -> None:
-        staged = tmp / dest.name
+        staged = tmp if directory else tmp / dest.name  # atomic_dir hands the directory itself
         with ui.phase(f"export {dest.name} ({target.name})"):
             target.export(graph, staged)
         if args.check:
             _check(args, ui, target, graph, staged, dest)
-        written.update((p.name, p.stat().st_size) for p in tmp.iterdir())
+        written.update((p.name, p.stat().st_size) for p in (staged.iterdir() if directory else tmp.iterdir()))
 
-    atomic_files(dest, args.force, write)
+    (atomic_dir if directory else atomic_files)(dest, args.force, write)
     companions = sorted(name for name in written if name != dest.name)
     ui.print(f"wrote {esc(dest)} ({sum(written.values()):,} bytes"
              f"{', with ' + esc(', '.join(companions)) if companions else ''})")

@@ -22,7 +22,7 @@ class ExportTarget:
     help: str
     export: Callable[..., None]   # export(graph, path): writes path (and companion files beside it)
     check: Callable[..., float] | None = None  # check(graph, path, inputs_list, verbose) -> max |target - torch|
-    metavar: str = "FILE"
+    metavar: str = "FILE"     # "DIR": the export writes a directory
 
 
 _TARGETS: dict[str, ExportTarget] = {}
@@ -57,3 +57,20 @@ def _onnx_check(graph, path: Path, inputs_list: Sequence, verbose: bool = False)
 
 register_target(ExportTarget("onnx", "--onnx", "ONNX file to write (weights in FILE.data when large)",
                              _onnx_export, _onnx_check))
+
+
+def _hf_export(graph, path: Path) -> None:
+    from splice.runtime.hf import export_hf
+
+    export_hf(graph, path)
+
+
+def _hf_check(graph, path: Path, inputs_list: Sequence, verbose: bool = False) -> float:
+    from splice.runtime.hf import check_hf
+
+    return check_hf(graph, path, inputs_list, verbose)
+
+
+register_target(ExportTarget("hf", "--hf", "transformers directory to write (config + safetensors; float graphs "
+                             "captured from a transformers model, e.g. after structured pruning)",
+                             _hf_export, _hf_check, metavar="DIR"))
