@@ -180,7 +180,7 @@ def _coords(cls: Classes, c: int, n: int) -> dict[int, torch.Tensor]:
 
 def _unit_index(coord: torch.Tensor, units: int) -> torch.Tensor:
     """[units, k]: the positions of each unit (every unit owns the same number)."""
-    return torch.stack([(coord == u).nonzero().flatten() for u in range(units)])
+    return torch.argsort(coord, stable=True).reshape(units, -1)  # positions grouped by unit, in order
 
 
 def _block(index: torch.Tensor) -> int:
