@@ -6,7 +6,7 @@ on the first of the two (an export is most of a case's time); ``-m slow`` runs t
 pass × model matrix, every case with ONNX. What a pass declares it needs comes from the registry
 too: the passes its ``requires`` name run first, and each graph it reads (``graphs``) is the
 model itself.
-Checks structure (the pass created nodes, or replaced stored tensors, and the graph verifies), numerics (a cosine
+Checks structure (the pass created nodes, or replaced or removed stored tensors, and the graph verifies), numerics (a cosine
 floor against the original for lossy passes), config round-trip, save/load bit-identity,
 and ONNX Runtime parity of the result.
 """
@@ -23,6 +23,7 @@ from splice.passes.spec import format_spec, parse_spec
 from zoo_graphs import captured, input_grid
 
 PASSES = [p.name for p in list_passes()]
+COSINE_FLOOR = {"prune.depth": 0.6, "prune.heads": 0.8}  # one of a zoo model's 2 blocks / 2 KV groups goes
 
 
 def _models(name: str) -> tuple[str, ...]:
@@ -88,11 +89,11 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     # provenance: every node the pass created is marked (a pass that only removes what its setup
     # added, like instrument.strip, gives back the original ops instead)
     created = [n for n in out.gm.graph.nodes if n.meta.get("splice_pass") == name]
-    before = start.tensors()  # ... or, pruning, it replaced stored tensors (and recorded masks)
-    replaced = [k for k, t in out.tensors().items() if before.get(k) is not t]
+    before, after = start.tensors(), out.tensors()  # ... or, pruning, it replaced or removed stored tensors
+    replaced = [k for k, t in after.items() if before.get(k) is not t] + [k for k in before if k not in after]
     assert created or replaced or out.op_counts() == graph.op_counts() != start.op_counts(), "pass changed nothing"
     fid = compare_outputs(graph.run(*graph.example_inputs), out.run(*graph.example_inputs))
-    assert all(f["cosine"] > 0.9 for f in fid.values()), fid
+    assert all(f["cosine"] > COSINE_FLOOR.get(name, 0.9) for f in fid.values()), fid
     # save -> load is bit-identical and keeps the history
     out.save(tmp_path / "art")
     back = splice.load(tmp_path / "art")

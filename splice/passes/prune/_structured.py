@@ -29,7 +29,8 @@ STRUCTURED_REPORT = {"groups": "groups shrunk", "units_removed": "units removed"
 class StructuredConfig(PassConfig):
     """Fields every structured pruner takes."""
 
-    amount: float = field(default=0.25, metadata={"help": "fraction of each targeted group's units removed, in [0, 1)"})
+    amount: float = field(default=0.25, metadata={
+        "help": "fraction of each targeted group's units removed (rounded, at least one), in [0, 1)"})
     targets: str = field(default="all", metadata={
         "help": "groups whose layers match (module-path globs, re:, !exclude, joined by |); all: every shrinkable one"})
     score: str = field(default="l2", metadata={
@@ -112,8 +113,9 @@ def needs_data(cfg: StructuredConfig) -> bool:
 
 
 def kept_units(scores: torch.Tensor, amount: float, group: Group, pass_name: str) -> torch.Tensor:
-    """The highest-scoring ``1 - amount`` of the units, in order."""
-    remove = round(amount * len(scores))
+    """The highest-scoring ``1 - amount`` of the units, in order (at least one unit goes when
+    ``amount`` > 0: a quarter of 2 KV heads is one, not none)."""
+    remove = max(round(amount * len(scores)), 1 if amount > 0 else 0)
     if remove >= len(scores):
         raise ConfigError(f"{pass_name}: amount={amount} would remove every unit ({len(scores)}) of {group.kind} "
                           f"group #{group.id} ({group.touches()})")

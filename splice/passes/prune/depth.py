@@ -56,6 +56,16 @@ class Block:
     input: fx.Node  # the residual stream entering the block
     output: fx.Node  # the residual stream leaving it
 
+    @property
+    def skippable(self) -> bool:
+        """Whether its output has its input's shape (a downsampling stage does not)."""
+        return _shape(self.input) == _shape(self.output)
+
+
+def _shape(node: fx.Node) -> tuple[str, ...] | None:
+    val = node.meta.get("val")
+    return tuple(str(d) for d in val.shape) if hasattr(val, "shape") else None
+
 
 def stack(graph: Graph) -> list[Block]:
     """The blocks of the graph's longest stack of indexed modules (``model.layers.{0..n}``) that
@@ -87,9 +97,8 @@ def stack(graph: Graph) -> list[Block]:
 
 def _residual_input(nodes: set[fx.Node], out: fx.Node, path: str) -> fx.Node:
     """The value from outside the block with the output's shape: the residual stream it adds to."""
-    shape = tuple(str(d) for d in out.meta["val"].shape)
     found = {a for n in nodes for a in n.all_input_nodes if a not in nodes and a.op != "get_attr"
-             and hasattr(a.meta.get("val"), "shape") and tuple(str(d) for d in a.meta["val"].shape) == shape}
+             and _shape(a) == _shape(out)}
     if len(found) != 1:
         raise ConfigError(f"prune.depth: cannot tell the residual input of block '{path}' ({len(found)} candidates)")
     return found.pop()
@@ -117,10 +126,10 @@ def boundary_cosines(graph: Graph, blocks: list[Block], calibration: list[tuple]
 def choose(graph: Graph, blocks: list[Block], cfg: DepthConfig, calibration) -> tuple[list[int], list[float] | None]:
     """Indices of the blocks to remove and the scores they were chosen by (per block for ``bi``,
     per span start for ``angular``)."""
-    free = list(range(cfg.protect_first, len(blocks)))
+    free = [i for i in range(cfg.protect_first, len(blocks)) if blocks[i].skippable]
     if cfg.blocks > len(free):
         raise ConfigError(f"prune.depth: blocks={cfg.blocks} but only {len(free)} of the {len(blocks)} blocks may go "
-                          f"(protect_first={cfg.protect_first})")
+                          f"(protect_first={cfg.protect_first}; a block whose output shape is not its input's stays)")
     if cfg.score == "random":
         return sorted(random.Random(cfg.seed).sample(free, cfg.blocks)), None
     if cfg.score == "bi":
@@ -128,7 +137,11 @@ def choose(graph: Graph, blocks: list[Block], cfg: DepthConfig, calibration) -> 
         return sorted(sorted(free, key=lambda i: influence[i])[:cfg.blocks]), influence
     distance = [math.acos(max(-1.0, min(1.0, c))) / math.pi
                 for c in boundary_cosines(graph, blocks, calibration, cfg.blocks).tolist()]
-    start = min(range(cfg.protect_first, len(blocks) - cfg.blocks + 1), key=lambda i: distance[i])
+    spans = [i for i in range(cfg.protect_first, len(blocks) - cfg.blocks + 1)
+             if all(blocks[j].skippable for j in range(i, i + cfg.blocks))]
+    if not spans:
+        raise ConfigError(f"prune.depth: no {cfg.blocks} consecutive blocks may go (protect_first={cfg.protect_first})")
+    start = min(spans, key=lambda i: distance[i])
     return list(range(start, start + cfg.blocks)), distance
 
 
@@ -152,13 +165,20 @@ def remove_blocks(graph: Graph, blocks: list[Block], removed: list[int]) -> None
     graph.finalize()
 
 
+def _has_stack(graph: Graph) -> bool:
+    try:
+        return sum(b.skippable for b in stack(graph)[1:]) > 0
+    except ConfigError:
+        return False
+
+
 def _needs_calibration(cfg: DepthConfig) -> bool:
     return cfg.score != "random"
 
 
 @register_pass("prune.depth", DepthConfig, reference="https://arxiv.org/abs/2403.03853",
                needs_calibration=_needs_calibration, report_fields={"removed": "blocks removed"},
-               applies=Applies("a stack of repeated blocks", kinds=("linear",), check=lambda g: len(stack(g)) > 1))
+               applies=Applies("a stack of repeated blocks", kinds=("linear",), check=_has_stack))
 def depth(graph: Graph, cfg: DepthConfig, ctx: PassContext) -> PassResult:
     blocks = stack(graph)
     removed, scores = choose(graph, blocks, cfg, ctx.calibration)

@@ -39,7 +39,7 @@ class HeadsConfig(StructuredConfig):
 def query_heads_kept(scores: torch.Tensor, group, parent_units: int, amount: float) -> torch.Tensor:
     """Per KV head, its best ``1 - amount`` query heads (the same count in every KV group)."""
     per = group.per_parent
-    drop = round(amount * per)
+    drop = max(round(amount * per), 1 if amount > 0 else 0)
     if drop >= per:
         raise ConfigError(f"prune.heads: amount={amount} would remove every query head of the KV groups of "
                           f"{group.touches()} ({per} per group)")

@@ -201,4 +201,4 @@ def test_depth_bad_input():
     assert_bad_option("prune.depth:blocks=0", "prune.depth: blocks must be >= 1, got 0")
     assert_bad_option("prune.depth:score=cosine", "prune.depth: score must be one of bi, angular, random")
     assert_one_line_error(["prune.depth:blocks=2,score=random"], r"prune.depth: blocks=2 but only 1 of the 2 blocks "
-                                                                 r"may go \(protect_first=1\)")
+                                                                 r"may go \(protect_first=1;")
