@@ -204,7 +204,8 @@ def _cli():
     return [shutil.which("splice") or pytest.skip("no splice console script")]
 
 
-@pytest.mark.parametrize("how", ["sample inputs", "use_pickle no space", "legacy model.pt", "opaque constant"])
+@pytest.mark.parametrize("how", ["sample inputs"] + [pytest.param(h, marks=pytest.mark.slow) for h in (
+    "use_pickle no space", "legacy model.pt", "opaque constant")])  # every payload is refused by load above
 def test_pickle_members_are_refused_by_the_cli(art_copy, tmp_path, how):
     marker = tmp_path / "ran"
     craft(art_copy / PROGRAM, how, marker)

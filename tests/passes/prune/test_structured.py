@@ -51,7 +51,7 @@ def test_structured_wanda_scores_the_readers_of_each_channel():
     assert torch.equal(dense_weight(out, weight_layers(out)["model.layers.0.mlp.down_proj"]), w[:, kept].float())
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_heads_under_gqa(model, tmp_path):
     """mode=kv removes a KV head with both its query heads; mode=query one query head of each KV group."""
     zm, g = captured(model)
