@@ -22,7 +22,7 @@ from splice.ir.axes import Classes
 from splice.ir.coupling import Coupling, analyze
 from splice.ir.graph import Graph, set_attr
 from splice.ir.sparsity import weight_layers
-from splice.ir.weights import weight_args
+from splice.ir.weights import stored_weight
 
 aten = torch.ops.aten
 
@@ -156,8 +156,7 @@ def _slice_masks(g: Graph, c: Coupling, sizes: _Sizes) -> None:
     layers = weight_layers(g)
     for key, keep in list(g.masks.items()):
         node = layers.get(key)
-        args = weight_args(node) if node is not None else None
-        axes = c.state.stored.get(node.args[next(iter(args))].target) if args else None
+        axes = c.state.stored.get(stored_weight(node).target) if node is not None else None
         for a, cl in enumerate(axes or ()):
             idx = sizes.kept(cl) if cl is not None else None
             if idx is not None:

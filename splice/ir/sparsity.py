@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from splice.ir.graph import Graph, set_attr
-from splice.ir.weights import dense_weight, layer_key, replace_weight, shared_tensors, weight_args
+from splice.ir.weights import dense_weight, layer_key, replace_weight, shared_tensors, stored_weight, weight_args
 from splice.kernels.prune.ops import pack_mask, unpack_mask
 
 SPARSE_WEIGHT = torch.ops.splice.sparse_weight.default
@@ -72,10 +72,9 @@ def packed_bytes(keep: torch.Tensor, element_size: int) -> int:
 
 def _packable(graph: Graph, node: fx.Node, shared) -> fx.Node | None:
     """The float weight node of a masked ATen op that reads it alone, else None."""
-    args = weight_args(node)
-    if graph.masks.get(layer_key(node)) is None or node.target.namespace != "aten" or args is None:
+    if graph.masks.get(layer_key(node)) is None or node.target.namespace != "aten":
         return None
-    w_node = node.args[next(iter(args))]
+    w_node = stored_weight(node)
     ok = w_node.target not in shared and graph.tensor(w_node.target).is_floating_point()
     return w_node if ok else None
 

@@ -43,6 +43,12 @@ def weight_args(node: fx.Node) -> dict[int, str] | None:
     return dict(rec.weight.args) if rec is not None and rec.weight is not None else None
 
 
+def stored_weight(node: fx.Node) -> fx.Node:
+    """The node of the first stored tensor ``node``'s weight lives in (the float weight of an ATen
+    op, ``qweight`` of a quantized one); ``node`` must store a weight (``weight_args``)."""
+    return node.args[next(iter(weight_args(node)))]
+
+
 def is_lossy(node: fx.Node) -> bool:
     """Whether writing a weight to ``node`` rounds it (re-quantizes), so ``replace_weight`` keeps the originals."""
     rec = record(node.target)

@@ -16,7 +16,7 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, op_kind, select_nodes, validate_targets
 from splice.ir.sparsity import mask_of, packed_bytes, prune_layer, sparsity
-from splice.ir.weights import dense_weight, layer_key, weight_args
+from splice.ir.weights import dense_weight, layer_key, stored_weight
 from splice.kernels.instrument.store import LayerStats
 from splice.passes.base import Applies, PassConfig, PassContext
 from splice.passes.instrument.calibrate import solve_groups
@@ -162,11 +162,6 @@ def prune_calibrated(graph: Graph, nodes: list[fx.Node], cfg: CalibratedPruneCon
         keep, new = solved[node.args[1].target]
         prune_layer(graph, node, keep, new)
     return report(graph, nodes)
-
-
-def stored_weight(node: fx.Node) -> fx.Node:
-    """The ``get_attr`` node of ``node``'s (float) weight."""
-    return node.args[next(iter(weight_args(node)))]
 
 
 def report(graph: Graph, nodes: list[fx.Node]) -> dict:
