@@ -112,10 +112,15 @@ def needs_data(cfg: StructuredConfig) -> bool:
     return cfg.score == "wanda"
 
 
+def units_removed(amount: float, units: int) -> int:
+    """How many of ``units`` ``amount`` removes: rounded, and at least one when ``amount`` > 0 (a
+    quarter of 2 KV heads is one, not none)."""
+    return max(round(amount * units), 1 if amount > 0 else 0)
+
+
 def kept_units(scores: torch.Tensor, amount: float, group: Group, pass_name: str) -> torch.Tensor:
-    """The highest-scoring ``1 - amount`` of the units, in order (at least one unit goes when
-    ``amount`` > 0: a quarter of 2 KV heads is one, not none)."""
-    remove = max(round(amount * len(scores)), 1 if amount > 0 else 0)
+    """The highest-scoring ``1 - amount`` of the units (``units_removed``), in order."""
+    remove = units_removed(amount, len(scores))
     if remove >= len(scores):
         raise ConfigError(f"{pass_name}: amount={amount} would remove every unit ({len(scores)}) of {group.kind} "
                           f"group #{group.id} ({group.touches()})")

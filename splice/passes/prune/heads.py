@@ -18,7 +18,7 @@ from splice.ir.coupling import analyze
 from splice.ir.graph import Graph
 from splice.passes.base import Applies, PassContext, PassResult, register_pass
 from splice.passes.prune._structured import (STRUCTURED_REPORT, StructuredConfig, kept_units, needs_data, scores_of,
-                                             shrink_groups, targeted)
+                                             shrink_groups, targeted, units_removed)
 
 MODES = ("kv", "query")
 
@@ -39,7 +39,7 @@ class HeadsConfig(StructuredConfig):
 def query_heads_kept(scores: torch.Tensor, group, parent_units: int, amount: float) -> torch.Tensor:
     """Per KV head, its best ``1 - amount`` query heads (the same count in every KV group)."""
     per = group.per_parent
-    drop = max(round(amount * per), 1 if amount > 0 else 0)
+    drop = units_removed(amount, per)
     if drop >= per:
         raise ConfigError(f"prune.heads: amount={amount} would remove every query head of the KV groups of "
                           f"{group.touches()} ({per} per group)")
