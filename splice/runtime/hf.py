@@ -59,11 +59,8 @@ def float_tensors(graph) -> dict[str, torch.Tensor]:
         raise SpliceError(f"--hf writes float transformers weights; this graph uses {', '.join(stored)} "
                           "(fold adapters, or export before quantizing)")
     tensors = {k: v.detach() for k, v in graph.tensors().items()}
-    indices: dict[str, set[int]] = {}
-    for name in tensors:
-        if m := _INDEXED.match(name):
-            indices.setdefault(m.group(1), set()).add(int(m.group(2)))
-    renumber = {prefix: {old: new for new, old in enumerate(sorted(ix))} for prefix, ix in indices.items()}
+    renumber = {prefix: {old: new for new, old in enumerate(sorted(ix))}
+                for prefix, ix in _indices_by_prefix(tensors).items()}
     out = {}
     for name, t in tensors.items():
         m = _INDEXED.match(name)
@@ -86,12 +83,18 @@ def with_ties(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _stack_indices(names) -> list[int]:
-    """The block indices of the longest stack of indexed names (``model.layers.{i}.…``)."""
+def _indices_by_prefix(names) -> dict[str, set[int]]:
+    """The block indices of indexed names by their prefix (``model.layers.`` -> {0, 1, …})."""
     indices: dict[str, set[int]] = {}
     for name in names:
         if m := _INDEXED.match(name):
             indices.setdefault(m.group(1), set()).add(int(m.group(2)))
+    return indices
+
+
+def _stack_indices(names) -> list[int]:
+    """The block indices of the longest stack of indexed names (``model.layers.{i}.…``)."""
+    indices = _indices_by_prefix(names)
     return sorted(max(indices.values(), key=len)) if indices else []
 
 
