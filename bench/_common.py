@@ -91,6 +91,20 @@ def _jsonable(x):
     raise TypeError(f"not JSON serializable: {type(x).__name__}")
 
 
+def replace_generated(doc: Path, begin: str, end: str, body: str, title: str) -> None:
+    """Put ``body`` (which starts with ``begin`` and ends with ``end``) in place of the generated
+    section of ``doc``, keeping the hand-written rest; a missing doc is created under ``title``, a
+    doc without the markers gets the section appended."""
+    text = doc.read_text() if doc.exists() else f"# {title}\n\n{begin}\n{end}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + body + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
 def interleaved_latency(runs: dict[str, Callable[[], object]], *, rounds: int, repeats: int, warmup: int = 2,
                         pause_s: float = 0.2) -> dict[str, dict]:
     """Seconds per call for each named callable, measured in ``rounds`` rounds that visit every

