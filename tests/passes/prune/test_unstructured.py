@@ -161,6 +161,12 @@ def test_cnn_convs(tmp_path):
     ("prune.nm:n=4,m=4", "prune.nm: n must be in 1..m-1"),
     ("prune.nm:criterion=taylor", "prune.nm: criterion must be one of magnitude, wanda, sparsegpt"),
     ("prune.magnitude:scope=block", "prune.magnitude: scope must be one of layer, row, global"),
+    ("prune.sparsegpt:block_size=0", "prune.sparsegpt: block_size must be >= 1, got 0"),
+    ("prune.sparsegpt:damp=1.5", r"prune.sparsegpt: damp must be in \(0, 1\), got 1.5"),
+    ("prune.allocate:method=dp", "prune.allocate: method must be one of owl, got 'dp'"),
+    ("prune.allocate:criterion=taylor", "prune.allocate: criterion must be one of wanda, sparsegpt, magnitude"),
+    ("prune.allocate:max_deviation=0.5", r"prune.allocate: max_deviation must be in \[0, 0.5\), got 0.5"),
+    ("prune.allocate:outlier_m=0", "prune.allocate: outlier_m must be > 0, got 0.0"),
 ])
 def test_bad_options(spec, message):
     assert_bad_option(spec, message)
