@@ -31,7 +31,8 @@ def _add_config_options(p) -> None:
 def add_parser(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help=HELP,
                        description="Capture MODEL (or load ARTIFACT), add adapters with -p, train the adapter "
-                                   "tensors (everything else frozen) with AdamW on --data, and save the trained "
+                                   "tensors (or --trainable norms,biases|weights: recovery of a pruned model, "
+                                   "pruned weights kept zero; everything else frozen) with AdamW on --data, and save the trained "
                                    "graph as an artifact OUT. Data: a text file (--loss causal_lm), JSONL "
                                    '{"anchor", "positive"} pairs (embedding) or {"text", "label"} lines '
                                    "(classification); see docs/training.md.",
@@ -43,6 +44,11 @@ def add_parser(sub, common) -> None:
     p.add_argument("-p", "--pass", dest="passes", action="append", metavar="SPEC",
                    help="a pass run before training, e.g. adapter.lora:rank=8 (repeatable)")
     _add_config_options(p)
+    p.add_argument("--paser", metavar="MODEL|ARTIFACT",
+                   help="recovery data by PASER: train on the --paser-budget windows of --data whose outputs moved "
+                        "furthest from this (unpruned) model's, spread over content clusters")
+    p.add_argument("--paser-budget", type=positive_int, default=64, metavar="N", help="windows PASER keeps (default 64)")
+    p.add_argument("--paser-clusters", type=positive_int, default=8, metavar="K", help="content clusters (default 8)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="write a checkpoint here (resumable with --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
@@ -67,6 +73,8 @@ def run(args, ui: UI) -> int:
         read_text(path)
     out = check_output(args.output, args.force)
     require_exists(args.model)
+    if args.paser:
+        require_exists(args.paser)
 
     # 2. capture, add adapters, train, save
     graph, cap_s = capture(args.model, ui)
@@ -75,13 +83,22 @@ def run(args, ui: UI) -> int:
         with ui.quiet():
             graph = pipeline.run(graph, progress=True).graph
         ui.print(f"passes: {esc(str(pipeline))}")
+    select = None
+    if args.paser:
+        from splice.train.select import Paser
+
+        reference, _ = capture(args.paser, ui)
+        select = Paser(reference, args.paser_budget, args.paser_clusters)
     with ui.quiet(redirect=not progress.enabled()):
         trained, report = splice.train(graph, args.data, eval_data=args.eval, checkpoint_dir=args.checkpoint_dir,
-                                       resume=args.resume, progress=progress.enabled(), **opts)
+                                       resume=args.resume, progress=progress.enabled(), select=select, **opts)
     with ui.phase(f"save {out}"):
         trained.save(out, force=args.force)
 
     # 3. summary
+    if sel := report.get("selection"):
+        ui.print(f"PASER: {sel['selected']:,} of {sel['candidates']:,} windows, mean degradation (JSD) "
+                 f"{sel['degradation_selected']:.4f} vs {sel['degradation_mean']:.4f} over all")
     ui.print(f"trained {report['trainable_params']:,} parameters ({report['trainable_tensors']} tensors) for "
              f"{report['steps']} steps on {report['examples']:,} examples of {esc(args.data)} "
              f"({report['seconds_per_step']} s/step)")

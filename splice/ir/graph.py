@@ -49,6 +49,17 @@ def arg_roles(op) -> dict[int, str]:
     return roles
 
 
+def _gain_role(node: fx.Node, attr: fx.Node) -> str | None:
+    """``norm`` when ``node`` multiplies the stored float vector ``attr`` onto another tensor's last axis."""
+    if node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    other = node.args[1] if node.args[0] is attr else node.args[0]
+    v, o = attr.meta.get("val"), getattr(other, "meta", {}).get("val")
+    if other is attr or v is None or o is None or v.dim() != 1 or not v.is_floating_point() or o.dim() < 2:
+        return None
+    return "norm" if o.shape[-1] == v.shape[0] else None
+
+
 _APPLY: list[Callable[..., "Graph"]] = []  # what Graph.apply runs: the pass manager's apply
 
 
@@ -163,14 +174,15 @@ class Graph:
     # ------------------------------------------------------------------- sizes
     def param_roles(self) -> dict[str, str]:
         """Role of each stored tensor (``weight``, ``bias``, ``qweight``, ``scale``, ``norm`` …),
-        taken from how the graph uses it; anything else is ``buffer``."""
+        taken from how the graph uses it; anything else is ``buffer``. A stored vector multiplied
+        onto an activation along its last axis (a decomposed RMSNorm's gain, a layer scale) is ``norm``."""
         roles: dict[str, str] = {}
         for node in self.gm.graph.nodes:
             if node.op != "call_function":
                 continue
             for i, arg in enumerate(node.args):
                 if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                    role = arg_roles(node.target).get(i)
+                    role = arg_roles(node.target).get(i) or _gain_role(node, arg)
                     if role and arg.target not in roles:
                         roles[arg.target] = role
         return {t: roles.get(t, "buffer") for t in self.tensors()}

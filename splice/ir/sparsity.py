@@ -6,7 +6,8 @@ zero: the weight-access protocol (``ir/weights.py``'s ``replace_weight``: adapte
 multiplies what it writes by the mask, and quantizers put pruned weights on the grid's zero. The
 ``MaskGuard`` instrument checks after every pass that each masked layer's dense weight is still
 exactly zero wherever its mask says pruned (``check_masks``) and names the pass and the layer
-otherwise. Saved, a masked float weight is stored packed (``pack_graph``): its kept values and a
+otherwise. While training updates a masked layer's weight (``splice.train``'s ``trainable=weights``),
+a train hook zeroes the pruned entries' gradients and re-applies the mask after every step. Saved, a masked float weight is stored packed (``pack_graph``): its kept values and a
 bitmask, read through ``splice::sparse_weight`` (one bit per weight — for 2:4 as small as two 2-bit
 indices per four weights); loading expands it back (``unpack_graph``). Masks of other layers
 (quantized ones) are saved as bitmasks beside the program.
@@ -17,6 +18,7 @@ import torch
 from torch import fx
 
 from splice.ir.graph import Graph, set_attr
+from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.ir.weights import dense_weight, layer_key, replace_weight, shared_tensors, stored_weight, weight_args
 from splice.kernels.prune.ops import pack_mask, unpack_mask
 
@@ -58,6 +60,35 @@ def check_masks(graph: Graph) -> list[str]:
         elif (revived := int(((w != 0) & ~keep).sum())):
             problems.append(f"'{key}': {revived:,} of {int((~keep).sum()):,} pruned weights are no longer zero")
     return problems
+
+
+class _KeepPruned(TrainHook):
+    """Masked fine-tuning: pruned weights get no gradient and stay exactly zero after every step."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = pairs  # (trainable weight, keep as its dtype)
+
+    def after_backward(self, step: int, total: int) -> None:
+        for weight, keep in self.pairs:
+            if weight.grad is not None:
+                weight.grad.mul_(keep)
+
+    def after_step(self, step: int, total: int) -> None:
+        with torch.no_grad():
+            for weight, keep in self.pairs:
+                weight.mul_(keep)
+
+
+@register_train_hook
+def _keep_pruned(graph: Graph) -> TrainHook | None:
+    """The hook for the masked layers whose stored weight training updates, if any."""
+    layers, pairs = weight_layers(graph), []
+    for key, keep in graph.masks.items():
+        node = layers.get(key)
+        weight = None if node is None else graph.tensor(stored_weight(node).target)
+        if weight is not None and weight.requires_grad and weight.shape == keep.shape:
+            pairs.append((weight, keep.to(weight.dtype)))
+    return _KeepPruned(pairs) if pairs else None
 
 
 def sparsity(graph: Graph) -> dict[str, float]:

@@ -13,6 +13,7 @@ from splice.errors import ConfigError
 
 LOSSES = ("causal_lm", "embedding", "classification")
 SCHEDULES = ("linear", "cosine", "constant")
+TRAINABLE = ("adapters", "norms", "biases", "weights")
 
 
 def _option(default, help: str, **meta):
@@ -22,6 +23,8 @@ def _option(default, help: str, **meta):
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     loss: str = _option("causal_lm", "the training objective, see docs/training.md", choices=LOSSES)
+    trainable: str = _option("adapters", "what training updates, a comma list of " + ", ".join(TRAINABLE)
+                             + " (norms,biases = PERP's recovery of a pruned model; pruned weights stay zero)")
     steps: int = _option(100, "optimizer steps", min=1)
     lr: float = _option(2e-4, "peak learning rate")
     batch_size: int = _option(4, "examples per micro-batch", min=1)
@@ -43,12 +46,18 @@ class TrainConfig:
             if "min" in f.metadata and (not isinstance(value, int) or value < f.metadata["min"]):
                 what = "a positive integer" if f.metadata["min"] == 1 else f"an integer >= {f.metadata['min']}"
                 raise ConfigError(f"train: {f.name} must be {what}, got {value!r}")
+        kinds = self.trainable_kinds()
+        if not kinds or any(k not in TRAINABLE for k in kinds):
+            raise ConfigError(f"train: trainable must be a comma list of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"train: lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError("train: weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 = no clipping)")
         if self.warmup >= self.steps and self.schedule != "constant":
             raise ConfigError(f"train: warmup ({self.warmup}) must be smaller than steps ({self.steps})")
+
+    def trainable_kinds(self) -> list[str]:
+        return [k.strip() for k in self.trainable.split(",") if k.strip()]
 
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier at optimizer step ``step`` (0-based)."""

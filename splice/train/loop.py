@@ -3,8 +3,9 @@
 The captured graph *is* the training module: ``graph.gm`` runs forward and backward like any
 ``nn.Module``. Trainable are the tensors whose role (from the op registry, through
 ``Graph.param_roles``, so it survives save/load) is ``adapter`` or another role registered with
-``register_trainable_role``, and any tensor a pass stored with ``trainable=True``; everything
-else is frozen (no gradient is computed for it). The input graph is never touched:
+``register_trainable_role``, and any tensor a pass stored with ``trainable=True`` — or, with
+``trainable="norms,biases"`` (PERP's recovery of a pruned model, https://arxiv.org/abs/2312.15230)
+or ``weights``, the tensors of those roles; everything else is frozen (no gradient is computed for it). The input graph is never touched:
 the trainable tensors are cloned into a training copy, and the returned graph holds the trained
 clones next to the input's (shared, unchanged) base tensors, plus a ``train`` history entry.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import fx
@@ -34,6 +35,7 @@ from torch import fx
 from splice.errors import ConfigError, SpliceError
 from splice.eval.data import graph_inputs
 from splice.ir.graph import Graph, set_attr
+from splice.ir.sparsity import check_masks  # also registers the hook that keeps pruned weights zero
 from splice.ir.tokenizer import graph_tokenizer
 from splice.ir.train_hooks import TrainHook, input_dropouts, make_hooks
 from splice.train import losses
@@ -53,13 +55,22 @@ def register_trainable_role(role: str) -> None:
     TRAINABLE_ROLES.add(role)
 
 
-def trainable_targets(graph: Graph) -> list[str]:
-    """Stored names of the tensors training updates (see the module docstring)."""
+_KIND_ROLES = {"norms": {"norm"}, "biases": {"bias"}, "weights": {"weight"}}
+
+
+def trainable_targets(graph: Graph, kinds: Sequence[str] = ("adapters",)) -> list[str]:
+    """Stored names of the tensors training updates: for ``adapters`` those of a trainable role or
+    marked trainable (see the module docstring); ``norms``/``biases``/``weights`` add the float
+    tensors of that role (dense layers' ``weight``: embeddings, linears, convs; masks keep their
+    pruned entries zero)."""
     roles = graph.param_roles()
+    wanted = set().union(*(_KIND_ROLES.get(k, ()) for k in kinds))
+    adapters = "adapters" in kinds
     out = [t for t, v in graph.tensors().items() if v.is_floating_point() and (
-        roles[t] in TRAINABLE_ROLES or getattr(v, "requires_grad", False))]
+        roles[t] in wanted or (adapters and (roles[t] in TRAINABLE_ROLES or getattr(v, "requires_grad", False))))]
     if not out:
-        raise ConfigError("train: no trainable tensors (add an adapter first, e.g. -p adapter.lora:rank=8)")
+        raise ConfigError(f"train: no trainable tensors of kind {', '.join(kinds)} (add an adapter first, "
+                          "e.g. -p adapter.lora:rank=8, or choose --trainable norms,biases)")
     return out
 
 
@@ -155,9 +166,8 @@ class _Run:
                 "rng": torch.get_rng_state(), "history": history, "evals": evals}
 
 
-def _prepare(graph: Graph, targets: list[str], data, cfg: TrainConfig, tokenizer,
+def _prepare(graph: Graph, targets: list[str], examples: Examples, cfg: TrainConfig,
              extra_hooks: Sequence[TrainHook]) -> _Run:
-    examples = load_examples(data, cfg.loss, tokenizer, cfg.seq_len)
     params = {t: torch.nn.Parameter(graph.tensor(t).detach().clone(), requires_grad=True) for t in targets}
     work = with_tensors(graph, params)
     add_adapter_dropout(work)
@@ -190,27 +200,36 @@ def train(graph: Graph, data, *, loss: str = "causal_lm", steps: int = 100, lr: 
           grad_accum: int = 1, seq_len: int = 256, warmup: int = 0, schedule: str = "linear",
           weight_decay: float = 0.0, max_grad_norm: float = 1.0, eval_data=None, eval_every: int = 0,
           checkpoint_dir=None, checkpoint_every: int = 50, resume: bool = False, seed: int = 0,
-          progress: bool = True, tokenizer=None, hooks: Sequence[TrainHook] = ()) -> tuple[Graph, dict]:
-    """Train ``graph``'s adapters on ``data``; returns ``(trained graph, report)``.
+          progress: bool = True, tokenizer=None, hooks: Sequence[TrainHook] = (), trainable: str = "adapters",
+          select: Callable[..., tuple[Examples, dict]] | None = None) -> tuple[Graph, dict]:
+    """Train ``graph``'s adapters (or ``trainable``: see ``TrainConfig``) on ``data``; returns
+    ``(trained graph, report)``.
 
     ``data``/``eval_data``: see ``splice.train.data`` (a text file or list of strings for
     ``causal_lm``; JSONL pairs / labelled texts for ``embedding`` / ``classification``).
     ``tokenizer`` defaults to the model's own. ``eval_data`` is evaluated before training, every
     ``eval_every`` steps and at the end. With ``checkpoint_dir`` a checkpoint is written every
     ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it. ``hooks`` are
-    added to those the registered factories make. The report has the per-step ``history``
-    (loss, lr), ``evals`` and summary losses.
+    added to those the registered factories make. ``select(graph, examples, seed) -> (examples,
+    report)`` picks the training examples first (``splice.train.select.Paser``: recovery data for a
+    pruned model). The report has the per-step ``history`` (loss, lr), ``evals``, summary losses
+    and the selection's report. Pruned weights stay zero (``ir/sparsity``'s train hook); the
+    trained graph's masks are checked before it is returned.
     """
     cfg = TrainConfig(loss=loss, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                       seq_len=seq_len, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                       max_grad_norm=max_grad_norm, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                      seed=seed)
+                      seed=seed, trainable=trainable)
     if resume and checkpoint_dir is None:
         raise ConfigError("train: resume needs checkpoint_dir (--checkpoint-dir)")
-    targets = trainable_targets(graph)  # fail on a graph without adapters before loading any tokenizer
+    targets = trainable_targets(graph, cfg.trainable_kinds())  # fail on a graph without adapters before loading any tokenizer
     losses.check_graph(graph, cfg.loss)
     tokenizer = tokenizer if tokenizer is not None else graph_tokenizer(graph, "train")
-    run = _prepare(graph, targets, data, cfg, tokenizer, hooks)
+    examples = load_examples(data, cfg.loss, tokenizer, cfg.seq_len)
+    selection = None
+    if select is not None:
+        examples, selection = select(graph, examples, cfg.seed)
+    run = _prepare(graph, targets, examples, cfg, hooks)
     held_out = None if eval_data is None else load_examples(eval_data, cfg.loss, tokenizer, cfg.seq_len)
     fingerprint = {**cfg.run_fingerprint(), "data": run.data.digest(),
                    "trainable": {t: list(p.shape) for t, p in run.params.items()}}
@@ -229,7 +248,12 @@ def train(graph: Graph, data, *, loss: str = "causal_lm", steps: int = 100, lr: 
         history, evals = _loop(run, start, history, evals, held_out, checkpoint_dir, progress, fingerprint)
         seconds = time.perf_counter() - began
     report = _report(run, history, evals, seconds, cfg.steps - start)
-    return _trained_graph(graph, run, report), report
+    if selection is not None:
+        report["selection"] = selection
+    trained = _trained_graph(graph, run, report)
+    if problems := check_masks(trained):
+        raise SpliceError(f"train: revived pruned weights: {problems[0]}")
+    return trained, report
 
 
 def _loop(run: _Run, start: int, history: list, evals: list, held_out: Examples | None, checkpoint_dir,

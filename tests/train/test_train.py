@@ -200,7 +200,7 @@ def test_classification_loss_decreases():
 
 
 def test_no_adapter(llama):
-    with pytest.raises(ConfigError, match=r"^train: no trainable tensors \(add an adapter first"):
+    with pytest.raises(ConfigError, match=r"^train: no trainable tensors of kind adapters \(add an adapter first"):
         splice.train(llama, [TRAIN], steps=1, **FAST)
 
 
