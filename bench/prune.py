@@ -15,6 +15,7 @@ and a plot into the generated section of ``docs/bench_prune.md``.
     python bench/prune.py                                        # 50 % and 2:4, three criteria
     python bench/prune.py --sparsities 0.3,0.6,0.7 --nm "" --owl "" --merge
     python bench/prune.py --sparsities "" --nm "" --owl "" --structured --depth 4 --merge
+    python bench/prune.py --sparsities "" --nm "" --owl "" --structured --recovery 100 --merge
     python bench/prune.py --render-only
 """
 from __future__ import annotations
@@ -51,6 +52,11 @@ def parse_args(argv=None):
     ap.add_argument("--owl", default="0.5", help="comma list of sparsities for OWL allocation + Wanda (empty: none)")
     ap.add_argument("--structured", action="store_true", help="channel / KV-group rows with ONNX size and ORT latency")
     ap.add_argument("--depth", type=int, default=0, help="blocks removed in the depth rows (0: none)")
+    ap.add_argument("--recovery", type=int, default=0, metavar="STEPS",
+                    help="also train each structured model STEPS steps with masks fixed (PERP: norms and biases) on "
+                         "the calibration text and evaluate it (0: none)")
+    ap.add_argument("--recovery-trainable", default="norms,biases", help="splice train's --trainable for --recovery")
+    ap.add_argument("--recovery-lr", type=float, default=1e-3)
     add_lm_eval_args(ap)
     ap.add_argument("--out", default="bench/results/prune.json")
     ap.add_argument("--doc", default="docs/bench_prune.md")
@@ -164,6 +170,11 @@ def main(argv=None) -> int:
         if fields.get("onnx"):
             onnx_paths[name] = export(pruned, workdir / f"{len(onnx_paths)}.onnx", row)
         rows[name] = row
+        if args.recovery and fields["method"] == "structured":
+            recovered = f"{name} + recovery"
+            rows[recovered] = {**fields, "spec": spec, "onnx": False, "params": row["params"]}
+            log(f"{recovered}: {args.recovery} steps, trainable {args.recovery_trainable}")
+            evaluate(recovered, recover(pruned, train, args, rows[recovered]), rows[recovered])
         del pruned
         gc.collect()
         write_json(out_path, result)
@@ -179,6 +190,20 @@ def main(argv=None) -> int:
         write_doc(result, doc_path)
     log(f"wrote {out_path}")
     return 0
+
+
+def recover(pruned, text: str, args, row: dict):
+    """``pruned`` trained ``--recovery`` steps on ``text`` with its masks fixed; settings, time and
+    losses go into ``row["recovery"]``."""
+    import splice
+
+    opts = dict(trainable=args.recovery_trainable, steps=args.recovery, lr=args.recovery_lr, seq_len=256,
+                batch_size=4, warmup=max(1, args.recovery // 10), schedule="cosine")
+    load = os.getloadavg()[0]
+    out, report = splice.train(pruned, [text], progress=False, **opts)
+    row["recovery"] = {**opts, "text": "python-help, first 80%", "loadavg_1min": load, "seconds": report["seconds"],
+                       **{k: report[k] for k in ("trainable_params", "train_loss_first", "train_loss_last")}}
+    return out
 
 
 def export(graph, path: Path, row: dict) -> Path:
@@ -245,7 +270,7 @@ def render(r: dict) -> str:
     if structured:
         lat = [k for k in ("latency_1x1", "latency_1x128") if k in structured[0][1]]
         lines += ["", "### Structured (physically smaller; scores: l2 group norm, data-free, or structured Wanda from the "
-                  "calibration; no recovery training)", "",
+                  "calibration)", "",
                   "ORT latency: median of interleaved runs in the same process as the dense model's, as a ratio.", "",
                   "| config | parameters " + ppl + " ONNX MB | " + " | ".join(f"ORT {k[8:]} × dense" for k in lat) +
                   " | pass s | CPU s (load) | peak MiB |",
@@ -253,9 +278,18 @@ def render(r: dict) -> str:
                   f"| dense | {rows[DENSE]['params']:,} | " + " | ".join(f"{dense[d]:.2f}" for d in domains) +
                   f" | 1.00 | {rows[DENSE].get('onnx_bytes', 0) / 1e6:.1f} | " + " | ".join("1.00" for _ in lat) + " | — | — | — |"]
         for name, row in structured:
+            onnx = f"{row['onnx_bytes'] / 1e6:.1f}" if "onnx_bytes" in row else "—"
+            cost = _cost(row) if "memory" in row else _recovery_cost(row["recovery"])
             lines.append(f"| {name} | {row['params']:,} | " + " | ".join(f"{row['ppl'][d]:.2f}" for d in domains) +
-                         f" | {ratio_to_dense(row, dense):.2f} | {row['onnx_bytes'] / 1e6:.1f} | " +
-                         " | ".join(f"{row[k]['ratio_vs_dense']:.2f}" for k in lat) + f" | {_cost(row)} |")
+                         f" | {ratio_to_dense(row, dense):.2f} | {onnx} | " +
+                         " | ".join(f"{row[k]['ratio_vs_dense']:.2f}" if k in row else "—" for k in lat) + f" | {cost} |")
+        recovered = [row["recovery"] for _, row in structured if "recovery" in row]
+        if recovered:
+            rec = recovered[0]
+            lines += ["", f"'+ recovery': {rec['steps']} steps of `splice train --trainable {rec['trainable']}` "
+                      f"(PERP; {rec['trainable_params']:,} parameters train, masks fixed) on {rec['text']}, "
+                      f"{rec['batch_size']} x {rec['seq_len']} tokens per step, lr {rec['lr']:g} cosine; its pass "
+                      "columns are the training's wall seconds and load."]
     depth = [(n, row) for n, row in rows.items() if row["method"] in ("depth", "depth-random")]
     if depth:
         lines += ["", "### Depth (whole blocks removed; no recovery training)", "",
@@ -271,6 +305,10 @@ def render(r: dict) -> str:
             lines.append(f"| random, mean of {len(randoms)} seeds | | | " + " | ".join(
                 f"{sum(row['ppl'][d] for row in randoms) / len(randoms):.2f}" for d in domains) + f" | {mean:.2f} | |")
     return "\n".join(lines)
+
+
+def _recovery_cost(rec: dict) -> str:
+    return f"{rec['seconds']:.0f} | — ({rec['loadavg_1min']:.1f}) | —"
 
 
 def plot(r: dict, path: Path) -> str | None:

@@ -6,6 +6,7 @@ accumulators registered for ``key``; outside a recording the op does nothing. Ki
 
 * ``hessian``  — ``sum XᵀX`` over the rows of ``x`` (flattened to ``[rows, K]``), ``sum ‖x‖⁴`` and the
   row count (GPTQ's ``H = 2 XᵀX / n``; the fourth moment gives its Ledoit–Wolf shrinkage);
+* ``sqnorm``   — per-feature ``sum x²`` and the row count (Wanda's ``‖X_j‖²``, without the K×K ``XᵀX``);
 * ``act``      — per-channel ``sum |x|`` and ``max |x|`` and the row count (AWQ, SmoothQuant);
 * ``inputs``   — up to ``max_rows`` rows of ``x``, sampled evenly, for search-based methods;
 * ``rows``     — every row of ``x``, in call order (a float model's inputs, kept for ``asym``);
@@ -38,6 +39,7 @@ class LayerStats:
     norm4: float = 0.0
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
+    sq_sum: torch.Tensor | None = None  # Σ x_j² per input feature (kind ``sqnorm``: Wanda's ‖X_j‖²)
     samples: list[torch.Tensor] = field(default_factory=list)
     dxtx: torch.Tensor | None = None
     ref_xtx: torch.Tensor | None = None
@@ -46,6 +48,10 @@ class LayerStats:
 
     def hessian(self) -> torch.Tensor:
         return 2 * self.xtx / max(self.rows, 1)
+
+    def feature_sq(self) -> torch.Tensor:
+        """``Σ x_j²`` per input feature: ``sq_sum``, or the diagonal of ``xtx`` when only that was gathered."""
+        return self.sq_sum if self.sq_sum is not None else torch.diagonal(self.xtx)
 
     def shrinkage(self) -> float:
         """Ledoit–Wolf's intensity ``ρ`` for the second moment ``S = XᵀX/n``
@@ -109,6 +115,9 @@ class StatsStore:
             xtx = rows.T @ rows
             s.xtx = xtx if s.xtx is None else s.xtx + xtx
             s.norm4 += float((rows.double().pow(2).sum(1) ** 2).sum())
+        if "sqnorm" in kinds:
+            sq = rows.square().sum(0)
+            s.sq_sum = sq if s.sq_sum is None else s.sq_sum + sq
         if "act" in kinds:
             a = rows.abs()
             s.abs_sum = a.sum(0) if s.abs_sum is None else s.abs_sum + a.sum(0)

@@ -32,7 +32,7 @@ from splice.progress import track
 #   -> the float weights the rest of calibration should see (e.g. dequantized), one per layer
 GroupSolveFn = Callable[[list[fx.Node], list[torch.Tensor], LayerStats], list[torch.Tensor]]
 # the kinds input_stats caches: their LayerStats fields
-CACHED = {"hessian": ("xtx", "norm4"), "act": ("abs_sum", "abs_max")}
+CACHED = {"hessian": ("xtx", "norm4"), "act": ("abs_sum", "abs_max"), "sqnorm": ("sq_sum",)}
 
 
 class _FloatReference:

@@ -140,10 +140,10 @@ LayerPruneFn = Callable[[fx.Node, torch.Tensor, LayerStats], tuple[torch.Tensor,
 
 
 def prune_calibrated(graph: Graph, nodes: list[fx.Node], cfg: CalibratedPruneConfig, ctx: PassContext,
-                     solve: LayerPruneFn, pass_name: str) -> dict:
-    """Prune the linear ``nodes`` one at a time from their input Hessians on ``ctx.calibration``
-    (block by block with ``cfg.sequential``, each block's statistics from the pruned blocks
-    before it); returns the report."""
+                     solve: LayerPruneFn, pass_name: str, kinds: tuple[str, ...] = ("hessian",)) -> dict:
+    """Prune the linear ``nodes`` one at a time from their input statistics of ``kinds`` (the
+    Hessian; Wanda's per-feature norms) on ``ctx.calibration`` (block by block with
+    ``cfg.sequential``, each block's statistics from the pruned blocks before it); returns the report."""
     solved: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def solve_group(members, weights, stats):
@@ -156,7 +156,7 @@ def prune_calibrated(graph: Graph, nodes: list[fx.Node], cfg: CalibratedPruneCon
             out.append((w if new is None else new) * keep)
         return out
 
-    solve_groups(graph, nodes, ctx.calibration, ("hessian",), solve_group, sequential=cfg.sequential,
+    solve_groups(graph, nodes, ctx.calibration, kinds, solve_group, sequential=cfg.sequential,
                  pass_name=pass_name, progress=ctx.progress, cache=ctx.cache)
     for node in nodes:
         keep, new = solved[node.args[1].target]

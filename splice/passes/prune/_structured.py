@@ -1,8 +1,11 @@
 """Shared by the structured pruners (``prune.channels``, ``prune.heads``): the config, which
 coupling groups a pass removes units from (``ir/coupling.py``), unit scores — data-free from the
 norms of every tensor slice a unit owns, or from calibration as structured Wanda (each unit's input
-feature norm times the weights that read it: Wanda-sp, https://arxiv.org/abs/2312.11983) — and the
-physical shrink (``ir/shrink.py``) with its report.
+feature norm times the weights that read it: Wanda-sp, https://arxiv.org/abs/2312.11983) or as
+first-order Taylor importance (``Σ |W ⊙ ∂L/∂W|`` over every slice the unit owns, gradients from an
+instrumented backward pass over the calibration data: LLM-Pruner's element-wise first order,
+https://arxiv.org/abs/2305.11627, Torch-Pruning's TaylorImportance) — and the physical shrink
+(``ir/shrink.py``) with its report.
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ from splice.ir.select import parse_targets, validate_targets
 from splice.ir.shrink import shrink
 from splice.passes.base import PassConfig, PassContext
 from splice.passes.instrument.calibrate import input_stats
+from splice.passes.instrument.gradients import weight_gradients
+from splice.passes.prune.wanda import WANDA_STATS
 
 aten = torch.ops.aten
 
-SCORES = ("l2", "l1", "wanda")
+SCORES = ("l2", "l1", "wanda", "taylor")
+CALIBRATED_SCORES = ("wanda", "taylor")
 STRUCTURED_REPORT = {"groups": "groups shrunk", "units_removed": "units removed",
                      "params_before": "parameters before", "params_after": "parameters after"}
 
@@ -34,8 +40,9 @@ class StructuredConfig(PassConfig):
     targets: str = field(default="all", metadata={
         "help": "groups whose layers match (module-path globs, re:, !exclude, joined by |); all: every shrinkable one"})
     score: str = field(default="l2", metadata={
-        "help": "unit importance: l2 or l1 norm of every weight slice it owns (data-free), or wanda: "
-                "Σ |W|·‖X‖ over the weights that read it (needs calibration)"})
+        "help": "unit importance: l2 or l1 norm of every weight slice it owns (data-free); wanda: "
+                "Σ |W|·‖X‖ over the weights that read it; taylor: Σ |W·∂L/∂W| over every slice it owns "
+                "(wanda and taylor need calibration)"})
 
     def __post_init__(self):
         if not 0 <= self.amount < 1:
@@ -67,15 +74,18 @@ def targeted(coupling: Coupling, kinds: tuple[str, ...], cfg: StructuredConfig, 
     return chosen, pinned
 
 
-def unit_scores(graph: Graph, group: Group, score: str) -> torch.Tensor:
-    """Importance of each unit of ``group``: the sum over its member tensors of the ``score`` norm
-    (l2: squared) of the slice the unit owns (Torch-Pruning's group norm importance)."""
-    power = 2 if score == "l2" else 1
+def unit_scores(graph: Graph, group: Group, score: str, grads: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Importance of each unit of ``group``: the sum over its member tensors of the slice the unit
+    owns of ``|W|²`` (l2: Torch-Pruning's group norm importance), ``|W|`` (l1) or ``|W ⊙ G|``
+    (taylor, ``grads`` by target; tensors without one, batch-norm statistics, count nothing)."""
     out = torch.zeros(group.units, dtype=torch.float64)
     for m in group.members:
-        t = graph.tensor(m.target).detach().double()
+        if score == "taylor" and m.target not in grads:
+            continue
+        t = graph.tensor(m.target).detach().double().abs()
+        t = t.square() if score == "l2" else t * grads[m.target].double().abs() if score == "taylor" else t
         owned = t.index_select(m.axis, m.index.reshape(-1)).movedim(m.axis, 0)
-        out += owned.reshape(group.units, -1).abs().pow(power).sum(1)
+        out += owned.reshape(group.units, -1).sum(1)
     return out
 
 
@@ -85,11 +95,11 @@ def wanda_scores(graph: Graph, groups: list[Group], ctx: PassContext) -> dict[in
     with ``‖X_j‖`` from calibration on the graph as it is (cached with the other passes' statistics)."""
     readers = {m.target for g in groups for m in g.members if m.axis == 1}
     nodes = [n for n in graph.gm.graph.nodes if n.target == aten.linear.default and n.args[1].target in readers]
-    stats = input_stats(graph, nodes, ctx.calibration, ("hessian",), ctx.cache)
+    stats = input_stats(graph, nodes, ctx.calibration, WANDA_STATS, ctx.cache)
     per_feature = {}
     for node in nodes:
-        xtx = stats[node.name].xtx
-        norm = torch.diagonal(xtx).double().clamp(min=0).sqrt() if xtx is not None else 1.0
+        seen = stats[node.name]
+        norm = seen.feature_sq().double().clamp(min=0).sqrt() if seen.rows else 1.0
         per_feature[node.args[1].target] = (graph.tensor(node.args[1].target).detach().double().abs() * norm).sum(0)
     out = {}
     for g in groups:
@@ -101,15 +111,20 @@ def wanda_scores(graph: Graph, groups: list[Group], ctx: PassContext) -> dict[in
     return out
 
 
-def scores_of(graph: Graph, groups: list[Group], cfg: StructuredConfig, ctx: PassContext) -> dict[int, torch.Tensor]:
+def scores_of(graph: Graph, groups: list[Group], cfg: StructuredConfig, ctx: PassContext,
+              pass_name: str) -> dict[int, torch.Tensor]:
     """Each group's unit scores by ``cfg.score``."""
     if cfg.score == "wanda":
         return wanda_scores(graph, groups, ctx)
-    return {g.id: unit_scores(graph, g, cfg.score) for g in groups}
+    grads = None
+    if cfg.score == "taylor":
+        targets = sorted({m.target for g in groups for m in g.members})
+        grads = weight_gradients(graph, targets, ctx.calibration, pass_name)
+    return {g.id: unit_scores(graph, g, cfg.score, grads) for g in groups}
 
 
 def needs_data(cfg: StructuredConfig) -> bool:
-    return cfg.score == "wanda"
+    return cfg.score in CALIBRATED_SCORES
 
 
 def units_removed(amount: float, units: int) -> int:

@@ -21,7 +21,7 @@ from splice.passes.instrument.calibrate import input_stats
 from splice.passes.prune._common import (HIDDEN_LINEAR, PRUNE_REPORT, CalibratedPruneConfig, prunable, prune_calibrated,
                                          smallest_dropped, with_prior)
 from splice.passes.prune.sparsegpt import sparsegpt_layer
-from splice.passes.prune.wanda import wanda_score
+from splice.passes.prune.wanda import WANDA_STATS, wanda_score
 
 METHODS = ("owl",)
 CRITERIA = ("wanda", "sparsegpt", "magnitude")
@@ -62,7 +62,7 @@ def owl_ratios(outliers: dict[str, float], sparsity: float, max_deviation: float
 
 def outlier_ratios(graph: Graph, nodes, ctx: PassContext, m: float) -> dict[str, float]:
     """Each block's share of weights whose Wanda score exceeds ``m`` × the block's mean score."""
-    stats = input_stats(graph, nodes, ctx.calibration, ("hessian",), ctx.cache)
+    stats = input_stats(graph, nodes, ctx.calibration, WANDA_STATS, ctx.cache)
     scores: dict[str, list[torch.Tensor]] = {}
     for node in nodes:
         w = graph.tensor(node.args[1].target).detach().float()
@@ -90,7 +90,8 @@ def allocate(graph: Graph, cfg: AllocateConfig, ctx: PassContext) -> PassResult:
         score = wanda_score(w, stats) if cfg.criterion == "wanda" else w.abs()
         return smallest_dropped(with_prior(score, prior), s, per_row=cfg.criterion == "wanda"), None
 
-    report = prune_calibrated(graph, nodes, cfg, ctx, solve, "prune.allocate")
+    report = prune_calibrated(graph, nodes, cfg, ctx, solve, "prune.allocate",
+                              ("hessian",) if cfg.criterion == "sparsegpt" else WANDA_STATS)
     report["block_sparsity"] = {b: round(s, 4) for b, s in ratio.items()}
     report["outlier_ratio"] = {b: round(r, 5) for b, r in outliers.items()}
     return PassResult(graph, True, report)

@@ -53,7 +53,7 @@ def chosen_kinds(cfg: ChannelsConfig, coupling) -> tuple[str, ...]:
 def channels(graph: Graph, cfg: ChannelsConfig, ctx: PassContext) -> PassResult:
     coupling = analyze(graph)
     groups, pinned = targeted(coupling, chosen_kinds(cfg, coupling), cfg, "prune.channels")
-    scores = scores_of(graph, groups, cfg, ctx)
+    scores = scores_of(graph, groups, cfg, ctx, "prune.channels")
     keep = {g.id: kept_units(scores[g.id], cfg.amount, g, "prune.channels") for g in groups}
     out, report = shrink_groups(graph, keep, coupling, pinned)
     return PassResult(out, report["groups"] > 0, report)

@@ -62,12 +62,12 @@ def heads(graph: Graph, cfg: HeadsConfig, ctx: PassContext) -> PassResult:
             raise ConfigError("prune.heads: mode=query needs grouped-query attention (this graph has no KV groups); "
                               "use mode=kv")
         groups, pinned = targeted(coupling, ("heads",), cfg, "prune.heads", where=lambda g: g.parent is not None)
-        scores = scores_of(graph, groups, cfg, ctx)
+        scores = scores_of(graph, groups, cfg, ctx, "prune.heads")
         keep = {g.id: query_heads_kept(scores[g.id], g, coupling.group(g.parent).units, cfg.amount) for g in groups}
     else:
         gqa = any(g.kind == "kv_heads" for g in coupling.groups)
         groups, pinned = targeted(coupling, ("kv_heads",) if gqa else ("heads",), cfg, "prune.heads")
-        scores = scores_of(graph, groups, cfg, ctx)
+        scores = scores_of(graph, groups, cfg, ctx, "prune.heads")
         keep = {g.id: kept_units(scores[g.id], cfg.amount, g, "prune.heads") for g in groups}
     out, report = shrink_groups(graph, keep, coupling, pinned)
     return PassResult(out, report["groups"] > 0, report)

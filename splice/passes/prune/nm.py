@@ -13,7 +13,7 @@ from splice.passes.base import PassContext, PassResult, register_pass
 from splice.passes.prune._common import (HIDDEN_LINEAR, PRUNE_REPORT, CalibratedPruneConfig, apply_masks, as_rows, check_nm, nm_kept,
                                          prunable, prune_calibrated, with_prior)
 from splice.passes.prune.sparsegpt import sparsegpt_layer
-from splice.passes.prune.wanda import wanda_score
+from splice.passes.prune.wanda import WANDA_STATS, wanda_score
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
@@ -59,5 +59,6 @@ def nm(graph: Graph, cfg: NMConfig, ctx: PassContext) -> PassResult:
                 return nm_kept(with_prior(wanda_score(w, stats), mask_of(graph, node)), cfg.n, cfg.m), None
             return sparsegpt_layer(w, stats.hessian(), nm=(cfg.n, cfg.m), damp=cfg.damp, prior=mask_of(graph, node))
 
-        report = prune_calibrated(graph, nodes, cfg, ctx, solve, "prune.nm")
+        report = prune_calibrated(graph, nodes, cfg, ctx, solve, "prune.nm",
+                                  WANDA_STATS if cfg.criterion == "wanda" else ("hessian",))
     return PassResult(graph, True, {**report, "pattern": f"{cfg.n}:{cfg.m}"})

@@ -3,8 +3,8 @@ the norm of its input feature over the calibration tokens), compared within each
 weight update. https://arxiv.org/abs/2306.11695
 
 As the reference code, calibration runs block by block through the blocks already pruned
-(``sequential``); ``‖X_j‖²`` is the diagonal of the input's ``XᵀX``, the statistic GPTQ and
-SparseGPT gather too (shared through the pipeline's analysis cache when not sequential).
+(``sequential``); ``‖X_j‖²`` is gathered per feature (observer kind ``sqnorm``: no ``K × K`` Hessian
+is formed; shared through the pipeline's analysis cache when not sequential).
 """
 from __future__ import annotations
 
@@ -28,11 +28,14 @@ class WandaConfig(CalibratedPruneConfig):
                                                            "choice for LLMs), else over the whole layer"})
 
 
+WANDA_STATS = ("sqnorm",)  # what Wanda's score reads of each layer's inputs
+
+
 def wanda_score(w: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     """``|W_ij| · ‖X_j‖₂`` for a linear weight ``[N, K]`` (``|W_ij|`` where the layer saw no rows)."""
     if not stats.rows:
         return w.abs()
-    return w.abs() * torch.diagonal(stats.xtx).float().clamp(min=0).sqrt()
+    return w.abs() * stats.feature_sq().float().clamp(min=0).sqrt()
 
 
 @register_pass("prune.wanda", WandaConfig, reference="https://arxiv.org/abs/2306.11695", needs_calibration=True,
@@ -44,4 +47,4 @@ def wanda(graph: Graph, cfg: WandaConfig, ctx: PassContext) -> PassResult:
         score = with_prior(wanda_score(w, stats), mask_of(graph, node))
         return smallest_dropped(score, cfg.sparsity, per_row=cfg.per_row), None
 
-    return PassResult(graph, True, prune_calibrated(graph, nodes, cfg, ctx, solve, "prune.wanda"))
+    return PassResult(graph, True, prune_calibrated(graph, nodes, cfg, ctx, solve, "prune.wanda", WANDA_STATS))

@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from splice.errors import ConfigError
@@ -43,6 +42,7 @@ from splice.kernels.quant.packing import packed_width
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.instrument.calibrate import input_hessians
+from splice.passes.instrument.gradients import calibration_loss
 from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, quantize_layers, resolve_group
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
 
@@ -143,7 +143,7 @@ def stored_bytes(n: int, k: int, group_size: int, bits: int, symmetric: bool, sc
 def output_fisher(graph: Graph, nodes: list[fx.Node], calibration: list[tuple]) -> dict[str, torch.Tensor]:
     """Mean over calibration tokens of ``(∂loss/∂y_n)²`` at the output ``y`` of each linear in
     ``nodes`` (keyed by weight target), loss = next-token cross-entropy of ``logits``."""
-    ids_at, logits_at = graph.input_names.index("input_ids"), graph.output_names.index("logits")
+    ids_at = graph.input_names.index("input_ids")
     targets = {n: n.args[1].target for n in nodes}
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -161,9 +161,7 @@ def output_fisher(graph: Graph, nodes: list[fx.Node], calibration: list[tuple]) 
                 return out
 
         with torch.enable_grad():
-            logits = Tap(graph.gm).run(*sample)[logits_at]
-            ids = sample[ids_at]
-            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            calibration_loss(graph, sample, Tap(graph.gm).run(*sample), "quantize.allocate").backward()
         for node, out in taps.items():
             g2 = out.grad.detach().float().reshape(-1, out.shape[-1]).square().sum(0)
             sums[targets[node]] = sums.get(targets[node], 0) + g2

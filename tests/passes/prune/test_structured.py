@@ -2,6 +2,8 @@
 group removed physically — parameter counts down by exactly what the removed units own, head
 counts fixed under GQA, masks of an earlier unstructured pruning sliced along — and the result
 exports and matches ONNX Runtime; one-line errors for what cannot shrink."""
+import copy
+
 import pytest
 import torch
 from zoo_graphs import assert_bad_option, assert_one_line_error, captured, input_grid
@@ -202,3 +204,40 @@ def test_depth_bad_input():
     assert_bad_option("prune.depth:score=cosine", "prune.depth: score must be one of bi, angular, random")
     assert_one_line_error(["prune.depth:blocks=2,score=random"], r"prune.depth: blocks=2 but only 1 of the 2 blocks "
                                                                  r"may go \(protect_first=1;")
+
+
+def test_taylor_scores_are_weight_times_gradient():
+    """score=taylor keeps the MLP channels with the largest Σ |W ⊙ ∂L/∂W| over gate/up rows and down columns
+    (L: next-token cross-entropy on the calibration tokens, summed over samples)."""
+    from zoo_graphs import calibration
+
+    zm, g = captured("llama")
+    cal = calibration(zm, g, n=2, seq=40)
+    out = g.apply("prune.channels:score=taylor,amount=0.25,targets=model.layers.1.mlp.*", calibration=cal)
+    model = copy.deepcopy(zm.model).requires_grad_(True)  # the zoo model's tensors are the graph's: left frozen
+    for sample in cal:
+        kw = dict(zip(g.input_names, sample))
+        logits = model(**kw, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), kw["input_ids"][:, 1:].flatten()).backward()
+    mlp = model.model.layers[1].mlp
+    imp = lambda lin, axis: (lin.weight * lin.weight.grad).abs().sum(axis).double()  # noqa: E731
+    scores = imp(mlp.gate_proj, 1) + imp(mlp.up_proj, 1) + imp(mlp.down_proj, 0)
+    kept = torch.topk(scores, 96).indices.sort().values
+    got = dense_weight(out, weight_layers(out)["model.layers.1.mlp.down_proj"])
+    assert torch.equal(got, mlp.down_proj.weight.detach()[:, kept])
+
+
+def test_taylor_on_a_classifier_uses_its_own_predictions(tmp_path):
+    zm, g = captured("cnn")
+    out = g.apply("prune.channels:score=taylor,amount=0.25", calibration=[tuple(x) for x in input_grid(zm, g)])
+    assert out.num_params() < g.num_params()
+    onnx = splice.export_onnx(out, tmp_path / "m.onnx")
+    assert splice.parity(out, onnx, input_grid(zm, g)) <= 1e-4
+
+
+def test_taylor_needs_a_label_free_loss():
+    zm, g = captured("bert")
+    if "logits" in g.output_names:
+        pytest.skip("the zoo BERT has a head")
+    with pytest.raises(splice.errors.ConfigError, match="^prune.channels: needs a loss without labels"):
+        g.apply("prune.channels:score=taylor", calibration=[tuple(zm.make_inputs(2, 64)[k] for k in g.input_names)])
