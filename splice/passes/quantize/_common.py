@@ -94,11 +94,12 @@ QUANT_REPORT = {"layers": "layers quantized", "weight_bytes_before": "weight byt
 
 
 def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quantize: QuantizeFn,
-                    bits_of: Callable[[str], int] | None = None) -> dict:
-    """Rewrite every selected linear/embedding of ``graph`` (in place: the pass's own copy)
-    to its quantized op; returns the report. ``bits_of(weight target)`` overrides ``cfg.bits``
-    per weight (mixed precision, ``quantize.allocate``)."""
-    nodes = select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), pass_name)
+                    bits_of: Callable[[str], int] | None = None, nodes: list[fx.Node] | None = None) -> dict:
+    """Rewrite every selected linear/embedding of ``graph`` (in place: the pass's own copy), or
+    ``nodes``, to its quantized op; returns the report. ``bits_of(weight target)`` overrides
+    ``cfg.bits`` per weight (mixed precision, ``quantize.allocate``)."""
+    if nodes is None:
+        nodes = select_nodes(graph.gm, cfg.targets, ("linear", "embedding"), pass_name)
     stored: dict[str, tuple[fx.Node, fx.Node, fx.Node | None, int]] = {}
     layers, before, after = {}, 0, 0
     for node in nodes:

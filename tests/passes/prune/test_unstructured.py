@@ -73,6 +73,23 @@ def test_data_aware_pruners_beat_magnitude(llama):
     assert max(kl["sparsegpt"], kl["wanda"]) < kl["magnitude"], kl
 
 
+def test_sparsegpt_joint_quantization(llama, tmp_path):
+    """bits=3: one sweep prunes and rounds (SparseGPT --wbits): packed 3-bit layers, pruned codes on the
+    grid's zero, held-out KL below pruning-then-RTN's, and it exports with ORT parity."""
+    zm, g, cal = llama
+    joint = g.apply("prune.sparsegpt:sparsity=0.5,bits=3,group_size=32", calibration=cal)
+    ops = [n.target for n in joint.gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.splice.qlinear.default) == len(joint.masks) == 14
+    assert not check_masks(joint) and joint.history[-1]["report"]["bits"] == 3
+    for _, node, keep in _masked(joint):
+        assert abs(1 - float(keep.float().mean()) - 0.5) < 0.01
+    held = calibration(zm, g, n=4, seq=32, seed=100)
+    rtn = g.apply("prune.sparsegpt:sparsity=0.5", "quantize.rtn:bits=3,group_size=32", calibration=cal)
+    assert mean_kl(g, joint, held) < mean_kl(g, rtn, held)
+    onnx = splice.export_onnx(joint, tmp_path / "joint.onnx")
+    assert splice.parity(joint, onnx, input_grid(zm, g)) <= 1e-4
+
+
 def test_pruned_weights_stay_pruned_by_a_later_pruner(llama):
     _, g, cal = llama
     first = g.apply("prune.magnitude:sparsity=0.3")
@@ -163,6 +180,7 @@ def test_cnn_convs(tmp_path):
     ("prune.magnitude:scope=block", "prune.magnitude: scope must be one of layer, row, global"),
     ("prune.sparsegpt:block_size=0", "prune.sparsegpt: block_size must be >= 1, got 0"),
     ("prune.sparsegpt:damp=1.5", r"prune.sparsegpt: damp must be in \(0, 1\), got 1.5"),
+    ("prune.sparsegpt:bits=9", "prune.sparsegpt: bits must be 2..8, got 9"),
     ("prune.allocate:method=dp", "prune.allocate: method must be one of owl, got 'dp'"),
     ("prune.allocate:criterion=taylor", "prune.allocate: criterion must be one of wanda, sparsegpt, magnitude"),
     ("prune.allocate:max_deviation=0.5", r"prune.allocate: max_deviation must be in \[0, 0.5\), got 0.5"),
