@@ -259,7 +259,7 @@ def render(r: dict) -> str:
              "'packed': the pruned layers' weight bytes as the artifact stores them (kept values + 1-bit mask) / dense.", "",
              "| config | sparsity " + ppl + " packed | pass s | CPU s (load) | peak MiB |",
              "|---|---:|" + "---:|" * (len(domains) + 1) + "---:|---:|---:|---:|",
-             f"| dense | 0 | " + " | ".join(f"{dense[d]:.2f}" for d in domains) + " | 1.00 | — | — | — | — |"]
+             "| dense | 0 | " + " | ".join(f"{dense[d]:.2f}" for d in domains) + " | 1.00 | — | — | — | — |"]
     for name, row in rows.items():
         if row["method"] in METHODS + ("owl",):
             rep = row["report"]

@@ -14,7 +14,6 @@ import random
 import torch
 
 from splice.errors import ConfigError, SpliceError
-from splice.ir.tokenizer import graph_tokenizer
 
 GPL3_PATH = "/usr/share/common-licenses/GPL-3"
 BUILTIN_TEXTS = ("gpl3", "pydoc")

@@ -352,7 +352,7 @@ def _cat(p: Propagator, node: fx.Node) -> None:
 def _split(p: Propagator, node: fx.Node) -> None:
     """``split``/``split_with_sizes``/``chunk``: the axis becomes a concatenation of the parts
     (a fused qkv or gate_up projection)."""
-    x, src = p.axes(node.args[0]), node.args[0]
+    x = p.axes(node.args[0])
     d = _dim(arg(node, 2, "dim", 0), len(x))
     n_out = len(node.meta["val"])
     outs = [p.out(node, i) for i in range(n_out)]

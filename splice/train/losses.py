@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from splice.errors import SpliceError
-from splice.train.config import LOSSES
 
 _OUTPUT = {"causal_lm": "logits", "embedding": "last_hidden_state", "classification": "logits"}
 EMBEDDING_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default

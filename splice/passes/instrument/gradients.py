@@ -1,5 +1,6 @@
-"""Gradients of the stored weights on calibration data: the instrumented gradient pass behind
-first-order (Taylor) importance, and the loss every gradient-based statistic of a pass uses.
+"""Gradients on calibration data: of the stored weights (``weight_gradients``, behind first-order
+Taylor importance), of layer outputs (``output_fisher``: the diagonal Fisher that weights output
+errors in ``quantize.allocate`` and ``prune.allocate:method=dp``), and the loss both use.
 
 The loss needs no labels: next-token cross-entropy of ``logits`` on the calibration tokens for a
 language model (LLM-Pruner's, https://arxiv.org/abs/2305.11627), cross-entropy against the model's
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, set_attr
@@ -53,3 +55,32 @@ def weight_gradients(graph: Graph, targets: list[str], calibration: list[tuple],
         for sample in calibration:
             calibration_loss(work, sample, work.gm(*sample), who).backward()
     return {t: (p.grad if p.grad is not None else torch.zeros_like(p)).detach() for t, p in params.items()}
+
+
+def output_fisher(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], who: str) -> dict[str, torch.Tensor]:
+    """Mean over calibration tokens of ``(∂loss/∂y_n)²`` at the output ``y`` of each linear in
+    ``nodes`` (keyed by weight target), loss = ``calibration_loss`` (a diagonal-Fisher estimate of
+    how much an error at each output channel costs)."""
+    targets = {n: n.args[1].target for n in nodes}
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    for sample in calibration:
+        taps: dict[fx.Node, torch.Tensor] = {}
+        probe = torch.zeros((), requires_grad=True)  # makes every tapped output part of the autograd graph
+
+        class Tap(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n in targets:
+                    out = out + probe
+                    out.retain_grad()
+                    taps[n] = out
+                return out
+
+        with torch.enable_grad():
+            calibration_loss(graph, sample, Tap(graph.gm).run(*sample), who).backward()
+        for node, out in taps.items():
+            grad = out.grad.detach().float().reshape(-1, out.shape[-1])
+            sums[targets[node]] = sums.get(targets[node], 0) + grad.square().sum(0)
+            rows[targets[node]] = rows.get(targets[node], 0) + grad.shape[0]
+    return {t: s / rows[t] for t, s in sums.items()}

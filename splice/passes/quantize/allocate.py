@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
@@ -42,7 +41,7 @@ from splice.kernels.quant.packing import packed_width
 from splice.kernels.quant.grid import GroupGrid
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.instrument.calibrate import input_hessians
-from splice.passes.instrument.gradients import calibration_loss
+from splice.passes.instrument.gradients import output_fisher
 from splice.passes.quantize._common import QUANT_REPORT, check_not_quantized, quantize_layers, resolve_group
 from splice.passes.quantize.gptq import GPTQConfig, gptq_layer
 
@@ -140,35 +139,6 @@ def stored_bytes(n: int, k: int, group_size: int, bits: int, symmetric: bool, sc
 # ------------------------------------------------------------------------ sensitivity
 
 
-def output_fisher(graph: Graph, nodes: list[fx.Node], calibration: list[tuple]) -> dict[str, torch.Tensor]:
-    """Mean over calibration tokens of ``(∂loss/∂y_n)²`` at the output ``y`` of each linear in
-    ``nodes`` (keyed by weight target), loss = next-token cross-entropy of ``logits``."""
-    ids_at = graph.input_names.index("input_ids")
-    targets = {n: n.args[1].target for n in nodes}
-    sums: dict[str, torch.Tensor] = {}
-    tokens = 0
-    for sample in calibration:
-        taps: dict[fx.Node, torch.Tensor] = {}
-        probe = torch.zeros((), requires_grad=True)  # makes every tapped output part of the autograd graph
-
-        class Tap(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n in targets:
-                    out = out + probe
-                    out.retain_grad()
-                    taps[n] = out
-                return out
-
-        with torch.enable_grad():
-            calibration_loss(graph, sample, Tap(graph.gm).run(*sample), "quantize.allocate").backward()
-        for node, out in taps.items():
-            g2 = out.grad.detach().float().reshape(-1, out.shape[-1]).square().sum(0)
-            sums[targets[node]] = sums.get(targets[node], 0) + g2
-        tokens += sample[ids_at].numel()
-    return {t: s / tokens for t, s in sums.items()}
-
-
 def quantize_at(w: torch.Tensor, h: torch.Tensor | None, grid: GroupGrid, method: str):
     """``(codes, scale, zero)`` of ``w`` on ``grid`` by ``method`` (GPTQ needs ``h``)."""
     if method == "gptq" and h is not None:
@@ -210,7 +180,7 @@ def allocate(graph: Graph, cfg: AllocateConfig, ctx: PassContext) -> PassResult:
     cands = cfg.candidates()
     hessians = input_hessians(graph, linears, ctx.calibration, ctx.cache)
     weighted = cfg.weighting == "fisher" and _is_language_model(graph)
-    fisher = output_fisher(graph, linears, ctx.calibration) if weighted else {}
+    fisher = output_fisher(graph, linears, ctx.calibration, PASS) if weighted else {}
 
     weights = {t: graph.tensor(t).detach().float() for t in layers}
     groups = {t: resolve_group(cfg, w.shape[1], module_path(layers[t]), PASS) for t, w in weights.items()}

@@ -9,8 +9,8 @@ import torch
 from zoo_graphs import assert_bad_option, assert_one_line_error, calibration, captured, input_grid, mean_kl
 
 import splice
-from splice.errors import ConfigError, VerifyError
-from splice.ir.sparsity import check_masks, mask_of, weight_layers
+from splice.errors import VerifyError
+from splice.ir.sparsity import check_masks, weight_layers
 from splice.ir.weights import dense_weight
 from splice.passes.prune._common import output_layers
 
@@ -138,7 +138,6 @@ def test_gptq_keeps_the_mask_inside_its_updates(llama):
 
 def test_a_pass_that_revives_pruned_weights_is_named(llama):
     _, g, _ = llama
-    pruned = g.apply("prune.magnitude")
     with pytest.raises(VerifyError, match=r"quantize.rotate: revives pruned weights \(after prune.magnitude\)"
                                           r".*'model.layers.0.self_attn.q_proj'") as err:
         splice.Pipeline(["prune.magnitude", "quantize.rotate"]).run(g, probe=False)
@@ -181,7 +180,9 @@ def test_cnn_convs(tmp_path):
     ("prune.sparsegpt:block_size=0", "prune.sparsegpt: block_size must be >= 1, got 0"),
     ("prune.sparsegpt:damp=1.5", r"prune.sparsegpt: damp must be in \(0, 1\), got 1.5"),
     ("prune.sparsegpt:bits=9", "prune.sparsegpt: bits must be 2..8, got 9"),
-    ("prune.allocate:method=dp", "prune.allocate: method must be one of owl, got 'dp'"),
+    ("prune.allocate:method=obs", "prune.allocate: method must be one of owl, dp, got 'obs'"),
+    ("prune.allocate:method=dp,sparsity=0.97", "prune.allocate: method=dp: sparsity must be at most 0.95"),
+    ("prune.allocate:weighting=hessian", "prune.allocate: weighting must be fisher or none"),
     ("prune.allocate:criterion=taylor", "prune.allocate: criterion must be one of wanda, sparsegpt, magnitude"),
     ("prune.allocate:max_deviation=0.5", r"prune.allocate: max_deviation must be in \[0, 0.5\), got 0.5"),
     ("prune.allocate:outlier_m=0", "prune.allocate: outlier_m must be > 0, got 0.0"),
@@ -217,7 +218,7 @@ def test_owl_allocation(llama, criterion):
     _, g, cal = llama
     out = g.apply(f"prune.allocate:sparsity=0.5,criterion={criterion}", calibration=cal)
     rep = out.history[-1]["report"]
-    ratios, outliers = rep["block_sparsity"], rep["outlier_ratio"]
+    ratios, outliers = rep["allocated"], rep["outlier_ratio"]
     assert sum(ratios.values()) / len(ratios) == pytest.approx(0.5, abs=1e-3)
     assert max(ratios.values()) - min(ratios.values()) == pytest.approx(0.16, abs=1e-3)  # 2 × max_deviation
     most = max(outliers, key=outliers.get)
@@ -226,3 +227,39 @@ def test_owl_allocation(llama, criterion):
         block = key.rsplit(".", 2)[0]
         assert 1 - float(keep.float().mean()) == pytest.approx(ratios[block], abs=0.02)
     assert _zero_where_pruned(out)
+
+
+def test_dp_allocation(llama):
+    """method=dp: per-layer sparsities whose weighted mean meets the target, each layer pruned at its
+    own, and a held-out KL no worse than uniform Wanda's at the same overall sparsity."""
+    zm, g, cal = llama
+    out = g.apply("prune.allocate:sparsity=0.6,method=dp", calibration=cal)
+    rep = out.history[-1]["report"]
+    sizes = {t: g.tensor(t).numel() for t in rep["allocated"]}
+    mean = sum(rep["allocated"][t] * n for t, n in sizes.items()) / sum(sizes.values())
+    assert 0.6 <= mean < 0.61 and len(set(rep["allocated"].values())) > 1
+    assert rep["sparsity"] == pytest.approx(mean, abs=0.01)
+    layers = weight_layers(out)
+    for key, keep in out.masks.items():
+        target = layers[key].args[1].target
+        assert 1 - float(keep.float().mean()) == pytest.approx(rep["allocated"][target], abs=0.02)
+    held = calibration(zm, g, n=4, seq=32, seed=100)
+    uniform = g.apply("prune.wanda:sparsity=0.6", calibration=cal)
+    assert mean_kl(g, out, held) <= mean_kl(g, uniform, held)
+
+
+def test_dp_solves_the_knapsack_exactly():
+    import itertools
+
+    import numpy as np
+
+    from splice.passes.prune._layer_dp import BUDGET_UNITS, LEVELS, dp_levels
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([1.0, 2.0, 1.0, 3.0])
+    table = rng.uniform(0, 1, (4, len(LEVELS))).cumsum(1)
+    cost = np.rint(np.outer(sizes / sizes.sum(), LEVELS) * BUDGET_UNITS).astype(int)
+    best = min(sum(table[i, c] for i, c in enumerate(combo)) for combo in itertools.product(range(len(LEVELS)), repeat=4)
+               if sum(cost[i, c] for i, c in enumerate(combo)) >= BUDGET_UNITS // 2)
+    levels = dp_levels(table, sizes, 0.5)
+    assert sum(table[i, c] for i, c in enumerate(levels)) == pytest.approx(best)
