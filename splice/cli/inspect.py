@@ -1,5 +1,6 @@
 """``splice inspect MODEL|ARTIFACT``: layers, stored bytes by role, op counts, the pass history and,
-with ``--coupling``, the channel groups that shrink together (``ir/coupling.py``)."""
+with ``--coupling``, the channel groups that shrink together (``ir/coupling.py``); with
+``--prunability``, each layer's load (density) and heavy-tail exponent (``ir/prunability.py``)."""
 from __future__ import annotations
 
 from splice.cli.tables import history_table
@@ -18,6 +19,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--coupling", action="store_true",
                    help="also list the coupling groups: channels, heads and KV groups that shrink together, "
                         "the tensors each slices, and the op that pins a group that cannot shrink")
+    p.add_argument("--prunability", action="store_true",
+                   help="also list each weight layer's load (kept share of its weights) and heavy-tail exponent "
+                        "alpha of its spectrum (smaller: more trained structure, less prunable)")
     p.set_defaults(func=run)
 
 
@@ -79,6 +83,25 @@ def _coupling_table(graph):
     return table
 
 
+def _prunability_table(graph):
+    """One row per weight layer: kind, shape, load, alpha; the summary in the title."""
+    from rich.table import Table
+
+    from splice.ir.prunability import prunability, summary
+
+    rows = prunability(graph)
+    total = summary(rows)
+    alpha = "—" if total["alpha"] is None else f"{total['alpha']:.2f}"
+    table = Table(title=f"prunability ({total['layers']} layers; load {total['load']:.3f}, mean alpha {alpha}; "
+                        "smaller alpha: heavier-tailed spectrum, prune less)", title_justify="left")
+    for col, just in (("layer", "left"), ("kind", "left"), ("shape", "right"), ("load", "right"), ("alpha", "right")):
+        table.add_column(col, justify=just, overflow="fold")
+    for r in rows:
+        table.add_row(esc(r.key), r.kind, "×".join(map(str, r.shape)), f"{r.load:.3f}",
+                      "—" if r.alpha is None else f"{r.alpha:.2f}")
+    return table
+
+
 def run(args, ui: UI) -> int:
     graph, seconds = capture(args.model, ui)
     artifact = is_artifact(args.model)
@@ -109,4 +132,6 @@ def run(args, ui: UI) -> int:
         ui.print("pass history: none")
     if args.coupling:
         ui.print(_coupling_table(graph))
+    if args.prunability:
+        ui.print(_prunability_table(graph))
     return 0

