@@ -1,2 +1,3 @@
-"""Pruning ops: ``splice::sparse_weight`` (a masked weight stored packed)."""
+"""Pruning ops: ``splice::sparse_weight`` (a masked weight stored packed), ``splice::channel_gate``
+(trainable relaxed gates on channels)."""
 from splice.kernels.prune import ops  # noqa: F401

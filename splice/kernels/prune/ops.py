@@ -52,3 +52,64 @@ def _sample():
 
 
 register_op(sparse_weight, family="prune", roles={0: "weight", 1: "mask"}, sample_inputs=_sample)
+
+
+# ------------------------------------------------------------------------------ channel_gate
+# Trainable relaxed gates on channels (``prune.channels:mode=gates``): the deterministic hard-concrete
+# gate of L0 regularization (Louizos et al., https://arxiv.org/abs/1712.01312), ``clamp(σ(a)·(ζ−γ)+γ,
+# 0, 1)``: exactly 0 or 1 once ``a`` is far enough from 0, so closed channels are removable exactly.
+# Gradients pass the clamp straight through, so a gate at exactly 1 (how they start) still learns.
+GATE_LOW, GATE_HIGH = -0.1, 1.1  # γ, ζ: the stretch that lets the gate reach 0 and 1
+
+
+def gate_values(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The gates in [0, 1]; their gradient is the stretched sigmoid's (straight through the clamp)."""
+    stretched = torch.sigmoid(log_alpha) * (GATE_HIGH - GATE_LOW) + GATE_LOW
+    return stretched + (stretched.clamp(0, 1) - stretched).detach()
+
+
+def _gate_shape(x: torch.Tensor, dim: int) -> list[int]:
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    return shape
+
+
+@torch.library.custom_op("splice::channel_gate", mutates_args=())
+def channel_gate(x: torch.Tensor, log_alpha: torch.Tensor, dim: int, keep: float, penalty: float) -> torch.Tensor:
+    """``x`` with channel ``c`` of axis ``dim`` scaled by ``gate_values(log_alpha)[c]``. ``keep`` (the
+    share of channels training should leave open) and ``penalty`` (the budget's weight) are read by
+    the training hook (``passes/prune/_gates.py``), not here."""
+    return x * gate_values(log_alpha).to(x.dtype).reshape(_gate_shape(x, dim))
+
+
+@channel_gate.register_fake
+def _(x, log_alpha, dim, keep, penalty):
+    torch._check(log_alpha.dim() == 1, lambda: "channel_gate: log_alpha must be 1-D")
+    return torch.empty_like(x)
+
+
+def _gate_setup(ctx, inputs, output):
+    x, log_alpha, dim, _, _ = inputs
+    ctx.save_for_backward(x, log_alpha)
+    ctx.dim = dim
+
+
+def _gate_backward(ctx, grad):
+    x, log_alpha = ctx.saved_tensors
+    with torch.enable_grad():
+        a = log_alpha.detach().requires_grad_(True)
+        xd = x.detach().requires_grad_(True)
+        y = xd * gate_values(a).to(x.dtype).reshape(_gate_shape(x, ctx.dim))
+        gx, ga = torch.autograd.grad(y, (xd, a), grad)
+    return gx, ga, None, None, None
+
+
+channel_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+def _gate_sample():
+    return torch.randn(2, 3, 8), torch.tensor([-4.0, -0.2, 0.0, 0.3, 1.0, 2.5, 4.0, -1.0]), -1, 0.75, 1.0
+
+
+register_op(channel_gate, family="prune", roles={1: "gate"}, trainable=True, sample_inputs=_gate_sample,
+            translations={"onnx": "splice.kernels.prune.onnx:channel_gate"})

@@ -1,0 +1,20 @@
+"""ONNX translation of ``splice::channel_gate`` (onnxscript): the gate vector is computed from its
+initializer (ORT folds it at load) and broadcast along the gated axis."""
+from __future__ import annotations
+
+import numpy as np
+from onnxscript import opset21 as op
+
+from splice.kernels._onnx import const
+from splice.kernels.prune.ops import GATE_HIGH, GATE_LOW
+
+
+def channel_gate(x, log_alpha, dim: int, keep: float, penalty: float):
+    gate = op.Clip(op.Add(op.Mul(op.Sigmoid(log_alpha), const(np.array(GATE_HIGH - GATE_LOW, np.float32))),
+                          const(np.array(GATE_LOW, np.float32))),
+                   const(np.array(0.0, np.float32)), const(np.array(1.0, np.float32)))
+    rank = len(x.shape) if x.shape is not None else None
+    axis = dim % rank if rank else dim
+    shape = [1] * rank
+    shape[axis] = -1
+    return op.Mul(x, op.CastLike(op.Reshape(gate, const(np.array(shape, np.int64))), x))
