@@ -30,6 +30,9 @@ def add_parser(sub, common) -> None:
                    help="calibration data for passes that need it (repeatable, mixed by weight): a UTF-8 text "
                         "file, a .jsonl file of {\"text\": ...} lines, a directory of those, or 'builtin' (a "
                         "general-domain mix of text this machine has: Python docs, licences, man pages)")
+    p.add_argument("--calib-set", action="append", metavar="NAME=SOURCE[:WEIGHT]", default=[],
+                   help="a further named calibration set for passes that read one (repeatable; sources as --calib), "
+                        "e.g. --calib-set general=builtin for prune.dpruner")
     p.add_argument("--peft", action="append", metavar="DIR",
                    help="attach a PEFT adapter directory to the base before the passes (repeatable)")
     p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
@@ -69,6 +72,23 @@ def calibration_line(graph, calibration) -> str:
                f"{r['documents']:,} documents of {names}{per}")
 
 
+def _calibration_sets(specs: list[str], pipeline) -> dict[str, list]:
+    """``--calib-set NAME=SOURCE`` values, sources read, by name; every set a pass reads must be given."""
+    from splice.eval.corpus import load_sources
+
+    raw: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            raise UsageError(f"--calib-set {spec}: expected NAME=SOURCE, e.g. general=builtin")
+        raw.setdefault(name, []).append(source)
+    for info, _ in pipeline.steps:
+        for name in info.datasets:
+            if name not in raw:
+                raise ConfigError(f"{info.name}: needs the calibration set '{name}' (--calib-set {name}=SOURCE)")
+    return {name: load_sources(srcs) for name, srcs in raw.items()}
+
+
 def run(args, ui: UI) -> int:
     # 1. everything that needs no model: pass specs, recipe, calibration file, output path
     pipeline = _pipeline(args)
@@ -84,6 +104,7 @@ def run(args, ui: UI) -> int:
 
         with ui.phase("read calibration sources"):
             sources = load_sources(args.calib)
+    set_sources = _calibration_sets(args.calib_set, pipeline)
     out = check_output(args.output, args.force)
     require_exists(args.model)
 
@@ -107,9 +128,15 @@ def run(args, ui: UI) -> int:
         ui.print(calibration_line(graph, calibration))
     elif args.calib:
         ui.print(f"note: --calib ignored, no pass in {esc(str(pipeline))} needs calibration")
+    datasets = {}
+    for name, srcs in set_sources.items():
+        from splice.eval.calibration import calibration_data
+
+        with ui.phase(f"tokenize calibration set {name}"):
+            datasets[name] = calibration_data(graph, srcs, args.calib_samples, args.calib_seqlen)
     before = graph.nbytes()
     with ui.quiet(redirect=not progress.enabled()):  # each pass shows its own progress line
-        result = pipeline.run(graph, calibration=calibration, progress=True)
+        result = pipeline.run(graph, calibration=calibration, progress=True, datasets=datasets)
     with ui.phase(f"save {out}"):
         result.graph.save(out, force=args.force)
 

@@ -231,13 +231,14 @@ class Graph:
                                    strict=False)
 
     # -------------------------------------------------------------- user API
-    def apply(self, *specs: str, calibration=None, verify: bool = True) -> "Graph":
-        """Run passes given as ``name:key=val,...`` strings; returns the new Graph. The pass
+    def apply(self, *specs: str, calibration=None, verify: bool = True, datasets=None) -> "Graph":
+        """Run passes given as ``name:key=val,...`` strings; returns the new Graph (``calibration``,
+        and ``datasets``: further named calibration sets, for the passes that read them). The pass
         manager plugs itself in here (``set_apply``) when it is imported, as the API does."""
         if not _APPLY:
             raise SpliceError("Graph.apply: no pass manager loaded (import splice.passes.manager, or make the "
                               "graph with splice.capture / splice.load)")
-        return _APPLY[0](self, *specs, calibration=calibration, verify=verify)
+        return _APPLY[0](self, *specs, calibration=calibration, verify=verify, datasets=datasets)
 
     def save(self, path, *, force: bool = False) -> None:
         """Save as an artifact directory (``ir/artifact.py`` plugs itself in here with ``set_save``

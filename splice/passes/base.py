@@ -123,7 +123,8 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the graph: calibration batches, other graphs by name
+    """What a pass may use besides the graph: calibration batches, named further calibration sets
+    (``datasets``: D-Pruner's ``general`` set beside the domain calibration), other graphs by name
     (``graphs``: merging's inputs, extraction's ``source``), the export ``target`` the
     pipeline compiles for (``"onnx"``, ``"cpu"``; recorded in the history), a seeded RNG and the
     ``cache`` of shared analyses (``splice.passes.analysis``)."""
@@ -133,6 +134,7 @@ class PassContext:
     seed: int = 0
     progress: bool = False
     graphs: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
     target: str | None = None
     cache: AnalysisCache = field(default_factory=AnalysisCache)
 
@@ -166,6 +168,7 @@ class PassInfo:
     requires: tuple[str, ...] = ()  # passes or capabilities needed earlier (adapter.fold: "adapter")
     provides: tuple[str, ...] = ()  # capabilities it gives later passes, besides its own name
     graphs: tuple[str, ...] = ()  # other graphs it reads from ctx.graphs (adapter.extract: "source")
+    datasets: tuple[str, ...] = ()  # calibration sets it reads from ctx.datasets (prune.dpruner: "general")
     report_fields: dict[str, str] = field(default_factory=dict)  # report key -> short description/unit
     applies: Applies | None = None  # None: every graph
     migrate: Callable[[dict], dict] | None = None  # an older history entry -> the current version's
@@ -215,7 +218,7 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 def register_pass(name: str, config_cls: type[PassConfig], *, reference: str,
                   needs_calibration: bool | Callable[[PassConfig], bool] = False, version: int = 1, requires: tuple[str, ...] = (),
-                  provides: tuple[str, ...] = (), graphs: tuple[str, ...] = (),
+                  provides: tuple[str, ...] = (), graphs: tuple[str, ...] = (), datasets: tuple[str, ...] = (),
                   report_fields: dict[str, str] | None = None, applies: Applies | None = None,
                   migrate: Callable[[dict], dict] | None = None):
     """Register ``fn`` as pass ``name``; a duplicate name is an error (see the module doc)."""
@@ -226,7 +229,8 @@ def register_pass(name: str, config_cls: type[PassConfig], *, reference: str,
         if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
             raise TypeError(f"{name}: config must be a frozen dataclass")
         _REGISTRY[name] = PassInfo(name, config_cls, fn, reference, needs_calibration, version, tuple(requires),
-                                   tuple(provides), tuple(graphs), dict(report_fields or {}), applies, migrate)
+                                   tuple(provides), tuple(graphs), tuple(datasets), dict(report_fields or {}),
+                                   applies, migrate)
         return fn
 
     return deco

@@ -58,6 +58,9 @@ def run_pass(graph: Graph, info: PassInfo, cfg: PassConfig, ctx: PassContext | N
     for name in info.graphs:
         if name not in ctx.graphs:
             raise ConfigError(_missing_graph(info, name))
+    for name in info.datasets:
+        if not ctx.datasets.get(name):
+            raise ConfigError(_missing_dataset(info, name))
     work = graph.copy()
     before = {n.name for n in work.gm.graph.nodes}
     result = info.fn(work, cfg, ctx)
@@ -89,7 +92,7 @@ class Pipeline:
     def __str__(self) -> str:
         return " -> ".join(self.specs()) or "(empty pipeline)"
 
-    def check(self, graph: Graph, *, calibration=None) -> None:
+    def check(self, graph: Graph, *, calibration=None, datasets=None) -> None:
         """Refuse the pipeline before it runs: pass versions in the history, ``requires``, calibration."""
         check_history(graph)
         have = set()
@@ -103,6 +106,9 @@ class Pipeline:
                                       "or in the graph's history")
             if info.calibrated(cfg) and not calibration:
                 raise ConfigError(f"{info.name}: needs calibration data; pass --calib FILE (calibration=...)")
+            for name in info.datasets:
+                if not (datasets or {}).get(name):
+                    raise ConfigError(_missing_dataset(info, name))
             have |= {info.name, *info.provides}
         calibrated = [info.name for info, cfg in self.steps if info.calibrated(cfg)]
         if calibrated:
@@ -111,14 +117,16 @@ class Pipeline:
     def run(self, graph: Graph, *, calibration=None, verify: bool = True, probe: bool = True,
             progress: bool = False, seed: int = 0, graphs: dict[str, Graph] | None = None,
             target: str | None = None, cache: AnalysisCache | None = None,
-            instruments: Sequence[PassInstrument] = (), load_graph: GraphLoader | None = None) -> PipelineResult:
+            instruments: Sequence[PassInstrument] = (), load_graph: GraphLoader | None = None,
+            datasets: dict[str, list] | None = None) -> PipelineResult:
         """Run every step on ``graph``. ``graphs``: other graphs by name for passes that read one;
+        ``datasets``: further calibration sets by name for passes that read one;
         ``target``: what the result is compiled for (recorded); ``cache``: share analyses with
         other runs; ``instruments``: added after the defaults (``verify``/``probe`` drop those)."""
-        self.check(graph, calibration=calibration)
+        self.check(graph, calibration=calibration, datasets=datasets)
         step_graphs = self._resolve_graphs(dict(graphs or {}), load_graph or (_LOADER[0] if _LOADER else None))
         ctx = PassContext(calibration=calibration, seed=seed, progress=progress, target=target,
-                          cache=AnalysisCache() if cache is None else cache)
+                          cache=AnalysisCache() if cache is None else cache, datasets=dict(datasets or {}))
         record = calibration_record(graph, calibration) if calibration else None
         used = [*default_instruments(verify=verify, probe=probe), *instruments]
         for inst in used:
@@ -133,6 +141,8 @@ class Pipeline:
                      "version": info.version, "modified": result.modified, "report": result.report}
             if info.calibrated(cfg):
                 entry["calibration"] = record
+            for name in info.datasets:
+                entry.setdefault("datasets", {})[name] = calibration_record(graph, datasets[name])
             if target is not None:
                 entry["target"] = target
             with phase(f"check pass {i} ({', '.join(type(inst).__name__ for inst in used)})", show=progress):
@@ -175,13 +185,13 @@ class Pipeline:
                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
-def apply(graph: Graph, *specs: str, calibration=None, verify: bool = True) -> Graph:
+def apply(graph: Graph, *specs: str, calibration=None, verify: bool = True, datasets=None) -> Graph:
     """``Graph.apply``: run passes given as spec strings; returns the new Graph."""
     bad = [s for s in specs if not isinstance(s, str)]
     if bad:
         raise ConfigError(f"Graph.apply: expected pass specs like 'quantize.rtn:bits=4', got {_short(bad[0])} "
                           f"({type(bad[0]).__name__})")
-    return Pipeline.parse(list(specs)).run(graph, calibration=calibration, verify=verify).graph
+    return Pipeline.parse(list(specs)).run(graph, calibration=calibration, verify=verify, datasets=datasets).graph
 
 
 ir_graph.set_apply(apply)
@@ -203,6 +213,11 @@ def _describe_need(need: str) -> str:
         return need
     listed = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
     return f"{need} (a pass providing it: {listed})" if names else need
+
+
+def _missing_dataset(info: PassInfo, name: str) -> str:
+    return (f"{info.name}: needs the calibration set '{name}' (--calib-set {name}=SOURCE, "
+            f"datasets={{'{name}': samples}})")
 
 
 def _missing_graph(info: PassInfo, name: str) -> str:

@@ -84,7 +84,9 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     spec = name
     if name == "adapter.peft":  # reads a PEFT directory: one saved from a (zero-init) LoRA on this model
         spec = f"{name}:path={splice.save_peft(graph.apply('adapter.lora'), tmp_path / 'peft')}"
-    result = splice.Pipeline([spec]).run(start, calibration=calib, graphs={g: graph for g in info.graphs})
+    datasets = {name: _calibration(zm, graph) for name in info.datasets}
+    result = splice.Pipeline([spec]).run(start, calibration=calib, graphs={g: graph for g in info.graphs},
+                                         datasets=datasets)
     out = result.graph
     entry = out.history[-1]
     assert entry["pass"] == name and entry["seconds"] >= 0

@@ -1,5 +1,5 @@
 """Gradients on calibration data: of the stored weights (``weight_gradients``, behind first-order
-Taylor importance), of layer outputs (``output_fisher``: the diagonal Fisher that weights output
+Taylor importance; ``weight_fisher``, their mean and empirical Fisher, behind D-Pruner), of layer outputs (``output_fisher``: the diagonal Fisher that weights output
 errors in ``quantize.allocate`` and ``prune.allocate:method=dp``), and the loss both use.
 
 The loss needs no labels: next-token cross-entropy of ``logits`` on the calibration tokens for a
@@ -42,19 +42,45 @@ def running_stats(graph: Graph) -> set[str]:
             if len(node.args) > i and getattr(node.args[i], "op", None) == "get_attr"}
 
 
-def weight_gradients(graph: Graph, targets: list[str], calibration: list[tuple], who: str) -> dict[str, torch.Tensor]:
-    """``∂loss/∂W`` of each stored tensor in ``targets`` (batch-norm running statistics left out),
-    summed over the calibration samples (``calibration_loss`` per sample), on a copy of ``graph``
-    whose other tensors stay frozen."""
+def _sample_gradients(graph: Graph, targets: list[str], calibration: list[tuple], who: str):
+    """Per calibration sample, ``∂loss/∂W`` of each stored tensor in ``targets`` (batch-norm running
+    statistics left out) on a copy of ``graph`` whose other tensors stay frozen: a dict per sample."""
     targets = [t for t in targets if t not in running_stats(graph)]
     work = graph.copy()
     params = {t: torch.nn.Parameter(graph.tensor(t).detach().clone().float(), requires_grad=True) for t in targets}
     for t, p in params.items():
         set_attr(work.gm, t, p, trainable=True)
-    with torch.enable_grad():
-        for sample in calibration:
+    for sample in calibration:
+        with torch.enable_grad():
             calibration_loss(work, sample, work.gm(*sample), who).backward()
-    return {t: (p.grad if p.grad is not None else torch.zeros_like(p)).detach() for t, p in params.items()}
+        yield {t: (p.grad if p.grad is not None else torch.zeros_like(p)).detach() for t, p in params.items()}
+        for p in params.values():
+            p.grad = None
+
+
+def weight_gradients(graph: Graph, targets: list[str], calibration: list[tuple], who: str) -> dict[str, torch.Tensor]:
+    """``∂loss/∂W`` of each stored tensor in ``targets`` summed over the calibration samples
+    (``calibration_loss`` per sample); batch-norm running statistics are left out."""
+    total: dict[str, torch.Tensor] = {}
+    for grads in _sample_gradients(graph, targets, calibration, who):
+        for t, g in grads.items():
+            total[t] = total[t] + g if t in total else g.clone()
+    return total
+
+
+def weight_fisher(graph: Graph, targets: list[str], calibration: list[tuple],
+                  who: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The mean gradient and the empirical Fisher diagonal (mean squared per-sample gradient) of
+    each stored tensor in ``targets`` over the calibration samples."""
+    mean: dict[str, torch.Tensor] = {}
+    fisher: dict[str, torch.Tensor] = {}
+    n = 0
+    for grads in _sample_gradients(graph, targets, calibration, who):
+        n += 1
+        for t, g in grads.items():
+            mean[t] = mean[t] + g if t in mean else g.clone()
+            fisher[t] = fisher[t] + g.square() if t in fisher else g.square()
+    return {t: g / n for t, g in mean.items()}, {t: f / n for t, f in fisher.items()}
 
 
 def output_fisher(graph: Graph, nodes: list[fx.Node], calibration: list[tuple], who: str) -> dict[str, torch.Tensor]:
