@@ -15,7 +15,8 @@ and a plot into the generated section of ``docs/bench_prune.md``.
     python bench/prune.py                                        # 50 % and 2:4, three criteria
     python bench/prune.py --sparsities 0.3,0.6,0.7 --nm "" --owl "" --merge
     python bench/prune.py --sparsities "" --nm "" --owl "" --structured --depth 4 --merge
-    python bench/prune.py --sparsities "" --nm "" --owl "" --structured --recovery 100 --merge
+    python bench/prune.py --sparsities "" --nm "" --owl "" --structured --merge \
+        --structured-rows "channels 25% + kv 1/3 wanda" --recovery 100
     python bench/prune.py --render-only
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--nm", default="2:4", help="comma list of N:M patterns (empty: none)")
     ap.add_argument("--owl", default="0.5", help="comma list of sparsities for OWL allocation + Wanda (empty: none)")
     ap.add_argument("--structured", action="store_true", help="channel / KV-group rows with ONNX size and ORT latency")
+    ap.add_argument("--structured-rows", default="", help="comma list of structured row names to run (default: all)")
     ap.add_argument("--depth", type=int, default=0, help="blocks removed in the depth rows (0: none)")
     ap.add_argument("--recovery", type=int, default=0, metavar="STEPS",
                     help="also train each structured model STEPS steps with masks fixed (PERP: norms and biases) on "
@@ -83,8 +85,12 @@ def configs(args) -> list[tuple[str, str, dict]]:
     for s in [float(x) for x in args.owl.split(",") if x]:
         out.append((f"owl+wanda {s:.0%}", f"prune.allocate:sparsity={s}", {"method": "owl", "sparsity": s, "pattern": None}))
     if args.structured:
-        out += [(name, spec, {"method": "structured", "sparsity": None, "pattern": None, "onnx": True})
-                for name, spec in STRUCTURED.items()]
+        wanted = [r for r in args.structured_rows.split(",") if r] or list(STRUCTURED)
+        unknown = [r for r in wanted if r not in STRUCTURED]
+        if unknown:
+            raise SystemExit(f"prune bench: unknown structured row {unknown[0]!r}; choose from {', '.join(STRUCTURED)}")
+        out += [(name, STRUCTURED[name], {"method": "structured", "sparsity": None, "pattern": None, "onnx": True})
+                for name in wanted]
     if args.depth:
         d = args.depth
         out += [(f"depth {d} {score}", f"prune.depth:blocks={d},score={score}",
