@@ -18,3 +18,12 @@ def channel_gate(x, log_alpha, dim: int, keep: float, penalty: float):
     shape = [1] * rank
     shape[axis] = -1
     return op.Mul(x, op.CastLike(op.Reshape(gate, const(np.array(shape, np.int64))), x))
+
+
+def predicted_topk(act, x, down, up, k: int):
+    """Scores by two MatMuls, ``TopK`` indices, a 0/1 mask by ``ScatterElements``, then ``Mul``."""
+    scores = op.MatMul(op.MatMul(op.CastLike(x, down), op.Transpose(down, perm=[1, 0])), op.Transpose(up, perm=[1, 0]))
+    _, idx = op.TopK(scores, const(np.array([k], np.int64)), axis=-1)
+    zeros = op.Expand(op.CastLike(const(np.array(0.0, np.float32)), act), op.Shape(scores))
+    ones = op.Expand(op.CastLike(const(np.array(1.0, np.float32)), act), op.Shape(idx))
+    return op.Mul(act, op.ScatterElements(zeros, idx, ones, axis=-1))

@@ -113,3 +113,34 @@ def _gate_sample():
 
 register_op(channel_gate, family="prune", roles={1: "gate"}, trainable=True, sample_inputs=_gate_sample,
             translations={"onnx": "splice.kernels.prune.onnx:channel_gate"})
+
+
+# ---------------------------------------------------------------------------- predicted_topk
+# Contextual (input-dependent) sparsity, DejaVu-style (https://arxiv.org/abs/2310.17157): a low-rank
+# predictor scores each MLP channel from the block's input, and only the ``k`` best-scored channels
+# of each token pass (``prune.dynamic``).
+
+
+@torch.library.custom_op("splice::predicted_topk", mutates_args=())
+def predicted_topk(act: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, k: int) -> torch.Tensor:
+    """``act`` [..., m] with all but the ``k`` channels of highest predicted score zeroed per token;
+    scores ``(x @ downᵀ) @ upᵀ`` from the block input ``x`` [..., d] (down: [r, d], up: [m, r])."""
+    scores = (x.to(down.dtype) @ down.T) @ up.T
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    return act * keep.to(act.dtype)
+
+
+@predicted_topk.register_fake
+def _(act, x, down, up, k):
+    torch._check(up.shape[0] == act.shape[-1], lambda: "predicted_topk: predictor and channels disagree")
+    return torch.empty_like(act)
+
+
+def _topk_sample():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 3, 16, generator=gen), torch.randn(2, 3, 8, generator=gen),
+            torch.randn(4, 8, generator=gen), torch.randn(16, 4, generator=gen), 6)
+
+
+register_op(predicted_topk, family="prune", roles={2: "predictor", 3: "predictor"}, sample_inputs=_topk_sample,
+            translations={"onnx": "splice.kernels.prune.onnx:predicted_topk"})
