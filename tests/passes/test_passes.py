@@ -24,7 +24,8 @@ from zoo_graphs import captured, input_grid
 
 PASSES = [p.name for p in list_passes()]
 COSINE_FLOOR = {"prune.depth": 0.6, "prune.heads": 0.8,  # one of a zoo model's 2 blocks / 2 KV groups goes
-                "prune.channels": 0.8}  # a quarter of a tiny random CNN's channels
+                "prune.channels": 0.8,  # a quarter of a tiny random CNN's channels
+                "prune.dpruner": 0.8}  # gradients of a random model (loss at max entropy) rank weights poorly
 SETUP = {"prune.gates": ["prune.channels:mode=gates,amount=0.25"]}  # a setup that needs options (no gate closed:
 #                                                                   prune.gates then folds them and removes none)
 
