@@ -17,6 +17,16 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph, set_attr
 
 
+def has_label_free_loss(graph: Graph) -> bool:
+    """Whether ``calibration_loss`` applies: a 3-D ``logits`` over ``input_ids``, or 2-D class scores first."""
+    out = next(n for n in graph.gm.graph.nodes if n.op == "output").args[0]
+    vals = [getattr(a, "meta", {}).get("val") for a in (out if isinstance(out, (tuple, list)) else [out])]
+    shapes = dict(zip(graph.output_names, [None if v is None else v.dim() for v in vals]))
+    if "logits" in shapes and "input_ids" in graph.input_names and shapes["logits"] == 3:
+        return True
+    return bool(vals) and vals[0] is not None and vals[0].dim() == 2 and vals[0].is_floating_point()
+
+
 def calibration_loss(graph: Graph, sample: tuple, outputs, who: str) -> torch.Tensor:
     """The label-free loss of ``outputs`` (the graph's outputs on ``sample``; see the module docstring)."""
     if "logits" in graph.output_names and "input_ids" in graph.input_names:

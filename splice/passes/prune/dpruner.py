@@ -18,10 +18,14 @@ import torch
 
 from splice.ir.graph import Graph
 from splice.ir.sparsity import mask_of
-from splice.passes.base import PassContext, PassResult, register_pass
-from splice.passes.instrument.gradients import weight_fisher
+from splice.passes.base import Applies, PassContext, PassResult, register_pass
+from splice.passes.instrument.gradients import has_label_free_loss, weight_fisher
 from splice.passes.prune._common import (HIDDEN_LINEAR, PRUNE_REPORT, PruneConfig, apply_masks, prunable,
                                          smallest_dropped, with_prior)
+
+# gradients need a loss without labels: an LM's logits or a classifier's scores
+WITH_LOSS = Applies("a hidden linear layer, and logits or class scores out", kinds=("linear",),
+                    check=lambda g: HIDDEN_LINEAR(g) and has_label_free_loss(g))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +47,7 @@ def taylor_importance(w: torch.Tensor, grad: torch.Tensor, curvature: torch.Tens
 
 
 @register_pass("prune.dpruner", DPrunerConfig, reference="https://arxiv.org/abs/2405.06275", needs_calibration=True,
-               datasets=("general",), report_fields=PRUNE_REPORT, applies=HIDDEN_LINEAR)
+               datasets=("general",), report_fields=PRUNE_REPORT, applies=WITH_LOSS)
 def dpruner(graph: Graph, cfg: DPrunerConfig, ctx: PassContext) -> PassResult:
     nodes = prunable(graph, cfg, ("linear",), "prune.dpruner")
     targets = sorted({n.args[1].target for n in nodes})
