@@ -6,7 +6,7 @@ import numpy as np
 from onnxscript import opset21 as op
 
 from splice.kernels._onnx import const
-from splice.kernels.prune.ops import GATE_HIGH, GATE_LOW
+from splice.kernels.prune.gate_math import GATE_HIGH, GATE_LOW
 
 
 def channel_gate(x, log_alpha, dim: int, keep: float, penalty: float):

@@ -19,7 +19,7 @@ from splice.errors import ConfigError
 from splice.ir.coupling import Group
 from splice.ir.graph import Graph
 from splice.ir.train_hooks import TrainHook, register_train_hook
-from splice.kernels.prune.ops import gate_values
+from splice.kernels.prune.gate_math import gate_values
 
 aten = torch.ops.aten
 GATE = torch.ops.splice.channel_gate.default

@@ -14,7 +14,7 @@ from splice.errors import ConfigError
 from splice.ir.coupling import analyze
 from splice.ir.graph import Graph
 from splice.ir.weights import dense_weight, replace_weight
-from splice.kernels.prune.ops import gate_values
+from splice.kernels.prune.gate_math import gate_values
 from splice.passes.base import Applies, PassConfig, PassContext, PassResult, register_pass
 from splice.passes.prune._gates import gate_nodes
 from splice.passes.prune._structured import STRUCTURED_REPORT, shrink_groups, units_removed

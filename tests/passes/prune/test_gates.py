@@ -9,7 +9,7 @@ import splice
 from splice.errors import ConfigError
 from splice.eval.data import ByteTokenizer, builtin_text
 from splice.ir.graph import set_attr
-from splice.kernels.prune.ops import gate_values
+from splice.kernels.prune.gate_math import gate_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
