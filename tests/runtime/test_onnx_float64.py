@@ -21,7 +21,7 @@ FOLDED_SCALAR = {"adapter.adalora": 1e-7}
 CONV_ONLY = {"adapter.flora"}  # and ORT has no float64 Conv kernel
 # the fast suite checks one adapter per kind of op (low-rank delta, base-reading, factored, sparse,
 # shared-matrix); -m slow runs every adapter (each costs two exports, ~25 s on 2 cores)
-IN_CI = {"adapter.lora", "adapter.dora"}  # a factored delta and one that reads the base; the rest: -m slow
+IN_CI = {"adapter.lora"}  # a factored delta (DoRA, which reads the base, and the rest: -m slow)
 
 
 def _adapter_passes() -> list[str]:

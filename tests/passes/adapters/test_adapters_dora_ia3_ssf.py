@@ -94,7 +94,8 @@ def test_zero_init_leaves_outputs_unchanged_exactly(spec, model):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", list(RANDOM))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "dora" else pytest.mark.slow)
+                                    for m in RANDOM])  # the fast suite: DoRA (reads the base); -m slow: all three
 def test_fold_unfold_exact_and_onnx_parity(method, tmp_path):
     zm, g = captured("llama")
     out = g.apply(RANDOM[method])

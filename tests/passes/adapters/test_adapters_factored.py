@@ -51,8 +51,10 @@ def test_zero_effect_init(case):
             assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fold_unfold_and_onnx(case, tmp_path):
-    method, zm, g, out = case
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m in ("nola", "flora") else pytest.mark.slow)
+                                    for m in CASES])  # the fast suite: a linear and a conv one; the matrix exports each
+def test_fold_unfold_and_onnx(method, tmp_path):
+    zm, g = captured(CASES[method][0])
     trained = _perturb(g.apply(CASES[method][1]))  # a fresh adapter: the fixture's stays at init
     grid = input_grid(zm, g)
     assert max_diff(trained, g, grid[0]) > 1e-3

@@ -220,8 +220,8 @@ def test_fold_then_unfold_restores_weights(method):
     assert {a.method for a in splice.list_adapters(back)} == {a.method for a in splice.list_adapters(out)}
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m in ("vera", "bat") else pytest.mark.slow)
-                                    for m in SPECS])  # the fast suite: two; -m slow: all
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m == "vera" else pytest.mark.slow)
+                                    for m in SPECS])  # the fast suite: one; -m slow: all (the matrix exports each)
 def test_onnx_folded_and_unfolded_match_ort(method, tmp_path):
     zm, g = captured("llama")
     out = _adapted(method)

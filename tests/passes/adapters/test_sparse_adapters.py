@@ -196,8 +196,8 @@ def test_dsee_is_low_rank_plus_sparse_on_the_largest_residuals():
 # -------------------------------------------------------------- fold / unfold / export
 
 
-@pytest.mark.parametrize("spec", [pytest.param(m, marks=() if m in ("adapter.lift", "adapter.s2ft") else pytest.mark.slow)
-                                  for m in METHODS])  # the fast suite: two; the registry matrix exports every one
+@pytest.mark.parametrize("spec", [pytest.param(m, marks=() if m == "adapter.s2ft" else pytest.mark.slow)
+                                  for m in METHODS])  # the fast suite: one; the registry matrix exports every one
 def test_fold_unfold_and_onnx_parity(spec, tmp_path):
     zm, g = captured("llama")
     out = _randomized(g.apply(spec))
