@@ -16,6 +16,14 @@ from splice.errors import ConfigError
 from splice.eval import zoo
 
 
+def fast_train() -> dict:
+    """``splice.train`` options of the training tests: 64-token windows of 4, the byte tokenizer
+    (vocab 256 = the zoo's), no progress bar."""
+    from splice.eval.data import ByteTokenizer
+
+    return dict(seq_len=64, batch_size=4, tokenizer=ByteTokenizer(), progress=False)
+
+
 @functools.lru_cache(maxsize=None)
 def captured(name: str):
     zm = zoo.build(name)

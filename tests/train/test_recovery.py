@@ -2,7 +2,7 @@
 pruned weight zero and lowers the loss; PASER picks the examples pruning degraded most."""
 import pytest
 import torch
-from zoo_graphs import captured, run_cli
+from zoo_graphs import fast_train, captured, run_cli
 
 import splice
 from splice.errors import ConfigError
@@ -13,7 +13,7 @@ from splice.train.data import text_windows
 from splice.train.select import Paser, allocate, token_clusters
 
 TEXT = builtin_text("gpl3")
-FAST = dict(seq_len=64, batch_size=4, tokenizer=ByteTokenizer(), progress=False)
+FAST = fast_train()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from zoo_graphs import assert_error, captured, run_cli
+from zoo_graphs import fast_train, assert_error, captured, run_cli
 
 import splice
 from splice.errors import ConfigError, SpliceError
@@ -18,7 +18,7 @@ from splice.train.checkpoint import checkpoint_path
 
 TEXT = builtin_text("gpl3")
 TRAIN, HELD_OUT = TEXT[:20000], TEXT[20000:26000]
-FAST = dict(seq_len=64, batch_size=4, tokenizer=ByteTokenizer(), progress=False)
+FAST = fast_train()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
