@@ -119,10 +119,10 @@ def run(args, ui: UI) -> int:
             name = "default" if len(args.peft) == 1 else Path(peft_dir).resolve().name
             graph = splice.load_peft(graph, peft_dir, name=name)
         ui.print(f"attached PEFT adapter {esc(peft_dir)}")
+    from splice.eval.calibration import calibration_data  # lazily: torch and the tokenizer stack
+
     calibration = None
     if needs:
-        from splice.eval.calibration import calibration_data
-
         with ui.phase("tokenize calibration text"):
             calibration = calibration_data(graph, sources, args.calib_samples, args.calib_seqlen)
         ui.print(calibration_line(graph, calibration))
@@ -130,8 +130,6 @@ def run(args, ui: UI) -> int:
         ui.print(f"note: --calib ignored, no pass in {esc(str(pipeline))} needs calibration")
     datasets = {}
     for name, srcs in set_sources.items():
-        from splice.eval.calibration import calibration_data
-
         with ui.phase(f"tokenize calibration set {name}"):
             datasets[name] = calibration_data(graph, srcs, args.calib_samples, args.calib_seqlen)
     before = graph.nbytes()
