@@ -47,7 +47,8 @@ def _source_config(graph):
         config.head_dim = config.hidden_size // config.num_attention_heads
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    return config, cls or (transformers.AutoModelForCausalLM if kw else transformers.AutoModel)
+    auto = transformers.AutoModelForCausalLM if kw else transformers.AutoModel  # a GGUF config names no class
+    return config, cls or auto._model_mapping[type(config)]
 
 
 def float_tensors(graph) -> dict[str, torch.Tensor]:
