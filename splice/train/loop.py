@@ -99,7 +99,8 @@ def add_adapter_dropout(graph: Graph) -> int:
 # ------------------------------------------------------------------------------- loop
 
 
-def _forward(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def forward_batch(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The graph's named outputs on a tokenized batch."""
     return dict(zip(graph.output_names, graph.gm(*graph_inputs(graph, batch))))
 
 
@@ -110,7 +111,7 @@ def evaluate(graph: Graph, examples: Examples, loss: str, batch_size: int) -> fl
     with torch.no_grad():
         for batch in examples.in_order(batch_size):
             n = len(batch["input_ids"])
-            total += float(fn(_forward(graph, batch), batch)) * n
+            total += float(fn(forward_batch(graph, batch), batch)) * n
             count += n
     return total / count
 
@@ -134,7 +135,7 @@ class _Run:
         task, reg_total = 0.0, 0.0
         for micro in range(cfg.grad_accum):
             batch = self.data.micro_batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
-            loss = fn(_forward(self.work, batch), batch)
+            loss = fn(forward_batch(self.work, batch), batch)
             regs = [r for r in (h.regularizer(step, cfg.steps) for h in self.hooks) if r is not None]
             reg = torch.stack([torch.as_tensor(r).float() for r in regs]).sum() if regs else None
             ((loss if reg is None else loss + reg) / cfg.grad_accum).backward()

@@ -25,15 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from splice.errors import ConfigError
-from splice.eval.data import graph_inputs
 from splice.ir.graph import Graph
 from splice.train.data import Examples
+from splice.train.loop import forward_batch
 
 _SVD_RANK = 32
-
-
-def _outputs(graph: Graph, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return dict(zip(graph.output_names, graph.gm(*graph_inputs(graph, batch))))
 
 
 def _jsd(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -49,7 +45,7 @@ def degradation(reference: Graph, model: Graph, examples: Examples, batch_size: 
     scores = []
     with torch.no_grad():
         for batch in examples.in_order(batch_size):
-            ref, got = _outputs(reference, batch), _outputs(model, batch)
+            ref, got = forward_batch(reference, batch), forward_batch(model, batch)
             mask = batch["attention_mask"].float()
             if "logits" in ref and ref["logits"].dim() == 3:
                 per_token = _jsd(ref["logits"], got["logits"]) * mask

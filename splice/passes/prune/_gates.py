@@ -17,7 +17,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.coupling import Group
-from splice.ir.graph import Graph
+from splice.ir.graph import Graph, attr_users
 from splice.ir.train_hooks import TrainHook, register_train_hook
 from splice.kernels.prune.gate_math import gate_values
 
@@ -41,12 +41,12 @@ def gate_readers(graph: Graph, group: Group) -> list[tuple[fx.Node, torch.Tensor
     input axis, when every such reader reads only them and each unit is one channel; else None."""
     if group.unit != 1:
         return None
-    readers = []
+    readers, users = [], attr_users(graph.gm)
     for m in group.members:
         if m.axis != 1:
             continue
-        for node in graph.gm.graph.nodes:
-            if node.op == "call_function" and len(node.args) > 1 and getattr(node.args[1], "target", None) == m.target:
+        for node in users[m.target]:
+            if len(node.args) > 1 and getattr(node.args[1], "target", None) == m.target:
                 if _reader_axis(node) is None or graph.tensor(m.target).shape[1] != group.units:
                     return None
                 readers.append((node, m.index[:, 0]))

@@ -20,7 +20,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.coupling import analyze
-from splice.ir.graph import Graph
+from splice.ir.graph import Graph, attr_users
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.instrument.calibrate import input_stats
 from splice.passes.prune._common import HIDDEN_LINEAR
@@ -46,19 +46,19 @@ class DynamicConfig(PassConfig):
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
 
-def _linear_readers(graph: Graph, target: str) -> list[fx.Node]:
-    return [n for n in graph.gm.graph.nodes if n.target == aten.linear.default and n.args[1].target == target]
-
-
 def mlp_sites(graph: Graph) -> list[tuple[fx.Node, fx.Node]]:
     """``(a layer writing the MLP channels, the layer reading them)`` per shrinkable-or-not MLP group
     whose writers share one input and whose channels one linear reads whole."""
-    sites = []
+    sites, users = [], attr_users(graph.gm)
+
+    def linear_readers(target: str) -> list[fx.Node]:
+        return [n for n in users[target] if n.target == aten.linear.default and n.args[1].target == target]
+
     for group in analyze(graph).groups:
         if group.kind != "mlp" or group.unit != 1:
             continue
-        writers = [n for m in group.members if m.axis == 0 for n in _linear_readers(graph, m.target)]
-        readers = [n for m in group.members if m.axis == 1 for n in _linear_readers(graph, m.target)]
+        writers = [n for m in group.members if m.axis == 0 for n in linear_readers(m.target)]
+        readers = [n for m in group.members if m.axis == 1 for n in linear_readers(m.target)]
         if writers and len(readers) == 1 and len({w.args[0] for w in writers}) == 1 \
                 and graph.tensor(readers[0].args[1].target).shape[1] == group.units:
             sites.append((writers[0], readers[0]))
