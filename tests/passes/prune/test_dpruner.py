@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from zoo_graphs import assert_error, calibration, captured, run_cli
+from zoo_graphs import assert_bad_option, assert_error, calibration, captured, run_cli
 
 from splice.errors import ConfigError
 from splice.ir.sparsity import weight_layers
@@ -78,3 +78,7 @@ def test_cli_with_a_general_set(capsys, llama_hf_dir, byte_tokenizer, tmp_path):
 
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["passes"][-1]["datasets"]["general"]["samples"] == 4
+
+
+def test_bad_lambda():
+    assert_bad_option("prune.dpruner:lam=-1", "prune.dpruner: lam must be >= 0, got -1.0")

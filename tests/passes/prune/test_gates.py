@@ -78,6 +78,7 @@ def test_bad_input(gated):
     _, g, out = gated
     assert_bad_option("prune.channels:mode=mask", "prune.channels: mode must be one of prune, gates")
     assert_bad_option("prune.gates:amount=1", r"prune.gates: amount must be in \[0, 1\)")
+    assert_bad_option("prune.channels:mode=gates,penalty=-1", "prune.channels: penalty must be >= 0, got -1.0")
     with pytest.raises(ConfigError, match="^prune.gates: the graph has no channel gates"):
         g.apply("prune.gates")
     with pytest.raises(ConfigError, match="^prune.gates: every gate of group #"):
