@@ -9,7 +9,8 @@ dense model's; the weight bytes of the pruned layers dense and as the artifact s
 values + bitmask). Structured rows (``--structured``: 25 % of MLP channels, a third of the KV groups,
 both) also export to ONNX: file size and ONNX Runtime latency (1 x 1 and 1 x 128 tokens) against the
 dense model's, interleaved in the same run. Depth rows (``--depth N``): N blocks removed by block
-influence, by angular distance, and at random (seeds 0-2, their mean). Writes JSON, and the tables
+influence, by angular distance, and at random (seeds 0-2, their mean). BiP rows (``--bip STEPS``):
+prune.bip trained STEPS steps then finished, beside magnitude pruning fine-tuned the same way. Writes JSON, and the tables
 and a plot into the generated section of ``docs/bench_prune.md``.
 
     python bench/prune.py                                        # 50 % and 2:4, three criteria
@@ -17,6 +18,7 @@ and a plot into the generated section of ``docs/bench_prune.md``.
     python bench/prune.py --sparsities "" --nm "" --owl "" --structured --depth 4 --merge
     python bench/prune.py --sparsities "" --nm "" --owl "" --structured --merge \
         --structured-rows "channels 25% + kv 1/3 wanda" --recovery 100
+    python bench/prune.py --sparsities "" --nm "" --owl "" --bip 40 --merge
     python bench/prune.py --render-only
 """
 from __future__ import annotations
@@ -59,6 +61,13 @@ def parse_args(argv=None):
                          "the calibration text and evaluate it (0: none)")
     ap.add_argument("--recovery-trainable", default="norms,biases", help="splice train's --trainable for --recovery")
     ap.add_argument("--recovery-lr", type=float, default=1e-3)
+    ap.add_argument("--bip", type=int, default=0, metavar="STEPS",
+                    help="BiP rows: prune.bip at --bip-sparsity, STEPS steps of splice train (scores and weights), "
+                         "prune.bip_finish; beside magnitude pruning with the same masked fine-tuning (0: none)")
+    ap.add_argument("--bip-sparsity", type=float, default=0.5)
+    ap.add_argument("--bip-lr", type=float, default=5e-5, help="learning rate of the weights (both rows)")
+    ap.add_argument("--bip-mask-lr", type=float, default=0.001, help="prune.bip's mask_lr")
+    ap.add_argument("--bip-rows", default="baseline,bip", help="which of the two BiP rows to run (comma list)")
     add_lm_eval_args(ap)
     ap.add_argument("--out", default="bench/results/prune.json")
     ap.add_argument("--doc", default="docs/bench_prune.md")
@@ -184,6 +193,9 @@ def main(argv=None) -> int:
         del pruned
         gc.collect()
         write_json(out_path, result)
+    if args.bip:
+        bip_rows(graph, train, args, rows, evaluate)
+        write_json(out_path, result)
     if len(onnx_paths) > 1:
         log(f"ONNX Runtime latency over {len(onnx_paths)} sessions")
         for shape, lat in ort_latency(onnx_paths, threads=args.threads, rounds=args.rounds, repeats=args.repeats).items():
@@ -210,6 +222,38 @@ def recover(pruned, text: str, args, row: dict):
     row["recovery"] = {**opts, "text": "python-help, first 80%", "loadavg_1min": load, "seconds": report["seconds"],
                        **{k: report[k] for k in ("trainable_params", "train_loss_first", "train_loss_last")}}
     return out
+
+
+def bip_rows(graph, text: str, args, rows: dict, evaluate) -> None:
+    """BiP (scores and weights trained together, then masks) and its fair baseline, magnitude pruning
+    followed by the same fine-tuning of the weights under its fixed mask: same steps, data, lr."""
+    import splice
+
+    s, steps = args.bip_sparsity, args.bip
+    opts = dict(steps=steps, lr=args.bip_lr, seq_len=256, batch_size=4, warmup=max(1, steps // 10),
+                schedule="cosine", progress=False)
+    runs = {f"magnitude {s:.0%} + fine-tune": ([f"prune.magnitude:sparsity={s}"], "weights", []),
+            f"bip {s:.0%}": ([f"prune.bip:sparsity={s},mask_lr={args.bip_mask_lr}"], "adapters,weights",
+                             ["prune.bip_finish"])}
+    wanted = args.bip_rows.split(",")
+    for (name, (before, trainable, after)), kind in zip(runs.items(), ("baseline", "bip")):
+        if kind not in wanted:
+            continue
+        log(f"{name}: {' '.join(before)}, {steps} steps ({trainable}), {' '.join(after)}")
+        load, t = os.getloadavg()[0], time.perf_counter()
+        trained, report = splice.train(graph.apply(*before), [text], trainable=trainable, **opts)
+        out = trained.apply(*after) if after else trained
+        row = {"method": "bip" if after else "magnitude+ft", "sparsity": s, "pattern": None, "params": out.num_params(),
+               "spec": " ".join(before + ["(train)"] + after), "seconds_apply": time.perf_counter() - t,
+               "loadavg_1min": [load, os.getloadavg()[0]],
+               "report": {k: v for k, v in next(h for h in reversed(out.history) if h["pass"].startswith("prune."))[
+                   "report"].items() if k != "layer_sparsity"},
+               "training": {**{k: v for k, v in opts.items() if k != "progress"}, "trainable": trainable,
+                            "text": "python-help, first 80%",
+                            **{k: report[k] for k in ("trainable_params", "train_loss_first", "train_loss_last",
+                                                      "seconds")}}}
+        evaluate(name, out, row)
+        rows[name] = row
 
 
 def export(graph, path: Path, row: dict) -> Path:
@@ -296,6 +340,7 @@ def render(r: dict) -> str:
                       f"(PERP; {rec['trainable_params']:,} parameters train, masks fixed) on {rec['text']}, "
                       f"{rec['batch_size']} x {rec['seq_len']} tokens per step, lr {rec['lr']:g} cosine; its pass "
                       "columns are the training's wall seconds and load."]
+    lines += _bip_section(rows, dense, ppl)
     depth = [(n, row) for n, row in rows.items() if row["method"] in ("depth", "depth-random")]
     if depth:
         lines += ["", "### Depth (whole blocks removed; no recovery training)", "",
@@ -311,6 +356,26 @@ def render(r: dict) -> str:
             lines.append(f"| random, mean of {len(randoms)} seeds | | | " + " | ".join(
                 f"{sum(row['ppl'][d] for row in randoms) / len(randoms):.2f}" for d in domains) + f" | {mean:.2f} | |")
     return "\n".join(lines)
+
+
+def _bip_section(rows: dict, dense: dict, ppl: str) -> list[str]:
+    trained = [(n, row) for n, row in rows.items() if row["method"] in ("bip", "magnitude+ft")]
+    if not trained:
+        return []
+    t = trained[0][1]["training"]
+    lines = ["", "### BiP against magnitude + the same fine-tuning", "",
+             f"Both: {t['steps']} steps of `splice train` on {t['text']}, {t['batch_size']} x {t['seq_len']} tokens "
+             f"per step, lr {t['lr']:g} cosine, every weight trainable under the mask (BiP: and the scores); "
+             "'moved': share of BiP's kept weights that the magnitude mask of its trained weights would drop.", "",
+             "| config | sparsity " + ppl + " moved | train loss first → last | train s (load) |",
+             "|---|---:|" + "---:|" * (len(dense) + 1) + "---:|---:|---:|"]
+    for name, row in trained:
+        tr, rep = row["training"], row["report"]
+        lines.append(f"| {name} | {rep['sparsity']:.3f} | " + " | ".join(f"{row['ppl'][d]:.2f}" for d in dense) +
+                     f" | {ratio_to_dense(row, dense):.2f} | {rep.get('differs_from_magnitude', '—')} | "
+                     f"{tr['train_loss_first']:.3f} → {tr['train_loss_last']:.3f} | "
+                     f"{tr['seconds']:.0f} ({row['loadavg_1min'][0]:.1f}) |")
+    return lines
 
 
 def _recovery_cost(rec: dict) -> str:

@@ -23,6 +23,7 @@ _HOME = {
     "deactivate_adapter": "splice.passes.adapters.api", "list_adapters": "splice.passes.adapters.api",
     "set_adapter_weight": "splice.passes.adapters.api",
     "load_peft": "splice.passes.adapters.peft_io", "save_peft": "splice.passes.adapters.peft_io",
+    "merge": "splice.passes.merge.api",
     "train": "splice.train.loop",  # the function (import submodules as `from splice.train.config import ...`)
 }
 __all__ = ["SpliceError", *_HOME]

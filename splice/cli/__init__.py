@@ -3,6 +3,7 @@
     splice passes [NAME]                          list passes, or one pass's options
     splice inspect MODEL|ARTIFACT                 layers, sizes, op counts, pass history
     splice run MODEL -p SPEC [-p SPEC ...] [--recipe FILE] [--calib SOURCE[:WEIGHT] ...] -o OUT [--force]
+    splice merge RECIPE.yaml -o OUT [--hf DIR]    merge models by a mergekit YAML recipe
     splice export ARTIFACT --onnx FILE [--check] [--force]      (one flag per export target)
     splice eval MODEL|ARTIFACT --ppl FILE [FILE ...] [--seq-len N] [--stride N] [--max-tokens N]
                 [--ref MODEL [--layers]]          per file, then the geometric mean over files
@@ -30,12 +31,12 @@ import warnings
 from typing import Sequence
 
 from splice import progress
-from splice.cli import demo, export, inspect, passes, run, train
+from splice.cli import demo, export, inspect, merge, passes, run, train
 from splice.cli import eval as evaluate
 from splice.cli.ui import PROG, UI, UsageError, error, one_line
 from splice.errors import SpliceError, SpliceWarning
 
-COMMANDS = (passes, inspect, run, export, evaluate, train, demo)  # `splice --help` lists them in this order
+COMMANDS = (passes, inspect, run, merge, export, evaluate, train, demo)  # `splice --help` lists them in this order
 INTERRUPTED = 130
 
 

@@ -11,6 +11,7 @@ tensors by reference), the pass edits that, and tensors are replaced, never writ
 from __future__ import annotations
 
 import copy as _copy
+import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -282,6 +283,17 @@ def _has_attr(mod: torch.nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def weights_digest(graph: "Graph") -> str:
+    """SHA-256 over every stored tensor (name, dtype, shape, bytes), in name order: which weights
+    a graph holds, whatever its structure (merging and deltas record their inputs' digests)."""
+    h = hashlib.sha256()
+    for name, t in sorted(graph.tensors().items()):
+        t = t.detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def set_attr(mod: torch.nn.Module, target: str, value: torch.Tensor, *, trainable: bool = False) -> None:

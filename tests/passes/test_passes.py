@@ -17,6 +17,7 @@ import torch
 
 import splice
 from splice.eval import zoo
+from splice.ir.graph import set_attr
 from splice.ir.metrics import compare_outputs
 from splice.passes.base import config_from_json, config_to_json, get_pass, list_passes, providers
 from splice.passes.spec import format_spec, parse_spec
@@ -44,6 +45,22 @@ def _setup(name: str) -> list[str]:
         first = need if need in PASSES else providers(need)[0]
         steps += [s for s in _setup(first) + [first] if s not in steps]
     return steps
+
+
+def _merge_spec(name: str, graph):
+    """A merge pass's config and inputs: the model and a perturbed copy (the base where the method
+    takes one), its required parameters at 0.5."""
+    from splice.passes.merge._common import METHODS, REQUIRED
+
+    method = METHODS[name.split(".", 1)[1]]
+    other = graph.copy()
+    gen = torch.Generator().manual_seed(0)
+    for target, t in graph.tensors().items():
+        if t.is_floating_point():
+            set_attr(other.gm, target, t.detach() + 0.002 * torch.randn(t.shape, generator=gen))
+    params = {p.name: 0.5 for p in method.params if p.default is REQUIRED}
+    info = get_pass(name)
+    return (info, info.make_config({"base": 0, "parameters": json.dumps(params)})), {"inputs": [graph, other]}
 
 
 def _calibration(zm, graph):
@@ -86,8 +103,10 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     if name == "adapter.peft":  # reads a PEFT directory: one saved from a (zero-init) LoRA on this model
         spec = f"{name}:path={splice.save_peft(graph.apply('adapter.lora'), tmp_path / 'peft')}"
     datasets = {name: _calibration(zm, graph) for name in info.datasets}
-    result = splice.Pipeline([spec]).run(start, calibration=calib, graphs={g: graph for g in info.graphs},
-                                         datasets=datasets)
+    graphs = {g: graph for g in info.graphs}
+    if name.startswith("merge."):
+        spec, graphs = _merge_spec(name, graph)
+    result = splice.Pipeline([spec]).run(start, calibration=calib, graphs=graphs, datasets=datasets)
     out = result.graph
     entry = out.history[-1]
     assert entry["pass"] == name and entry["seconds"] >= 0

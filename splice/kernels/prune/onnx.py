@@ -1,5 +1,6 @@
-"""ONNX translation of ``splice::channel_gate`` (onnxscript): the gate vector is computed from its
-initializer (ORT folds it at load) and broadcast along the gated axis."""
+"""ONNX translations of the pruning ops (onnxscript). ``channel_gate``: the gate vector is computed
+from its initializer (ORT folds it at load) and broadcast along the gated axis. ``bip_weight``: the
+mask from ``TopK`` of the scores (ORT folds it too)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,3 +28,16 @@ def predicted_topk(act, x, down, up, k: int):
     zeros = op.Expand(op.CastLike(const(np.array(0.0, np.float32)), act), op.Shape(scores))
     ones = op.Expand(op.CastLike(const(np.array(1.0, np.float32)), act), op.Shape(idx))
     return op.Mul(act, op.ScatterElements(zeros, idx, ones, axis=-1))
+
+
+def bip_weight(weight, scores, sparsity: float, gamma: float, mask_lr: float):
+    """Drop the ``k`` lowest scores (``TopK`` smallest: ties lower index first, as the op), mask, ``Mul``."""
+    numel = int(np.prod(scores.shape))
+    k = int(sparsity * numel)
+    if not k:
+        return weight
+    flat = op.Reshape(scores, const(np.array([-1], np.int64)))
+    _, idx = op.TopK(flat, const(np.array([k], np.int64)), axis=0, largest=0)
+    keep = op.ScatterElements(op.Expand(const(np.array(1.0, np.float32)), op.Shape(flat)), idx,
+                              op.Expand(const(np.array(0.0, np.float32)), op.Shape(idx)), axis=0)
+    return op.Mul(weight, op.CastLike(op.Reshape(keep, op.Shape(weight)), weight))

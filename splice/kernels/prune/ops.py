@@ -1,4 +1,4 @@
-"""``splice::sparse_weight``: a pruned weight stored packed — its kept values in row-major order and
+"""Pruning ops. ``splice::sparse_weight``: a pruned weight stored packed — its kept values in row-major order and
 a bitmask of where they sit (1 bit per weight; for 2:4 as small as two 2-bit indices per four
 weights) — expanded to the dense weight the layer reads. Artifacts store masked float weights this
 way (``ir/sparsity.py``'s ``pack_graph``) and loading expands them back, so the op only ever runs
@@ -135,3 +135,64 @@ def _topk_sample():
 
 register_op(predicted_topk, family="prune", roles={2: "predictor", 3: "predictor"}, sample_inputs=_topk_sample,
             translations={"onnx": "splice.kernels.prune.onnx:predicted_topk"})
+
+
+# -------------------------------------------------------------------------------- bip_weight
+# Bi-level pruning (BiP, https://arxiv.org/abs/2210.04092): a weight multiplied by the binary mask of
+# its trainable scores; the scores' gradient is BiP's upper-level gradient (``prune.bip``).
+
+
+def bip_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask dropping the ``k = int(sparsity · numel)`` lowest scores; of the scores tied at the
+    cut the lower indices go first, as ONNX ``TopK`` picks them. Linear time (``kthvalue``, no sort):
+    it runs on every forward and backward while training."""
+    flat = scores.reshape(-1)
+    k = int(sparsity * flat.numel())
+    if not k:
+        return torch.ones_like(scores, dtype=torch.bool)
+    cut = flat.kthvalue(k).values
+    below, tied = flat < cut, flat == cut
+    drop = below | (tied & (tied.cumsum(0) <= k - below.sum()))
+    return ~drop.reshape(scores.shape)
+
+
+@torch.library.custom_op("splice::bip_weight", mutates_args=())
+def bip_weight(weight: torch.Tensor, scores: torch.Tensor, sparsity: float, gamma: float,
+               mask_lr: float) -> torch.Tensor:
+    """``weight ⊙ m``, ``m`` the binary mask keeping the ``1 − sparsity`` highest ``scores``. ``gamma``
+    enters the backward; ``mask_lr`` (the scores' projected-SGD step) is read by the training hook."""
+    return weight * bip_keep(scores, sparsity).to(weight.dtype)
+
+
+@bip_weight.register_fake
+def _(weight, scores, sparsity, gamma, mask_lr):
+    torch._check(scores.shape == weight.shape, lambda: "bip_weight: scores and weight differ in shape")
+    return torch.empty_like(weight)
+
+
+def _bip_setup(ctx, inputs, output):
+    weight, scores, sparsity, gamma, _ = inputs
+    ctx.save_for_backward(weight, bip_keep(scores, sparsity))
+    ctx.gamma = gamma
+
+
+def _bip_backward(ctx, grad):
+    """``∂/∂θ = m ⊙ g``; for the scores BiP's implicit gradient with the Hessian-free (first-order)
+    mixed term: ``θ ⊙ g − (1/γ) m ⊙ g²`` (mask passed straight through), ``g = ∂ℓ/∂(m ⊙ θ)``."""
+    weight, keep = ctx.saved_tensors
+    m = keep.to(grad.dtype)
+    return grad * m, (weight * grad - m * grad * grad / ctx.gamma).float(), None, None, None
+
+
+bip_weight.register_autograd(_bip_backward, setup_context=_bip_setup)
+
+
+def _bip_sample():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 8, generator=gen)
+    scores[0, :4] = 0.5  # ties: dropped lowest index first, by the op and by ONNX TopK
+    return torch.randn(6, 8, generator=gen), scores, 0.5, 1.0, 0.1
+
+
+register_op(bip_weight, family="prune", roles={0: "weight", 1: "score"}, trainable=True, sample_inputs=_bip_sample,
+            translations={"onnx": "splice.kernels.prune.onnx:bip_weight"})

@@ -1,0 +1,73 @@
+"""``splice merge RECIPE.yaml -o OUT [--hf DIR]``: run a mergekit YAML recipe; save the merged model as
+an artifact (its history records the recipe and every input's weight digest) and, with ``--hf``,
+as a transformers directory (safetensors + config, as mergekit writes it; the tokenizer of
+``tokenizer_source``, else of the base or first model, copied beside it). The recipe is checked
+before any model loads; nothing is written unless the merge succeeded."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from splice.cli.ui import UI, check_output, esc
+
+HELP = "merge models by a mergekit YAML recipe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("merge", parents=[common], help=HELP,
+                       description="Merge the models of RECIPE (mergekit's YAML: merge_method, base_model, models "
+                                   "with parameters, top-level parameters, dtype, out_dtype, tokenizer_source).")
+    p.add_argument("recipe", metavar="RECIPE.yaml")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
+    p.add_argument("--hf", metavar="DIR", help="also write a transformers directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random methods (DARE, DELLA)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT (and DIR) if they exist")
+    p.set_defaults(func=run)
+
+
+def _tokenizer_dir(recipe) -> Path | None:
+    source = recipe.tokenizer_source
+    if source == "union":
+        return None
+    ref = recipe.inputs[recipe.base if recipe.base >= 0 else 0] if source in (None, "base") else source
+    path = Path(ref.partition("+")[0])
+    return path if path.is_dir() else None
+
+
+def run(args, ui: UI) -> int:
+    from splice.errors import SpliceError
+    from splice.ir.atomic import atomic_dir
+    from splice.passes.merge.api import merge_recipe
+    from splice.passes.merge.recipe import read_recipe
+
+    recipe = read_recipe(args.recipe)
+    if recipe.tokenizer_source == "union":
+        raise SpliceError(f"{args.recipe}: tokenizer_source: union is not supported yet (base or a model path)")
+    out = check_output(args.output, args.force)
+    hf = check_output(args.hf, args.force) if args.hf else None
+    from splice.frontends import capture
+    from splice.passes.manager import set_graph_loader
+
+    set_graph_loader(capture)  # the recipe's model paths load as `splice run`'s MODEL does
+    with ui.phase(f"merge {len(recipe.inputs)} models ({recipe.method})"):
+        graph = merge_recipe(recipe, seed=args.seed)
+    if hf is not None:
+        from splice.runtime.hf import export_hf
+
+        def write_hf(tmp: Path) -> None:
+            export_hf(graph, tmp)
+            tok = _tokenizer_dir(recipe)
+            for name in TOKENIZER_FILES if tok is not None else ():
+                if (tok / name).is_file():
+                    shutil.copy2(tok / name, tmp / name)
+
+        with ui.phase(f"write {hf} (transformers)"):
+            atomic_dir(hf, args.force, write_hf)
+    with ui.phase(f"save {out}"):
+        graph.save(out, force=args.force)
+    report = graph.history[-1]["report"]
+    ui.print(f"merged {report['tensors_merged']} tensors ({report['tensors_kept']} equal in every input kept); "
+             f"saved artifact: {esc(out)}" + (f"; transformers directory: {esc(hf)}" if hf else ""))
+    return 0

@@ -1,0 +1,299 @@
+"""What every merge method shares: its declaration (parameters, base policy, input counts), how a
+parameter's value is resolved for one tensor (mergekit's semantics), and the pass that pairs the
+inputs' tensors by graph structure and merges them one tensor at a time.
+
+A merge method is a function of one tensor group — the base's tensor (if the method uses a base),
+the other inputs' tensors, each input's resolved parameters — registered with ``register_merge`` as
+the pass ``merge.<name>``. The pass runs on the *template* graph (the base, else the first input),
+reads every input from ``ctx.graphs["inputs"]`` (a list; ``base`` is its index, or -1), pairs each
+input's stored tensors with the template's (``ir/match.py``: isomorphism of the parameter-use
+graphs, so module names may differ; another architecture is refused naming the first mismatch) and
+replaces every float tensor that differs between the inputs by the method's result. Tensors equal in
+every input (buffers such as RoPE frequencies) stay as they are.
+
+Parameter values follow mergekit (``config.py``'s ``evaluate_setting``): a scalar; a list of numbers,
+a gradient interpolated over the layers (``t`` = layer index / (layers − 1); tensors outside the
+layer stack: ``t = 0``); a ``{filter, value}`` conditional or a list of them, the first whose filter
+is a substring of the tensor's name winning (no filter or ``*``: always). A per-model parameter is
+looked up in the model's own parameters, then the top-level ones.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splice.errors import ConfigError
+from splice.ir.graph import Graph, set_attr, weights_digest
+from splice.ir.match import match_parameters
+from splice.ir.select import module_path
+from splice.ir.weights import shared_tensors
+from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
+
+REQUIRED = object()
+BASE_POLICIES = ("required", "optional", "ignored")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method. ``per_model``: a value per merged input (mergekit's input
+    scope; for a method with a base, the inputs besides it: the non-base scope)."""
+
+    name: str
+    kind: type
+    default: Any = REQUIRED
+    per_model: bool = False
+    check: Callable[[Any], bool] | None = None
+    valid: str = ""  # what ``check`` accepts, for the error message
+    help: str = ""
+
+
+def in_unit_open_closed(x) -> bool:
+    return 0 < x <= 1
+
+
+def in_unit_closed(x) -> bool:
+    return 0 <= x <= 1
+
+
+@dataclass
+class Group:
+    """One tensor of every input: ``base`` (None when the method has none) and the other inputs'
+    ``tensors`` (all inputs for a method without a base), in the recipe's order, in the compute dtype;
+    ``params``: shared values, and per-model ones as lists aligned with ``tensors``."""
+
+    name: str
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    params: dict[str, Any]
+    generator: torch.Generator
+    who: str  # the pass, for errors
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.who}: {message} (tensor '{self.name}')")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    reference: str
+    fn: Callable[[Group], torch.Tensor]
+    params: tuple[Param, ...] = ()
+    base: str = "ignored"
+    min_models: int = 1  # inputs besides the base
+    max_models: int | None = None
+    summary: str = ""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig(PassConfig):
+    """A merge of the graphs in ``ctx.graphs['inputs']`` (``splice.merge`` / ``splice merge`` fill these)."""
+
+    base: int = field(default=-1, metadata={"help": "index of the base model among the inputs (-1: none)"})
+    parameters: str = field(default="{}", metadata={"help": "top-level parameters, JSON (mergekit's semantics)"})
+    model_parameters: str = field(default="[]", metadata={"help": "each input's parameters, a JSON list"})
+    names: str = field(default="[]", metadata={"help": "each input's name (path) for reports and errors, JSON list"})
+    dtype: str = field(default="", metadata={"help": "compute dtype (float32, bfloat16, float16, float64; empty: the inputs')"})
+    out_dtype: str = field(default="", metadata={"help": "the merged weights are rounded to this dtype (empty: dtype)"})
+
+    def __post_init__(self):
+        for key in ("dtype", "out_dtype"):
+            value = getattr(self, key)
+            if value and value not in DTYPES:
+                raise ValueError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
+        for key, kind in (("parameters", dict), ("model_parameters", list), ("names", list)):
+            try:
+                ok = isinstance(json.loads(getattr(self, key)), kind)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{key} must be a JSON {kind.__name__}")
+
+
+def register_merge(method: MergeMethod) -> MergeMethod:
+    """Register ``method`` and its pass ``merge.<name>``."""
+    METHODS[method.name] = method
+
+    def run(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
+        return merge_graphs(graph, cfg, ctx, method)
+
+    run.__doc__ = method.summary
+    register_pass(f"merge.{method.name}", MergeConfig, reference=method.reference, graphs=("inputs",),
+                  report_fields={"tensors_merged": "tensors merged", "tensors_kept": "tensors equal in every input"})(run)
+    return method
+
+
+def get_method(name: str, where: str = "merge") -> MergeMethod:
+    if name not in METHODS:
+        hint = difflib.get_close_matches(name, list(METHODS), n=1)
+        more = f"; did you mean '{hint[0]}'?" if hint else f" (one of {', '.join(sorted(METHODS))})"
+        raise ConfigError(f"{where}: unknown merge method '{name}'{more}")
+    return METHODS[name]
+
+
+# ------------------------------------------------------------------ parameter values
+
+
+def _coerce(method: MergeMethod, p: Param, value: Any, where: str) -> Any:
+    if p.kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if p.kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, p.kind) or (p.kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"merge.{method.name}: {p.name} must be a {p.kind.__name__}, got {value!r}{where}")
+    if p.check is not None and not p.check(value):
+        raise ConfigError(f"merge.{method.name}: {p.name} must be in {p.valid}, got {value}{where}")
+    return value
+
+
+def evaluate_setting(setting: Any, tensor: str, t: float) -> Any:
+    """A setting's value for ``tensor`` at layer position ``t`` (module docstring); None: no match."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(not isinstance(e, dict) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        return (1 - (scaled - i0)) * setting[i0] + (scaled - i0) * setting[i1]
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or f in tensor:
+            return evaluate_setting(cond.get("value"), tensor, t)
+    return None
+
+
+def check_setting_names(method: MergeMethod, settings: dict, where: str) -> None:
+    """Every key of ``settings`` is a parameter of ``method`` (a did-you-mean otherwise)."""
+    for key in settings:
+        if method.param(key) is None:
+            hint = difflib.get_close_matches(key, [p.name for p in method.params], n=1)
+            more = f"; did you mean '{hint[0]}'?" if hint else (
+                f" (it has {', '.join(p.name for p in method.params)})" if method.params else " (it takes none)")
+            raise ConfigError(f"{where}: merge method '{method.name}' has no parameter '{key}'{more}")
+
+
+def resolve(method: MergeMethod, top: dict, per_model: list[dict], names: list[str], non_base: list[int],
+            tensor: str, t: float) -> dict[str, Any]:
+    """Every parameter's value for ``tensor``: shared ones as scalars, per-model ones as lists over
+    ``non_base`` (the inputs the method merges besides the base, by index)."""
+    out = {}
+    for p in method.params:
+        if not p.per_model:
+            out[p.name] = _value(method, p, [top], tensor, t, "")
+            continue
+        out[p.name] = [_value(method, p, [per_model[i], top], tensor, t, f" (input '{names[i]}')") for i in non_base]
+    return out
+
+
+def _value(method: MergeMethod, p: Param, sources: list[dict], tensor: str, t: float, where: str) -> Any:
+    for settings in sources:
+        if p.name in settings:
+            value = evaluate_setting(settings[p.name], tensor, t)
+            if value is not None:
+                return _coerce(method, p, value, f"{where} for '{tensor}'")
+    if p.default is REQUIRED:
+        raise ConfigError(f"merge.{method.name}: parameter '{p.name}' is required{where}")
+    return p.default
+
+
+# ------------------------------------------------------------------ the pass
+
+
+def recipe_names(graph: Graph, targets: Sequence[str]) -> dict[str, str]:
+    """The name a recipe's filters see for each tensor: its own, or for a tied weight the parameter
+    name at its first reader (``model.embed_tokens.weight``, not ``lm_head.weight``: the name the
+    checkpoint stores it under, which mergekit reads)."""
+    tied = shared_tensors(graph)
+    out = {}
+    for t in targets:
+        first = tied[t][0] if t in tied else None
+        path = module_path(first) if first is not None else ""
+        out[t] = f"{path}.{t.rsplit('.', 1)[-1]}" if path else t
+    return out
+
+
+def layer_positions(targets: Sequence[str]) -> dict[str, float]:
+    """mergekit's ``t`` of each tensor: its layer index / (layers − 1), 0 outside the layer stack."""
+    index = {t: int(m.group(1)) for t in targets if (m := _LAYER.search(t))}
+    layers = max(index.values(), default=0) + 1
+    return {t: (index[t] / (layers - 1) if layers > 1 else 1.0) if t in index else 0.0 for t in targets}
+
+
+def check_inputs(method: MergeMethod, n_inputs: int, base: int) -> list[int]:
+    """The indices the method merges besides the base; errors for a missing base or a wrong count."""
+    if method.base == "required" and base < 0:
+        raise ConfigError(f"merge.{method.name}: needs a base model (base_model)")
+    merged = [i for i in range(n_inputs) if i != base or method.base == "ignored"]
+    if len(merged) < method.min_models or (method.max_models is not None and len(merged) > method.max_models):
+        span = (f"exactly {method.min_models}" if method.max_models == method.min_models else
+                f"at least {method.min_models}" if method.max_models is None else
+                f"{method.min_models} to {method.max_models}")
+        raise ConfigError(f"merge.{method.name}: takes {span} model(s) besides the base, got {len(merged)}")
+    return merged
+
+
+def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> PassResult:
+    inputs: list[Graph] = list(ctx.graphs["inputs"])
+    names = json.loads(cfg.names) or [f"input {i}" for i in range(len(inputs))]
+    per_model = json.loads(cfg.model_parameters) or [{} for _ in inputs]
+    top = json.loads(cfg.parameters)
+    if len(per_model) != len(inputs) or len(names) != len(inputs):
+        raise ConfigError(f"merge.{method.name}: {len(inputs)} inputs but {len(per_model)} parameter sets / "
+                          f"{len(names)} names")
+    check_setting_names(method, top, f"merge.{method.name}")
+    for settings, name in zip(per_model, names):
+        check_setting_names(method, settings, f"merge.{method.name} (input '{name}')")
+    merged_ids = check_inputs(method, len(inputs), cfg.base)
+    base_id = cfg.base if method.base != "ignored" else -1
+    template = names[cfg.base if cfg.base >= 0 else 0]
+    pairs = [match_parameters(graph, g, (template, n), f"merge.{method.name}") for g, n in zip(inputs, names)]
+    sources = [{a: b for b, a in p.items()} for p in pairs]  # template target -> that input's target
+    dtype = DTYPES.get(cfg.dtype)
+    out_dtype = DTYPES.get(cfg.out_dtype) or dtype
+    floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
+    positions, recipe_name = layer_positions(floats), recipe_names(graph, floats)
+    merged = kept = 0
+    for target in floats:
+        values = [g.tensor(src[target]).detach() for g, src in zip(inputs, sources)]
+        if all(torch.equal(values[0], v) for v in values[1:]):
+            kept += 1
+            continue
+        work = [v.to(dtype or v.dtype) for v in values]
+        params = resolve(method, top, per_model, names, merged_ids, recipe_name[target], positions[target])
+        group = Group(target, work[base_id] if base_id >= 0 else None, [work[i] for i in merged_ids], params,
+                      torch.Generator().manual_seed(ctx.seed + _stable(target)), f"merge.{method.name}")
+        result = method.fn(group).to(out_dtype or values[0].dtype)
+        set_attr(graph.gm, target, result.to(graph.tensor(target).dtype))
+        merged += 1
+    report = {"method": method.name, "inputs": [{"name": n, "weights_sha256": weights_digest(g)}
+                                                 for n, g in zip(names, inputs)],
+              "base": names[cfg.base] if cfg.base >= 0 else None, "tensors_merged": merged, "tensors_kept": kept}
+    return PassResult(graph, True, report)
+
+
+def _stable(name: str) -> int:
+    """A seed offset from a tensor's name, the same in every process (``hash`` is salted)."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)

@@ -1,0 +1,80 @@
+"""``splice.merge``: merge graphs from Python.
+
+>>> merged = splice.merge([g1, g2], method="slerp", base=g1, t=0.3)
+>>> merged = splice.merge([base, a, b], method="ties", base=base, density=0.5,
+...                       model_parameters=[{}, {"weight": 1.0}, {"weight": 0.5}])
+
+``parameters`` (keyword arguments) are the recipe's top-level ones, ``model_parameters`` each
+input's own (mergekit's semantics: scalars, gradients over layers, ``{filter, value}`` conditionals).
+``base`` is one of the graphs or another graph (then merged as an input too, as mergekit does).
+``merge_recipe`` runs a mergekit YAML recipe (``recipe.py``), loading its models by path.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from splice.errors import ConfigError
+from splice.ir.graph import Graph
+from splice.passes.merge._common import get_method
+from splice.passes.merge.recipe import Recipe, read_recipe
+
+
+def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, model_parameters: Sequence[dict] = (),
+          names: Sequence[str] = (), dtype: str = "", out_dtype: str = "", seed: int = 0,
+          **parameters: Any) -> Graph:
+    """The graph ``method`` makes of ``graphs`` (module docstring); its history records the merge
+    and every input's weight digest."""
+    from splice.passes.base import get_pass
+    from splice.passes.manager import Pipeline
+
+    get_method(method, "splice.merge")
+    inputs = list(graphs)
+    if not inputs:
+        raise ConfigError("splice.merge: no graphs to merge")
+    per_model = list(model_parameters) or [{} for _ in inputs]
+    labels = list(names) or [f"model {i}" for i in range(len(inputs))]
+    if len(per_model) != len(inputs) or len(labels) != len(inputs):
+        raise ConfigError(f"splice.merge: {len(inputs)} graphs but {len(per_model)} model_parameters / "
+                          f"{len(labels)} names")
+    index = -1
+    if base is not None:
+        index = next((i for i, g in enumerate(inputs) if g is base), -1)
+        if index < 0:
+            inputs, per_model, labels, index = inputs + [base], per_model + [{}], labels + ["base"], len(inputs)
+    spec = {"base": index, "parameters": json.dumps(parameters), "model_parameters": json.dumps(per_model),
+            "names": json.dumps(labels), "dtype": dtype, "out_dtype": out_dtype}
+    template = inputs[index if index >= 0 else 0]
+    info = get_pass(f"merge.{method}")
+    pipeline = Pipeline([(info, info.make_config(spec))])
+    return pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False).graph
+
+
+def load_reference(reference: str, who: str = "merge") -> Graph:
+    """A recipe's model: an HF directory, artifact or ``.pt2``; ``PATH+LORA_DIR``: with that PEFT
+    adapter folded in (mergekit's syntax)."""
+    from pathlib import Path
+
+    from splice.passes.manager import _LOADER, Pipeline
+
+    path, _, lora = reference.partition("+")
+    for p in (path, lora):
+        if p and not Path(p).exists():
+            raise ConfigError(f"{who}: model '{p}': no such file or directory")
+    if not _LOADER:
+        raise ConfigError(f"{who}: no model loader here; use splice.merge with loaded graphs")
+    graph = _LOADER[0](path)
+    if lora:
+        graph = Pipeline([f"adapter.peft:path={lora}", "adapter.fold"]).run(graph, probe=False).graph
+    return graph
+
+
+def merge_recipe(recipe: str | Recipe, *, seed: int = 0, load=None) -> Graph:
+    """Run a mergekit YAML recipe (a path, or one ``read_recipe`` parsed); ``load(reference)``
+    loads each model (default: ``load_reference``)."""
+    recipe = read_recipe(recipe) if not isinstance(recipe, Recipe) else recipe
+    graphs = [(load or load_reference)(ref) for ref in recipe.inputs]
+    base = graphs[recipe.base] if recipe.base >= 0 else None
+    return merge(graphs, recipe.method, base, model_parameters=recipe.model_parameters, names=recipe.inputs,
+                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed, **recipe.parameters)

@@ -1,0 +1,116 @@
+"""mergekit's YAML merge recipes (``mergekit-yaml config.yaml OUT``), read into what ``splice.merge``
+takes: the method, the input models (``base_model`` and ``models`` entries; ``PATH+LORA_DIR`` means
+the model with that PEFT adapter folded in), top-level and per-model ``parameters`` (scalars,
+gradients, ``{filter, value}`` conditionals: ``passes/merge/_common.py``), ``dtype``, ``out_dtype``
+and ``tokenizer_source``. Every key is checked before any model is loaded: an unknown key, method or
+parameter is a one-line error naming the file and the key, with a did-you-mean. Model paths are as
+mergekit reads them: relative to the working directory.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from splice.errors import ConfigError
+from splice.passes.merge._common import DTYPES, check_setting_names, get_method
+
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+NOT_YET = ("slices", "modules", "tokenizer")  # read by mergekit, refused here with that reason
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: ``inputs`` are model references in mergekit's order (the models, then the
+    base if it is not one of them); ``base`` indexes it (-1: none)."""
+
+    path: Path
+    method: str
+    inputs: list[str]
+    base: int = -1
+    parameters: dict[str, Any] = field(default_factory=dict)
+    model_parameters: list[dict[str, Any]] = field(default_factory=list)
+    dtype: str = ""
+    out_dtype: str = ""
+    tokenizer_source: str | None = None
+
+
+def _fail(path: Path, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {key}: {message}")
+
+
+def _reference(path: Path, key: str, value: Any) -> str:
+    if isinstance(value, dict) and "model" in value:  # mergekit's expanded ModelReference
+        value = value["model"] if "lora" not in value else f"{value['model']}+{value['lora']}"
+    if not isinstance(value, str) or not value:
+        raise _fail(path, key, f"expected a model path, got {value!r}")
+    return value
+
+
+def _dtype(path: Path, key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if value not in DTYPES:
+        raise _fail(path, key, f"must be one of {', '.join(DTYPES)}, got {value!r}")
+    return value
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Parse and check the recipe at ``path`` (module docstring)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with merge_method and models")
+    for key in doc:
+        if key not in TOP_KEYS:
+            hint = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            raise _fail(path, str(key), "unknown key" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        if key in NOT_YET:
+            raise _fail(path, key, "not supported yet by splice merge (models with per-model parameters are)")
+    if "merge_method" not in doc:
+        raise _fail(path, "merge_method", "missing")
+    method = get_method(str(doc["merge_method"]), f"{path}: merge_method")
+    models = doc.get("models")
+    if not isinstance(models, list) or not models:
+        raise _fail(path, "models", "expected a list of {model: PATH, parameters: {...}}")
+    recipe = Recipe(path, method.name, [], dtype=_dtype(path, "dtype", doc.get("dtype")),
+                    out_dtype=_dtype(path, "out_dtype", doc.get("out_dtype")))
+    top = doc.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise _fail(path, "parameters", "expected a mapping")
+    check_setting_names(method, top, f"{path}: parameters")
+    recipe.parameters = top
+    for i, entry in enumerate(models):
+        key = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise _fail(path, key, "expected {model: PATH, parameters: {...}}")
+        extra = set(entry) - {"model", "parameters"}
+        if extra:
+            raise _fail(path, f"{key}.{sorted(extra)[0]}", "unknown key (model, parameters)")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise _fail(path, f"{key}.parameters", "expected a mapping")
+        check_setting_names(method, params, f"{path}: {key}.parameters")
+        recipe.inputs.append(_reference(path, f"{key}.model", entry["model"]))
+        recipe.model_parameters.append(params)
+    if doc.get("base_model") is not None:
+        base = _reference(path, "base_model", doc["base_model"])
+        if base not in recipe.inputs:
+            recipe.inputs.append(base)
+            recipe.model_parameters.append({})
+        recipe.base = recipe.inputs.index(base)
+    source = doc.get("tokenizer_source")
+    recipe.tokenizer_source = None if source is None else str(source if source in ("base", "union")
+                                                               else _reference(path, "tokenizer_source", source))
+    return recipe

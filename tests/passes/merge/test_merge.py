@@ -1,0 +1,204 @@
+"""Merging: parameters paired by graph structure (different module names merge; another architecture
+is refused naming the first mismatch), each method's formula on the zoo, mergekit YAML parity where
+mergekit is installed (logits ≤ 1e-5 with gradients and filters), seeded DARE/DELLA, the merged
+graph's save/load, ONNX and ``--hf`` output, and the one-line errors."""
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+from zoo_graphs import assert_error, input_grid, run_cli
+
+import splice
+from splice.errors import ConfigError
+from splice.eval import zoo
+from splice.passes.merge._common import evaluate_setting, layer_positions
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DETERMINISTIC = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "nearswap")
+
+
+class Renamed(torch.nn.Module):
+    """The same model under other module names (``inner.model.layers…``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    built = [zoo.build("llama", seed=s) for s in range(3)]
+    return built, [splice.capture(b.model, built[0].example_inputs) for b in built]
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(llamas, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge-inputs")
+    for i, b in enumerate(llamas[0]):
+        b.model.save_pretrained(root / f"m{i}")
+    return root
+
+
+def _tensor(g, name="model.layers.1.mlp.up_proj.weight"):
+    return g.tensor(name).detach()
+
+
+def test_parameters_pair_by_structure_not_name(llamas):
+    built, (g0, g1, _) = llamas
+    renamed = splice.capture(Renamed(built[1].model), built[0].example_inputs)
+    assert "inner.model.layers.1.mlp.up_proj.weight" in renamed.tensors()
+    a = splice.merge([g0, g1], "linear", weight=0.5)
+    b = splice.merge([g0, renamed], "linear", weight=0.5)
+    for inputs in input_grid(built[0], g0)[:2]:
+        torch.testing.assert_close(a.run(*inputs)["logits"], b.run(*inputs)["logits"], atol=1e-6, rtol=0)
+
+
+def test_another_architecture_is_refused_naming_the_mismatch(llamas):
+    _, (g0, _, _) = llamas
+    gpt2 = zoo.build("gpt2")
+    other = splice.capture(gpt2.model, gpt2.example_inputs)
+    with pytest.raises(ConfigError, match=r"^merge.linear: model 1 is not the architecture of model 0: parameter "
+                                          r"'transformer.wpe.weight' of model 1 does not match"):
+        splice.merge([g0, other], "linear", weight=0.5)
+
+
+def test_formulas(llamas):
+    _, (g0, g1, g2) = llamas
+    w0, w1, w2 = _tensor(g0), _tensor(g1), _tensor(g2)
+    lin = splice.merge([g0, g1], "linear", model_parameters=[{"weight": 1.0}, {"weight": 3.0}])
+    torch.testing.assert_close(_tensor(lin), (w0 + 3 * w1) / 4)
+    ta = splice.merge([g1, g2], "task_arithmetic", base=g0, weight=0.5, **{"lambda": 2.0})
+    torch.testing.assert_close(_tensor(ta), w0 + 2.0 * 0.5 * ((w1 - w0) + (w2 - w0)))
+    assert torch.equal(_tensor(splice.merge([g1], "slerp", base=g0, t=0.0)), w0)
+    torch.testing.assert_close(_tensor(splice.merge([g1], "slerp", base=g0, t=1.0)), w1)
+    theta = torch.acos(torch.nn.functional.cosine_similarity(w0.flatten(), w1.flatten(), 0))
+    want = (torch.sin(0.7 * theta) * w0 + torch.sin(0.3 * theta) * w1) / torch.sin(theta)
+    torch.testing.assert_close(_tensor(splice.merge([g1], "slerp", base=g0, t=0.3)), want)
+    ties = _tensor(splice.merge([g1, g2], "ties", base=g0, weight=1.0, density=1.0))
+    d1, d2 = w1 - w0, w2 - w0
+    elected = torch.where(d1 + d2 >= 0, 1.0, -1.0)
+    a1, a2 = (d1.sign() == elected).float(), (d2.sign() == elected).float()
+    torch.testing.assert_close(ties, w0 + (d1 * a1 + d2 * a2) / (a1 + a2).clamp(min=1))
+
+
+def test_parameter_settings_follow_mergekit():
+    assert evaluate_setting([0.0, 1.0], "x", 0.25) == 0.25
+    assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.75) == 0.5
+    conds = [{"filter": "mlp", "value": 0.3}, {"value": [0.1, 0.9]}]
+    assert evaluate_setting(conds, "model.layers.0.mlp.up_proj.weight", 1.0) == 0.3
+    assert evaluate_setting(conds, "model.layers.0.self_attn.q_proj.weight", 1.0) == 0.9
+    assert evaluate_setting([{"filter": "mlp", "value": 1}], "norm.weight", 0) is None
+    assert layer_positions(["m.layers.0.w", "m.layers.2.w", "m.embed.w"]) == {"m.layers.0.w": 0.0,
+                                                                             "m.layers.2.w": 1.0, "m.embed.w": 0.0}
+
+
+def test_dare_and_della_are_seeded_and_keep_their_density(llamas):
+    _, (g0, g1, g2) = llamas
+    for method in ("dare_linear", "della_linear"):
+        kw = dict(weight=1.0, density=0.3)
+        a, b = (splice.merge([g1], method, base=g0, seed=7, **kw) for _ in range(2))
+        c = splice.merge([g1], method, base=g0, seed=8, **kw)
+        assert torch.equal(_tensor(a), _tensor(b)) and not torch.equal(_tensor(a), _tensor(c))
+        delta, full = _tensor(a) - _tensor(g0), _tensor(g1) - _tensor(g0)
+        kept = float((delta != 0).float().mean())
+        assert abs(kept - 0.3) < 0.03, (method, kept)
+        torch.testing.assert_close(delta.abs().sum(), full.abs().sum(), rtol=1e-4, atol=0)  # L1 rescale
+
+
+def test_merged_graph_saves_exports_and_writes_hf(llamas, hf_dirs, tmp_path, capsys):
+    built, (g0, _, _) = llamas
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(hf_dirs / "m0"),
+                                      "models": [{"model": str(hf_dirs / f"m{i}"),
+                                                  "parameters": {"weight": 0.5, "density": 0.5}} for i in (1, 2)]}))
+    rc, out, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "art", "--hf", tmp_path / "hf")
+    assert rc == 0, err
+    merged = splice.load(tmp_path / "art")
+    entry = merged.history[-1]
+    assert entry["pass"] == "merge.ties" and len(entry["report"]["inputs"]) == 3
+    assert all(len(i["weights_sha256"]) == 64 for i in entry["report"]["inputs"])
+    grid = input_grid(built[0], g0)
+    assert splice.parity(merged, splice.export_onnx(merged, tmp_path / "m.onnx"), grid) <= 1e-4
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for inputs in grid[:2]:
+            theirs = hf(**dict(zip(merged.input_names, inputs)), use_cache=False).logits
+            torch.testing.assert_close(merged.run(*inputs)["logits"], theirs, atol=1e-5, rtol=0)
+
+
+def _recipe(method: str, root) -> dict:
+    """A recipe exercising layer gradients and filter conditionals."""
+    models = [{"model": str(root / "m1"), "parameters": {"weight": [0.2, 1.0], "density": 0.6}},
+              {"model": str(root / "m2"), "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}],
+                                                         "density": 0.5}}]
+    recipe = {"merge_method": method, "base_model": str(root / "m0"), "models": models, "dtype": "float32"}
+    if method == "linear":
+        del recipe["base_model"]
+        for m in models:
+            m["parameters"].pop("density")
+    if method in ("slerp", "nearswap"):
+        recipe["models"] = [{"model": str(root / "m0")}, {"model": str(root / "m1")}]
+        recipe["parameters"] = {"t": [0.1, 0.9] if method == "slerp" else 0.01}
+    if method == "breadcrumbs":
+        recipe["parameters"] = {"gamma": [{"filter": "self_attn", "value": 0.05}, {"value": 0.01}]}
+    return recipe
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_mergekit_parity(method, llamas, hf_dirs, tmp_path, capsys):
+    if shutil.which("mergekit-yaml") is None:
+        pytest.skip("mergekit is not installed (pip install splice[test])")
+    built, (g0, _, _) = llamas
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(method, hf_dirs)))
+    subprocess.run(["mergekit-yaml", str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
+    rc, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "sp")
+    assert rc == 0, err
+    ours = splice.load(tmp_path / "sp")
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for inputs in input_grid(built[0], g0)[:2]:
+            want = theirs(**dict(zip(ours.input_names, inputs)), use_cache=False).logits
+            torch.testing.assert_close(ours.run(*inputs)["logits"], want, atol=1e-5, rtol=0)
+
+
+def test_bad_input(llamas, hf_dirs, tmp_path, capsys):
+    _, (g0, g1, _) = llamas
+    with pytest.raises(ConfigError, match="^splice.merge: unknown merge method 'tie'; did you mean 'ties'"):
+        splice.merge([g0, g1], "tie")
+    with pytest.raises(ConfigError, match=r"^merge.linear: the weights sum to 0 and normalize=true \(tensor '"):
+        splice.merge([g0, g1], "linear", model_parameters=[{"weight": 1.0}, {"weight": -1.0}])
+    with pytest.raises(ConfigError, match="^merge.ties: needs a base model"):
+        splice.merge([g0, g1], "ties", weight=1.0)
+    with pytest.raises(ConfigError, match=r"^merge.ties: density must be in \(0, 1\], got 1.5"):
+        splice.merge([g1], "ties", base=g0, weight=1.0, density=1.5)
+    with pytest.raises(ConfigError, match=r"^merge.slerp: t must be in \[0, 1\], got 2.0"):
+        splice.merge([g1], "slerp", base=g0, t=2)
+    with pytest.raises(ConfigError, match="^merge.slerp: takes exactly 1 model"):
+        splice.merge([g1, g1], "slerp", base=g0, t=0.5)
+    with pytest.raises(ConfigError, match="^merge.linear: parameter 'weight' is required"):
+        splice.merge([g0, g1], "linear")
+    bad = tmp_path / "bad.yaml"
+    for doc, needles in [
+        ({"merge_method": "tie", "models": ["a"]}, ["merge_method", "did you mean 'ties'"]),
+        ({"merge_method": "ties", "base_modle": "a", "models": ["a"]}, ["base_modle", "did you mean 'base_model'"]),
+        ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"densty": 0.5}}]},
+         ["models[0].parameters", "no parameter 'densty'", "did you mean 'density'"]),
+        ({"merge_method": "ties", "models": ["a"], "slices": []}, ["slices", "not supported yet"]),
+        ({"merge_method": "linear", "models": [str(hf_dirs / "m0"), str(tmp_path / "nowhere")],
+          "parameters": {"weight": 1.0}}, ["nowhere", "no such file"]),
+    ]:
+        bad.write_text(yaml.safe_dump(doc))
+        assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], *needles, absent=[tmp_path / "o"])
+    bad.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(hf_dirs / "m0"), str(hf_dirs / "m1")],
+                                   "parameters": {"weight": 0}}))
+    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "sum to 0", absent=[tmp_path / "o"])
