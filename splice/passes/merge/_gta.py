@@ -39,6 +39,12 @@ def magprune(delta, group, i):
     return _sparsify.della_magprune(delta, density, group.params["rescale"], epsilon, group.generator)
 
 
+def agreeing(deltas: torch.Tensor) -> torch.Tensor:
+    """1 where a (weighted) task vector's sign agrees with the sign elected by their sum (TIES)."""
+    elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return (deltas.sign() == elected).to(deltas.dtype)
+
+
 def task_arithmetic(group: Group, sparsify: Sparsify, consensus: bool) -> torch.Tensor:
     base, p = group.base, group.params
     if not group.tensors:
@@ -47,8 +53,7 @@ def task_arithmetic(group: Group, sparsify: Sparsify, consensus: bool) -> torch.
     weights = torch.tensor(p["weight"], dtype=deltas.dtype).reshape([-1] + [1] * base.dim())
     deltas = deltas * weights
     if consensus:
-        elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-        agree = (deltas.sign() == elected).to(deltas.dtype)
+        agree = agreeing(deltas)
         mixed, divisor = (deltas * agree).sum(dim=0), (weights * agree).sum(dim=0)
         divisor[divisor == 0] = 1
     else:

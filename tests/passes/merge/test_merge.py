@@ -16,7 +16,10 @@ from splice.eval import zoo
 from splice.passes.merge._common import evaluate_setting, layer_positions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-DETERMINISTIC = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "nearswap")
+DETERMINISTIC = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "nearswap",
+                 "model_stock", "sce", "karcher", "nuslerp")
+SHARED_ONLY = {"model_stock": {"filter_wise": [{"filter": "mlp", "value": True}, {"value": False}]},
+               "sce": {"select_topk": [0.3, 0.8]}, "karcher": {"max_iter": 5}}  # methods without per-model parameters
 
 
 class Renamed(torch.nn.Module):
@@ -139,6 +142,17 @@ def _recipe(method: str, root) -> dict:
               {"model": str(root / "m2"), "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}],
                                                          "density": 0.5}}]
     recipe = {"merge_method": method, "base_model": str(root / "m0"), "models": models, "dtype": "float32"}
+    if method in SHARED_ONLY:
+        for m in models:
+            m["parameters"] = {}
+        recipe["parameters"] = SHARED_ONLY[method]
+        if method == "karcher":
+            del recipe["base_model"]
+    if method == "nuslerp":
+        for m in models:
+            m["parameters"].pop("density")
+        recipe["parameters"] = {"nuslerp_flatten": [{"filter": "mlp", "value": False}, {"value": True}],
+                                "nuslerp_row_wise": True}
     if method == "linear":
         del recipe["base_model"]
         for m in models:
