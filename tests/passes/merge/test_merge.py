@@ -17,7 +17,7 @@ from splice.passes.merge._common import evaluate_setting, layer_positions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DETERMINISTIC = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "nearswap",
-                 "model_stock", "sce", "karcher", "nuslerp")
+                 "model_stock", "sce", "karcher", "nuslerp", "multislerp")
 SHARED_ONLY = {"model_stock": {"filter_wise": [{"filter": "mlp", "value": True}, {"value": False}]},
                "sce": {"select_topk": [0.3, 0.8]}, "karcher": {"max_iter": 5}}  # methods without per-model parameters
 
@@ -148,9 +148,10 @@ def _recipe(method: str, root) -> dict:
         recipe["parameters"] = SHARED_ONLY[method]
         if method == "karcher":
             del recipe["base_model"]
-    if method == "nuslerp":
+    if method in ("nuslerp", "multislerp"):
         for m in models:
             m["parameters"].pop("density")
+    if method == "nuslerp":
         recipe["parameters"] = {"nuslerp_flatten": [{"filter": "mlp", "value": False}, {"value": True}],
                                 "nuslerp_row_wise": True}
     if method == "linear":
