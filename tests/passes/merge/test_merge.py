@@ -17,9 +17,10 @@ from splice.passes.merge._common import evaluate_setting, layer_positions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DETERMINISTIC = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "nearswap",
-                 "model_stock", "sce", "karcher", "nuslerp", "multislerp")
+                 "model_stock", "sce", "karcher", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl")
 SHARED_ONLY = {"model_stock": {"filter_wise": [{"filter": "mlp", "value": True}, {"value": False}]},
-               "sce": {"select_topk": [0.3, 0.8]}, "karcher": {"max_iter": 5}}  # methods without per-model parameters
+               "sce": {"select_topk": [0.3, 0.8]}, "karcher": {"max_iter": 5}, "ram": {"epsilon": [0.001, 0.01]},
+               "ramplus_tl": {"r": 0.5, "alpha": [0.1, 0.4]}}  # methods without per-model parameters
 
 
 class Renamed(torch.nn.Module):
@@ -158,9 +159,9 @@ def _recipe(method: str, root) -> dict:
         del recipe["base_model"]
         for m in models:
             m["parameters"].pop("density")
-    if method in ("slerp", "nearswap"):
+    if method in ("slerp", "nearswap", "arcee_fusion"):
         recipe["models"] = [{"model": str(root / "m0")}, {"model": str(root / "m1")}]
-        recipe["parameters"] = {"t": [0.1, 0.9] if method == "slerp" else 0.01}
+        recipe["parameters"] = {"slerp": {"t": [0.1, 0.9]}, "nearswap": {"t": 0.01}, "arcee_fusion": {}}[method]
     if method == "breadcrumbs":
         recipe["parameters"] = {"gamma": [{"filter": "self_attn", "value": 0.05}, {"value": 0.01}]}
     return recipe
