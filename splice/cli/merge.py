@@ -23,6 +23,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
     p.add_argument("--hf", metavar="DIR", help="also write a transformers directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods (DARE, DELLA)")
+    p.add_argument("--calib", action="append", metavar="SOURCE[:WEIGHT]",
+                   help="calibration data of the data-aware methods (fisher, regmean), run through every model; "
+                        "sources as splice run's --calib")
     p.add_argument("--force", action="store_true", help="overwrite OUT (and DIR) if they exist")
     p.set_defaults(func=run)
 
@@ -36,13 +39,32 @@ def _tokenizer_dir(recipe) -> Path | None:
     return path if path.is_dir() else None
 
 
+def _calibrate(sources):
+    """The data-aware methods' calibration, tokenized for the template model (None: no --calib)."""
+    if sources is None:
+        return None
+    from splice.eval.calibration import calibration_data
+
+    return lambda graph: calibration_data(graph, sources, None, None)
+
+
 def run(args, ui: UI) -> int:
     from splice.errors import SpliceError
     from splice.ir.atomic import atomic_dir
     from splice.passes.merge.api import merge_recipe
     from splice.passes.merge.recipe import read_recipe
 
+    from splice.passes.base import get_pass
+
     recipe = read_recipe(args.recipe)
+    info = get_pass(f"merge.{recipe.method}")
+    if info.calibrated(info.config_cls()) and not args.calib:
+        raise SpliceError(f"merge.{recipe.method}: needs calibration data; pass --calib FILE (or --calib builtin)")
+    sources = None
+    if args.calib:
+        from splice.eval.corpus import load_sources
+
+        sources = load_sources(args.calib)
     if recipe.tokenizer_source == "union":
         raise SpliceError(f"{args.recipe}: tokenizer_source: union is not supported yet (base or a model path)")
     out = check_output(args.output, args.force)
@@ -52,7 +74,7 @@ def run(args, ui: UI) -> int:
 
     set_graph_loader(capture)  # the recipe's model paths load as `splice run`'s MODEL does
     with ui.phase(f"merge {len(recipe.inputs)} models ({recipe.method})"):
-        graph = merge_recipe(recipe, seed=args.seed)
+        graph = merge_recipe(recipe, seed=args.seed, calibrate=_calibrate(sources))
     if hf is not None:
         from splice.runtime.hf import export_hf
 

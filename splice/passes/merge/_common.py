@@ -76,6 +76,7 @@ class Group:
     params: dict[str, Any]
     generator: torch.Generator
     who: str  # the pass, for errors
+    stats: list[torch.Tensor | None] = field(default_factory=list)  # data-aware methods: per tensor, per input
 
     def error(self, message: str) -> ConfigError:
         return ConfigError(f"{self.who}: {message} (tensor '{self.name}')")
@@ -91,6 +92,8 @@ class MergeMethod:
     min_models: int = 1  # inputs besides the base
     max_models: int | None = None
     summary: str = ""
+    # data-aware methods: (input graph, calibration, pass name) -> {that graph's tensor target: statistic}
+    statistic: Callable[[Graph, list, str], dict[str, torch.Tensor]] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -133,6 +136,7 @@ def register_merge(method: MergeMethod) -> MergeMethod:
 
     run.__doc__ = method.summary
     register_pass(f"merge.{method.name}", MergeConfig, reference=method.reference, graphs=("inputs",),
+                  needs_calibration=method.statistic is not None,
                   report_fields={"tensors_merged": "tensors merged", "tensors_kept": "tensors equal in every input"})(run)
     return method
 
@@ -275,6 +279,8 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
     out_dtype = DTYPES.get(cfg.out_dtype) or dtype
     floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
     positions, recipe_name = layer_positions(floats), recipe_names(graph, floats)
+    stats = [method.statistic(g, ctx.calibration, f"merge.{method.name}") if method.statistic else {}
+             for g in inputs]
     merged = kept = 0
     for target in floats:
         values = [g.tensor(src[target]).detach() for g, src in zip(inputs, sources)]
@@ -284,7 +290,8 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
         work = [v.to(dtype or v.dtype) for v in values]
         params = resolve(method, top, per_model, names, merged_ids, recipe_name[target], positions[target])
         group = Group(target, work[base_id] if base_id >= 0 else None, [work[i] for i in merged_ids], params,
-                      torch.Generator().manual_seed(ctx.seed + _stable(target)), f"merge.{method.name}")
+                      torch.Generator().manual_seed(ctx.seed + _stable(target)), f"merge.{method.name}",
+                      [stats[i].get(sources[i][target]) for i in merged_ids])
         result = method.fn(group).to(out_dtype or values[0].dtype)
         set_attr(graph.gm, target, result.to(graph.tensor(target).dtype))
         merged += 1

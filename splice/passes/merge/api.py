@@ -22,10 +22,11 @@ from splice.passes.merge.recipe import Recipe, read_recipe
 
 
 def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, model_parameters: Sequence[dict] = (),
-          names: Sequence[str] = (), dtype: str = "", out_dtype: str = "", seed: int = 0,
+          names: Sequence[str] = (), dtype: str = "", out_dtype: str = "", seed: int = 0, calibration=None,
           **parameters: Any) -> Graph:
     """The graph ``method`` makes of ``graphs`` (module docstring); its history records the merge
-    and every input's weight digest."""
+    and every input's weight digest. ``calibration``: the data-aware methods' (``fisher``,
+    ``regmean``) calibration batches, run through every input."""
     from splice.passes.base import get_pass
     from splice.passes.manager import Pipeline
 
@@ -48,7 +49,7 @@ def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, mo
     template = inputs[index if index >= 0 else 0]
     info = get_pass(f"merge.{method}")
     pipeline = Pipeline([(info, info.make_config(spec))])
-    return pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False).graph
+    return pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False, calibration=calibration).graph
 
 
 def load_reference(reference: str, who: str = "merge") -> Graph:
@@ -70,11 +71,14 @@ def load_reference(reference: str, who: str = "merge") -> Graph:
     return graph
 
 
-def merge_recipe(recipe: str | Recipe, *, seed: int = 0, load=None) -> Graph:
+def merge_recipe(recipe: str | Recipe, *, seed: int = 0, load=None, calibrate=None) -> Graph:
     """Run a mergekit YAML recipe (a path, or one ``read_recipe`` parsed); ``load(reference)``
-    loads each model (default: ``load_reference``)."""
+    loads each model (default: ``load_reference``); ``calibrate(template graph)`` makes the
+    calibration batches of a data-aware method."""
     recipe = read_recipe(recipe) if not isinstance(recipe, Recipe) else recipe
     graphs = [(load or load_reference)(ref) for ref in recipe.inputs]
+    template = graphs[recipe.base if recipe.base >= 0 else 0]
     base = graphs[recipe.base] if recipe.base >= 0 else None
     return merge(graphs, recipe.method, base, model_parameters=recipe.model_parameters, names=recipe.inputs,
-                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed, **recipe.parameters)
+                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed,
+                 calibration=calibrate(template) if calibrate is not None else None, **recipe.parameters)

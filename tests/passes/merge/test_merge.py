@@ -218,3 +218,48 @@ def test_bad_input(llamas, hf_dirs, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(hf_dirs / "m0"), str(hf_dirs / "m1")],
                                    "parameters": {"weight": 0}}))
     assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "sum to 0", absent=[tmp_path / "o"])
+
+
+@pytest.fixture(scope="module")
+def calib(llamas):
+    from zoo_graphs import calibration
+
+    built, graphs = llamas
+    return calibration(built[0], graphs[0], n=4, seq=32)
+
+
+def _layer_inputs(model, samples, name="model.layers.0.mlp.up_proj"):
+    """Every row of the input of ``name`` in the eager model over ``samples``, [rows, in]."""
+    rows = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for ids, mask in samples:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    handle.remove()
+    return torch.cat(rows)
+
+
+def test_regmean_solves_the_least_squares_merge(llamas, calib):
+    built, (g0, g1, _) = llamas
+    merged = splice.merge([g0, g1], "regmean", calibration=calib, alpha=1.0)
+    name = "model.layers.0.mlp.up_proj.weight"
+    w = merged.tensor(name).detach().double()
+    pairs = [(g.tensor(name).detach().double(), (x.T @ x).double())
+             for g, x in ((g0, _layer_inputs(built[0].model, calib)), (g1, _layer_inputs(built[1].model, calib)))]
+    residual = sum((w - wi) @ gram for wi, gram in pairs)  # Σᵢ (W − Wᵢ) XᵢᵀXᵢ = 0 at the optimum
+    assert float(residual.norm()) < 1e-5 * float(sum(wi @ gram for wi, gram in pairs).norm())
+    lin = splice.merge([g0, g1], "linear", weight=1.0)
+    assert torch.equal(merged.tensor("model.norm.weight"), lin.tensor("model.norm.weight"))  # non-linears: average
+
+
+def test_fisher_weights_each_parameter_by_its_fisher(llamas, calib):
+    _, (g0, g1, _) = llamas
+    from splice.passes.merge.fisher import normalized_fisher
+
+    merged = splice.merge([g0, g1], "fisher", calibration=calib, epsilon=1e-8)
+    name = "model.layers.1.mlp.down_proj.weight"
+    f0, f1 = (normalized_fisher(g, calib, "t")[name] + 1e-8 for g in (g0, g1))
+    want = (f0 * g0.tensor(name) + f1 * g1.tensor(name)) / (f0 + f1)
+    torch.testing.assert_close(merged.tensor(name), want.detach())
+    with pytest.raises(ConfigError, match="^merge.fisher: needs calibration data"):
+        splice.merge([g0, g1], "fisher")
