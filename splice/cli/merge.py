@@ -90,6 +90,7 @@ def run(args, ui: UI) -> int:
     with ui.phase(f"save {out}"):
         graph.save(out, force=args.force)
     report = graph.history[-1]["report"]
-    ui.print(f"merged {report['tensors_merged']} tensors ({report['tensors_kept']} equal in every input kept); "
-             f"saved artifact: {esc(out)}" + (f"; transformers directory: {esc(hf)}" if hf else ""))
+    what = (f"stacked {report['layers']} layers" if "layers" in report else
+            f"merged {report['tensors_merged']} tensors ({report['tensors_kept']} equal in every input kept)")
+    ui.print(f"{what}; saved artifact: {esc(out)}" + (f"; transformers directory: {esc(hf)}" if hf else ""))
     return 0

@@ -105,17 +105,19 @@ def kept_blocks(graph) -> list[int]:
 
 
 def _disagreements(config, cls, tensors) -> list[str]:
-    """State-dict entries of ``cls(config)`` whose shape is not the graph's, and parameters it lacks
-    (tied ones counted once; buffers the graph folded away are not required)."""
+    """State-dict entries of ``cls(config)`` whose shape is not the graph's, parameters it lacks
+    (tied ones counted once; buffers the graph folded away are not required), and the graph's block
+    tensors it has no place for."""
     try:
         with torch.device("meta"):
             model = cls._from_config(config)
     except Exception:  # a combination the model class rejects: fits nothing
         return list(tensors)
-    params = dict(model.named_parameters())
+    params, state = dict(model.named_parameters()), model.state_dict()
     tensors = with_ties(model, tensors)
-    return [k for k, v in model.state_dict().items() if k in tensors and tuple(v.shape) != tuple(tensors[k].shape)] + \
-           [k for k in params if k not in tensors]
+    return [k for k, v in state.items() if k in tensors and tuple(v.shape) != tuple(tensors[k].shape)] + \
+           [k for k in params if k not in tensors] + \
+           [k for k in tensors if k not in state and _INDEXED.match(k)]  # blocks the config lacks (a longer stack)
 
 
 def _candidates(config, ratios: set[Fraction]):
@@ -129,13 +131,20 @@ def _candidates(config, ratios: set[Fraction]):
 
 def _changed(config, field: str, value: int, kept: list[int], blocks: int) -> dict:
     """``{field: value}`` plus every per-layer list of the config (``layer_types``) cut to the kept
-    layers when ``field`` is the block count (``blocks`` before, ``len(kept)`` after)."""
+    layers when ``field`` is the block count (``blocks`` before, ``len(kept)`` after; a list whose
+    entries are all equal takes any length: a restacked, longer model)."""
     old = getattr(config, field)
     out = {field: value}
     if old == blocks and value == len(kept):
         for name, lst in config.__dict__.items():
             if isinstance(lst, list) and len(lst) == old:
-                out[name] = [lst[i] for i in kept]
+                if all(x == lst[0] for x in lst):
+                    out[name] = [lst[0]] * value
+                elif max(kept) < old:
+                    out[name] = [lst[i] for i in kept]
+                else:
+                    raise SpliceError(f"--hf: the config's per-layer '{name}' differs by layer and the graph's "
+                                      f"{value} blocks were restacked; which entry each takes is unknown")
     return out
 
 

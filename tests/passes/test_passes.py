@@ -48,19 +48,27 @@ def _setup(name: str) -> list[str]:
 
 
 def _merge_spec(name: str, graph):
-    """A merge pass's config and inputs: the model and a perturbed copy (the base where the method
-    takes one), its required parameters at 0.5."""
+    """A merge pass's config and inputs: the model (the base where the method takes one) and as
+    many perturbed copies as the method needs; its required parameters at 0.5."""
     from splice.passes.merge._common import METHODS, REQUIRED
 
     method = METHODS[name.split(".", 1)[1]]
-    other = graph.copy()
-    gen = torch.Generator().manual_seed(0)
-    for target, t in graph.tensors().items():
-        if t.is_floating_point():
-            set_attr(other.gm, target, t.detach() + 0.002 * torch.randn(t.shape, generator=gen))
+    others = method.min_models if method.base != "ignored" else max(method.min_models - 1, 1)
+    inputs = [graph]
+    for seed in range(others):
+        other, gen = graph.copy(), torch.Generator().manual_seed(seed)
+        for target, t in graph.tensors().items():
+            if t.is_floating_point():
+                set_attr(other.gm, target, t.detach() + 0.002 * torch.randn(t.shape, generator=gen))
+        inputs.append(other)
     params = {p.name: 0.5 for p in method.params if p.default is REQUIRED}
     info = get_pass(name)
-    return (info, info.make_config({"base": 0, "parameters": json.dumps(params)})), {"inputs": [graph, other]}
+    options = {"base": 0, "parameters": json.dumps(params)}
+    if method.name == "passthrough":  # the whole stack from the perturbed copy
+        from splice.ir.blocks import stack
+
+        options = {"slices": json.dumps([{"sources": [{"input": 1, "layer_range": [0, len(stack(graph, name))]}]}])}
+    return (info, info.make_config(options)), {"inputs": inputs}
 
 
 def _calibration(zm, graph):

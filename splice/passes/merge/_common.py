@@ -33,8 +33,9 @@ from splice.errors import ConfigError
 from splice.ir.graph import Graph, set_attr, weights_digest
 from splice.ir.match import match_parameters
 from splice.ir.select import module_path
-from splice.ir.weights import shared_tensors
-from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
+from splice.ir.sparsity import weight_layers
+from splice.ir.weights import shared_tensors, stored_weight, weight_args
+from splice.passes.base import Applies, PassConfig, PassContext, PassResult, register_pass
 
 REQUIRED = object()
 BASE_POLICIES = ("required", "optional", "ignored")
@@ -94,6 +95,7 @@ class MergeMethod:
     summary: str = ""
     # data-aware methods: (input graph, calibration, pass name) -> {that graph's tensor target: statistic}
     statistic: Callable[[Graph, list, str], dict[str, torch.Tensor]] | None = None
+    applies: Applies | None = None  # the models it applies to (default: any)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -110,6 +112,8 @@ class MergeConfig(PassConfig):
     parameters: str = field(default="{}", metadata={"help": "top-level parameters, JSON (mergekit's semantics)"})
     model_parameters: str = field(default="[]", metadata={"help": "each input's parameters, a JSON list"})
     names: str = field(default="[]", metadata={"help": "each input's name (path) for reports and errors, JSON list"})
+    slices: str = field(default="[]", metadata={
+        "help": "passthrough: output layer slices, JSON [{sources: [{input, layer_range, parameters}]}]"})
     dtype: str = field(default="", metadata={"help": "compute dtype (float32, bfloat16, float16, float64; empty: the inputs')"})
     out_dtype: str = field(default="", metadata={"help": "the merged weights are rounded to this dtype (empty: dtype)"})
 
@@ -118,7 +122,7 @@ class MergeConfig(PassConfig):
             value = getattr(self, key)
             if value and value not in DTYPES:
                 raise ValueError(f"{key} must be one of {', '.join(DTYPES)}, got {value!r}")
-        for key, kind in (("parameters", dict), ("model_parameters", list), ("names", list)):
+        for key, kind in (("parameters", dict), ("model_parameters", list), ("names", list), ("slices", list)):
             try:
                 ok = isinstance(json.loads(getattr(self, key)), kind)
             except json.JSONDecodeError:
@@ -127,16 +131,20 @@ class MergeConfig(PassConfig):
                 raise ValueError(f"{key} must be a JSON {kind.__name__}")
 
 
-def register_merge(method: MergeMethod) -> MergeMethod:
-    """Register ``method`` and its pass ``merge.<name>``."""
+def register_merge(method: MergeMethod, run: Callable | None = None) -> MergeMethod:
+    """Register ``method`` and its pass ``merge.<name>`` (``run(graph, cfg, ctx)``: a pass of its
+    own instead of the tensor-by-tensor ``merge_graphs``)."""
     METHODS[method.name] = method
 
-    def run(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
+    def tensorwise(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
+        if json.loads(cfg.slices):
+            raise ConfigError(f"merge.{method.name}: slices are supported with passthrough only (use models)")
         return merge_graphs(graph, cfg, ctx, method)
 
+    run = run or tensorwise
     run.__doc__ = method.summary
     register_pass(f"merge.{method.name}", MergeConfig, reference=method.reference, graphs=("inputs",),
-                  needs_calibration=method.statistic is not None,
+                  needs_calibration=method.statistic is not None, applies=method.applies,
                   report_fields={"tensors_merged": "tensors merged", "tensors_kept": "tensors equal in every input"})(run)
     return method
 
@@ -259,6 +267,17 @@ def check_inputs(method: MergeMethod, n_inputs: int, base: int) -> list[int]:
     return merged
 
 
+def check_float(graph: Graph, name: str, who: str) -> None:
+    """Merging reads float weights: a layer stored in a splice format (quantized, an adapter, a
+    packed sparse weight) is refused, naming its op."""
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", "aten") == "splice" and \
+                (weight_args(node) is not None or any(getattr(a, "op", None) == "get_attr" for a in node.args)):
+            raise ConfigError(f"{who}: input '{name}' holds {node.target.name().replace('::', '.')} at "
+                              f"'{module_path(node) or node.name}'; merge float models (fold adapters first, "
+                              "quantize after merging)")
+
+
 def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> PassResult:
     inputs: list[Graph] = list(ctx.graphs["inputs"])
     names = json.loads(cfg.names) or [f"input {i}" for i in range(len(inputs))]
@@ -271,6 +290,8 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
     for settings, name in zip(per_model, names):
         check_setting_names(method, settings, f"merge.{method.name} (input '{name}')")
     merged_ids = check_inputs(method, len(inputs), cfg.base)
+    for g, n in zip(inputs, names):
+        check_float(g, n, f"merge.{method.name}")
     base_id = cfg.base if method.base != "ignored" else -1
     template = names[cfg.base if cfg.base >= 0 else 0]
     pairs = [match_parameters(graph, g, (template, n), f"merge.{method.name}") for g, n in zip(inputs, names)]
@@ -295,10 +316,21 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
         result = method.fn(group).to(out_dtype or values[0].dtype)
         set_attr(graph.gm, target, result.to(graph.tensor(target).dtype))
         merged += 1
+    keep_pruned(graph)
     report = {"method": method.name, "inputs": [{"name": n, "weights_sha256": weights_digest(g)}
                                                  for n, g in zip(names, inputs)],
               "base": names[cfg.base] if cfg.base >= 0 else None, "tensors_merged": merged, "tensors_kept": kept}
     return PassResult(graph, True, report)
+
+
+def keep_pruned(graph: Graph) -> None:
+    """The template's pruning masks hold in the merge: its pruned weights stay exactly zero (in place)."""
+    layers = weight_layers(graph)
+    for key, keep in graph.masks.items():
+        node = layers.get(key)
+        if node is not None and node.target.namespace == "aten":
+            target = stored_weight(node).target
+            set_attr(graph.gm, target, graph.tensor(target).detach() * keep.to(graph.tensor(target).dtype))
 
 
 def _stable(name: str) -> int:

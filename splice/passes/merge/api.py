@@ -23,10 +23,11 @@ from splice.passes.merge.recipe import Recipe, read_recipe
 
 def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, model_parameters: Sequence[dict] = (),
           names: Sequence[str] = (), dtype: str = "", out_dtype: str = "", seed: int = 0, calibration=None,
-          **parameters: Any) -> Graph:
+          slices: Sequence[dict] = (), **parameters: Any) -> Graph:
     """The graph ``method`` makes of ``graphs`` (module docstring); its history records the merge
     and every input's weight digest. ``calibration``: the data-aware methods' (``fisher``,
-    ``regmean``) calibration batches, run through every input."""
+    ``regmean``) calibration batches, run through every input. ``slices`` (``passthrough``):
+    ``[{"sources": [{"input": i, "layer_range": [a, b]}]}]``, ``i`` indexing ``graphs``."""
     from splice.passes.base import get_pass
     from splice.passes.manager import Pipeline
 
@@ -45,7 +46,7 @@ def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, mo
         if index < 0:
             inputs, per_model, labels, index = inputs + [base], per_model + [{}], labels + ["base"], len(inputs)
     spec = {"base": index, "parameters": json.dumps(parameters), "model_parameters": json.dumps(per_model),
-            "names": json.dumps(labels), "dtype": dtype, "out_dtype": out_dtype}
+            "names": json.dumps(labels), "dtype": dtype, "out_dtype": out_dtype, "slices": json.dumps(list(slices))}
     template = inputs[index if index >= 0 else 0]
     info = get_pass(f"merge.{method}")
     pipeline = Pipeline([(info, info.make_config(spec))])
@@ -80,5 +81,5 @@ def merge_recipe(recipe: str | Recipe, *, seed: int = 0, load=None, calibrate=No
     template = graphs[recipe.base if recipe.base >= 0 else 0]
     base = graphs[recipe.base] if recipe.base >= 0 else None
     return merge(graphs, recipe.method, base, model_parameters=recipe.model_parameters, names=recipe.inputs,
-                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed,
+                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed, slices=recipe.slices,
                  calibration=calibrate(template) if calibrate is not None else None, **recipe.parameters)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from splice.ir.graph import Graph
-from splice.passes.instrument.gradients import weight_fisher
+from splice.passes.base import Applies
+from splice.passes.instrument.gradients import has_label_free_loss, weight_fisher
 from splice.passes.merge._common import Group, MergeMethod, Param, register_merge
 
 
@@ -30,4 +31,6 @@ def fisher_merge(group: Group) -> torch.Tensor:
 register_merge(MergeMethod("fisher", "https://arxiv.org/abs/2111.09832", fisher_merge, (
     Param("weight", float, 1.0, per_model=True, help="each model's weight λ"),
     Param("epsilon", float, 1e-6, check=lambda x: x > 0, valid="(0, ∞)", help="floor added to each Fisher")),
-    min_models=2, statistic=normalized_fisher, summary="Fisher-weighted averaging"))
+    min_models=2, statistic=normalized_fisher, summary="Fisher-weighted averaging",
+    applies=Applies("a model with a label-free loss (LM logits or class scores)", kinds=("linear", "conv"),
+                    check=has_label_free_loss)))

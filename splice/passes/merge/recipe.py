@@ -20,7 +20,7 @@ from splice.passes.merge._common import DTYPES, check_setting_names, get_method
 
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
-NOT_YET = ("slices", "modules", "tokenizer")  # read by mergekit, refused here with that reason
+NOT_YET = ("modules", "tokenizer")  # read by mergekit, refused here with that reason
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Recipe:
     base: int = -1
     parameters: dict[str, Any] = field(default_factory=dict)
     model_parameters: list[dict[str, Any]] = field(default_factory=list)
+    slices: list[dict[str, Any]] = field(default_factory=list)  # passthrough: sources by input index
     dtype: str = ""
     out_dtype: str = ""
     tokenizer_source: str | None = None
@@ -80,10 +81,17 @@ def read_recipe(path: str | Path) -> Recipe:
         raise _fail(path, "merge_method", "missing")
     method = get_method(str(doc["merge_method"]), f"{path}: merge_method")
     models = doc.get("models")
-    if not isinstance(models, list) or not models:
-        raise _fail(path, "models", "expected a list of {model: PATH, parameters: {...}}")
+    if ("slices" in doc) == ("models" in doc):
+        raise _fail(path, "models", "give exactly one of models and slices")
     recipe = Recipe(path, method.name, [], dtype=_dtype(path, "dtype", doc.get("dtype")),
                     out_dtype=_dtype(path, "out_dtype", doc.get("out_dtype")))
+    if "slices" in doc:
+        if method.name != "passthrough":
+            raise _fail(path, "slices", f"supported with merge_method passthrough only, not {method.name}")
+        _read_slices(path, doc["slices"], method, recipe)
+        models = []
+    elif not isinstance(models, list) or not models:
+        raise _fail(path, "models", "expected a list of {model: PATH, parameters: {...}}")
     top = doc.get("parameters") or {}
     if not isinstance(top, dict):
         raise _fail(path, "parameters", "expected a mapping")
@@ -114,3 +122,29 @@ def read_recipe(path: str | Path) -> Recipe:
     recipe.tokenizer_source = None if source is None else str(source if source in ("base", "union")
                                                                else _reference(path, "tokenizer_source", source))
     return recipe
+
+
+def _read_slices(path: Path, slices: Any, method, recipe: Recipe) -> None:
+    """``slices: [{sources: [{model, layer_range: [a, b], parameters}]}]`` into ``recipe`` (inputs
+    in order of first mention)."""
+    if not isinstance(slices, list) or not slices:
+        raise _fail(path, "slices", "expected a list of {sources: [{model, layer_range}]}")
+    for i, sl in enumerate(slices):
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or set(sl) - {"sources"}:
+            raise _fail(path, f"slices[{i}]", "expected {sources: [{model, layer_range, parameters}]}")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            key = f"slices[{i}].sources[{j}]"
+            if not isinstance(src, dict) or set(src) - {"model", "layer_range", "parameters"}:
+                raise _fail(path, key, "expected {model, layer_range, parameters}")
+            ref = _reference(path, f"{key}.model", src.get("model"))
+            rng = src.get("layer_range")
+            if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
+                raise _fail(path, f"{key}.layer_range", f"expected [first, end] integers, got {rng!r}")
+            params = src.get("parameters") or {}
+            check_setting_names(method, params, f"{path}: {key}.parameters")
+            if ref not in recipe.inputs:
+                recipe.inputs.append(ref)
+                recipe.model_parameters.append({})
+            sources.append({"input": recipe.inputs.index(ref), "layer_range": rng, "parameters": params})
+        recipe.slices.append({"sources": sources})

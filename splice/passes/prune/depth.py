@@ -24,6 +24,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
+from splice.ir.blocks import Block, stack
 from splice.ir.segments import block_of
 from splice.ir.sparsity import weight_layers
 from splice.passes.base import Applies, PassConfig, PassContext, PassResult, register_pass
@@ -47,61 +48,6 @@ class DepthConfig(PassConfig):
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.protect_first < 0:
             raise ValueError(f"protect_first must be >= 0, got {self.protect_first}")
-
-
-@dataclass
-class Block:
-    path: str
-    nodes: set[fx.Node]
-    input: fx.Node  # the residual stream entering the block
-    output: fx.Node  # the residual stream leaving it
-
-    @property
-    def skippable(self) -> bool:
-        """Whether its output has its input's shape (a downsampling stage does not)."""
-        return _shape(self.input) == _shape(self.output)
-
-
-def _shape(node: fx.Node) -> tuple[str, ...] | None:
-    val = node.meta.get("val")
-    return tuple(str(d) for d in val.shape) if hasattr(val, "shape") else None
-
-
-def stack(graph: Graph) -> list[Block]:
-    """The blocks of the graph's longest stack of indexed modules (``model.layers.{0..n}``) that
-    hold weights, in order, with their residual input and output."""
-    members: dict[str, set[fx.Node]] = {}
-    for node in graph.gm.graph.nodes:
-        if node.op == "call_function":
-            members.setdefault(block_of(node), set()).add(node)
-    with_weights = {block_of(n) for n in weight_layers(graph).values()}
-    by_prefix: dict[str, list[str]] = {}
-    for path in members:
-        if path in with_weights and path.rsplit(".", 1)[-1].isdigit():
-            by_prefix.setdefault(path.rsplit(".", 1)[0], []).append(path)
-    if not by_prefix:
-        raise ConfigError("prune.depth: the graph has no stack of repeated blocks (module paths like layers.0, layers.1)")
-    paths = max(by_prefix.values(), key=len)
-    blocks, previous = [], None
-    for path in paths:
-        nodes = members[path]
-        outs = [n for n in nodes if any(u not in nodes for u in n.users)]
-        if len(outs) != 1:
-            raise ConfigError(f"prune.depth: block '{path}' hands {len(outs)} values to the rest of the graph; "
-                              "only a block with one output (its residual stream) can be skipped")
-        inp = previous if previous is not None else _residual_input(nodes, outs[0], path)
-        blocks.append(Block(path, nodes, inp, outs[0]))
-        previous = outs[0]
-    return blocks
-
-
-def _residual_input(nodes: set[fx.Node], out: fx.Node, path: str) -> fx.Node:
-    """The value from outside the block with the output's shape: the residual stream it adds to."""
-    found = {a for n in nodes for a in n.all_input_nodes if a not in nodes and a.op != "get_attr"
-             and _shape(a) == _shape(out)}
-    if len(found) != 1:
-        raise ConfigError(f"prune.depth: cannot tell the residual input of block '{path}' ({len(found)} candidates)")
-    return found.pop()
 
 
 @torch.no_grad()
@@ -167,7 +113,7 @@ def remove_blocks(graph: Graph, blocks: list[Block], removed: list[int]) -> None
 
 def _has_stack(graph: Graph) -> bool:
     try:
-        return sum(b.skippable for b in stack(graph)[1:]) > 0
+        return sum(b.skippable for b in stack(graph, "prune.depth")[1:]) > 0
     except ConfigError:
         return False
 
@@ -180,7 +126,7 @@ def _needs_calibration(cfg: DepthConfig) -> bool:
                needs_calibration=_needs_calibration, report_fields={"removed": "blocks removed"},
                applies=Applies("a stack of repeated blocks", kinds=("linear",), check=_has_stack))
 def depth(graph: Graph, cfg: DepthConfig, ctx: PassContext) -> PassResult:
-    blocks = stack(graph)
+    blocks = stack(graph, "prune.depth")
     removed, scores = choose(graph, blocks, cfg, ctx.calibration)
     params = graph.num_params()
     remove_blocks(graph, blocks, removed)

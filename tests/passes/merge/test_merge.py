@@ -2,9 +2,6 @@
 is refused naming the first mismatch), each method's formula on the zoo, mergekit YAML parity where
 mergekit is installed (logits ≤ 1e-5 with gradients and filters), seeded DARE/DELLA, the merged
 graph's save/load, ONNX and ``--hf`` output, and the one-line errors."""
-import shutil
-import subprocess
-
 import pytest
 import torch
 import yaml
@@ -17,7 +14,8 @@ from splice.passes.merge._common import evaluate_setting, layer_positions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DETERMINISTIC = ("linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "nearswap",
-                 "model_stock", "sce", "karcher", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl")
+                 "model_stock", "sce", "karcher", "nuslerp", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
+                 "passthrough")
 SHARED_ONLY = {"model_stock": {"filter_wise": [{"filter": "mlp", "value": True}, {"value": False}]},
                "sce": {"select_topk": [0.3, 0.8]}, "karcher": {"max_iter": 5}, "ram": {"epsilon": [0.001, 0.01]},
                "ramplus_tl": {"r": 0.5, "alpha": [0.1, 0.4]}}  # methods without per-model parameters
@@ -137,8 +135,19 @@ def test_merged_graph_saves_exports_and_writes_hf(llamas, hf_dirs, tmp_path, cap
             torch.testing.assert_close(merged.run(*inputs)["logits"], theirs, atol=1e-5, rtol=0)
 
 
+def _frankenmerge(root) -> dict:
+    """Five layers from three models, one slice scaled by a filtered, per-source ``scale``."""
+    scale = {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}
+    return {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(root / "m0"), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(root / "m1"), "layer_range": [1, 2], "parameters": scale}]},
+        {"sources": [{"model": str(root / "m2"), "layer_range": [0, 2]}]}]}
+
+
 def _recipe(method: str, root) -> dict:
     """A recipe exercising layer gradients and filter conditionals."""
+    if method == "passthrough":
+        return _frankenmerge(root)
     models = [{"model": str(root / "m1"), "parameters": {"weight": [0.2, 1.0], "density": 0.6}},
               {"model": str(root / "m2"), "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}],
                                                          "density": 0.5}}]
@@ -167,14 +176,20 @@ def _recipe(method: str, root) -> dict:
     return recipe
 
 
-@pytest.mark.parametrize("method", DETERMINISTIC)
+FAST_PARITY = ("linear", "slerp", "ties", "breadcrumbs", "model_stock", "passthrough")  # one per feature in CI
+
+
+@pytest.mark.parametrize("method", [m if m in FAST_PARITY else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in DETERMINISTIC])
 def test_mergekit_parity(method, llamas, hf_dirs, tmp_path, capsys):
-    if shutil.which("mergekit-yaml") is None:
-        pytest.skip("mergekit is not installed (pip install splice[test])")
+    mergekit = pytest.importorskip("mergekit.merge", reason="mergekit is not installed (pip install splice[test])")
+    from mergekit.config import MergeConfiguration
+
     built, (g0, _, _) = llamas
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(method, hf_dirs)))
-    subprocess.run(["mergekit-yaml", str(recipe), str(tmp_path / "mk")], check=True, capture_output=True)
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))
+    mergekit.run_merge(config, str(tmp_path / "mk"), mergekit.MergeOptions())  # what mergekit-yaml runs
     rc, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "sp")
     assert rc == 0, err
     ours = splice.load(tmp_path / "sp")
@@ -203,13 +218,16 @@ def test_bad_input(llamas, hf_dirs, tmp_path, capsys):
         splice.merge([g1, g1], "slerp", base=g0, t=0.5)
     with pytest.raises(ConfigError, match="^merge.linear: parameter 'weight' is required"):
         splice.merge([g0, g1], "linear")
+    with pytest.raises(ConfigError, match=r"^merge.linear: input 'model 1' holds splice.qlinear at 'model.layers.0"):
+        splice.merge([g0, g1.apply("quantize.rtn:bits=4,group_size=32")], "linear", weight=1.0)
     bad = tmp_path / "bad.yaml"
     for doc, needles in [
         ({"merge_method": "tie", "models": ["a"]}, ["merge_method", "did you mean 'ties'"]),
         ({"merge_method": "ties", "base_modle": "a", "models": ["a"]}, ["base_modle", "did you mean 'base_model'"]),
         ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"densty": 0.5}}]},
          ["models[0].parameters", "no parameter 'densty'", "did you mean 'density'"]),
-        ({"merge_method": "ties", "models": ["a"], "slices": []}, ["slices", "not supported yet"]),
+        ({"merge_method": "ties", "models": ["a"], "slices": []}, ["models", "exactly one of models and slices"]),
+        ({"merge_method": "ties", "modules": {}}, ["modules", "not supported yet"]),
         ({"merge_method": "linear", "models": [str(hf_dirs / "m0"), str(tmp_path / "nowhere")],
           "parameters": {"weight": 1.0}}, ["nowhere", "no such file"]),
     ]:
@@ -263,3 +281,45 @@ def test_fisher_weights_each_parameter_by_its_fisher(llamas, calib):
     torch.testing.assert_close(merged.tensor(name), want.detach())
     with pytest.raises(ConfigError, match="^merge.fisher: needs calibration data"):
         splice.merge([g0, g1], "fisher")
+
+
+def test_the_templates_masks_survive(llamas):
+    from splice.ir.sparsity import check_masks
+
+    _, (g0, g1, _) = llamas
+    pruned = g0.apply("prune.magnitude:sparsity=0.5")
+    merged = splice.merge([pruned, g1], "linear", weight=1.0)
+    assert merged.masks.keys() == pruned.masks.keys() and not check_masks(merged)
+
+
+def test_passthrough_stacks_slices_and_writes_hf(llamas, hf_dirs, tmp_path, capsys):
+    built, (g0, _, _) = llamas
+    recipe = tmp_path / "f.yaml"
+    recipe.write_text(yaml.safe_dump(_frankenmerge(hf_dirs)))
+    rc, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "art", "--hf", tmp_path / "hf")
+    assert rc == 0, err
+    merged = splice.load(tmp_path / "art")
+    assert merged.history[-1]["report"]["layers"] == 5
+    assert "model.layers.4.mlp.up_proj.weight" in merged.tensors()
+    torch.testing.assert_close(merged.tensor("model.layers.2.self_attn.o_proj.weight"),
+                               0.5 * llamas[1][1].tensor("model.layers.1.self_attn.o_proj.weight"))
+    grid = input_grid(built[0], g0)
+    assert splice.parity(merged, splice.export_onnx(merged, tmp_path / "m.onnx"), grid) <= 1e-4
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert hf.config.num_hidden_layers == 5
+    with torch.no_grad():
+        theirs = hf(**dict(zip(merged.input_names, grid[0])), use_cache=False).logits
+    torch.testing.assert_close(merged.run(*grid[0])["logits"], theirs, atol=1e-5, rtol=0)
+
+
+def test_bad_slices(llamas, hf_dirs, tmp_path, capsys):
+    _, (g0, g1, _) = llamas
+    with pytest.raises(ConfigError, match=r"^merge.passthrough: slices\[0\] layer_range \[0, 3\] is outside 'model 0'"):
+        splice.merge([g0], "passthrough", slices=[{"sources": [{"input": 0, "layer_range": [0, 3]}]}])
+    bad = tmp_path / "s.yaml"
+    doc = _frankenmerge(hf_dirs)
+    doc["merge_method"] = "linear"
+    bad.write_text(yaml.safe_dump(doc))
+    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "slices", "passthrough only", absent=[tmp_path / "o"])

@@ -1,0 +1,120 @@
+"""The repeated block structure of a graph, from module paths and data flow alone: the longest stack
+of indexed modules that hold weights (``model.layers.{0..n}``, ``encoder.layer.{i}``, a CNN's
+``features.{i}``), each block's nodes and the residual stream entering and leaving it. ``prune.depth``
+removes blocks; merging's ``passthrough`` restacks them (``restack``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from splice.errors import ConfigError
+from splice.ir.graph import Graph, set_attr
+from splice.ir.segments import block_of
+from splice.ir.sparsity import weight_layers
+
+
+@dataclass
+class Block:
+    path: str
+    nodes: set[fx.Node]
+    input: fx.Node  # the residual stream entering the block
+    output: fx.Node  # the residual stream leaving it
+
+    @property
+    def skippable(self) -> bool:
+        """Whether its output has its input's shape (a downsampling stage does not)."""
+        return _shape(self.input) == _shape(self.output)
+
+
+def _shape(node: fx.Node) -> tuple[str, ...] | None:
+    val = node.meta.get("val")
+    return tuple(str(d) for d in val.shape) if hasattr(val, "shape") else None
+
+
+def stack(graph: Graph, who: str) -> list[Block]:
+    """The blocks of the graph's longest stack of indexed modules (``model.layers.{0..n}``) that
+    hold weights, in order, with their residual input and output."""
+    members: dict[str, set[fx.Node]] = {}
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_function":
+            members.setdefault(block_of(node), set()).add(node)
+    with_weights = {block_of(n) for n in weight_layers(graph).values()}
+    by_prefix: dict[str, list[str]] = {}
+    for path in members:
+        if path in with_weights and path.rsplit(".", 1)[-1].isdigit():
+            by_prefix.setdefault(path.rsplit(".", 1)[0], []).append(path)
+    if not by_prefix:
+        raise ConfigError(f"{who}: the graph has no stack of repeated blocks (module paths like layers.0, layers.1)")
+    paths = max(by_prefix.values(), key=len)
+    blocks, previous = [], None
+    for path in paths:
+        nodes = members[path]
+        outs = [n for n in nodes if any(u not in nodes for u in n.users)]
+        if len(outs) != 1:
+            raise ConfigError(f"{who}: block '{path}' hands {len(outs)} values to the rest of the graph; "
+                              "only a block with one output (its residual stream) can be skipped")
+        inp = previous if previous is not None else _residual_input(nodes, outs[0], path, who)
+        blocks.append(Block(path, nodes, inp, outs[0]))
+        previous = outs[0]
+    return blocks
+
+
+def _residual_input(nodes: set[fx.Node], out: fx.Node, path: str, who: str) -> fx.Node:
+    """The value from outside the block with the output's shape: the residual stream it adds to."""
+    found = {a for n in nodes for a in n.all_input_nodes if a not in nodes and a.op != "get_attr"
+             and _shape(a) == _shape(out)}
+    if len(found) != 1:
+        raise ConfigError(f"{who}: cannot tell the residual input of block '{path}' ({len(found)} candidates)")
+    return found.pop()
+
+
+def _moved_meta(meta: dict, old: str, new: str) -> dict:
+    """``meta`` with module paths under block ``old`` moved to block ``new`` (``nn_module_stack``)."""
+    out = dict(meta)
+    stack_ = meta.get("nn_module_stack")
+    if stack_:
+        out["nn_module_stack"] = {k: ((new + p[len(old):]) if isinstance(p, str) and (p == old or p.startswith(old + "."))
+                                      else p, t) for k, (p, t) in stack_.items()}
+    return out
+
+
+def restack(graph: Graph, blocks: list[Block], plan: list[tuple[int, dict[str, "object"]]]) -> None:
+    """Rebuild the stack ``blocks`` of ``graph`` (in place) as ``len(plan)`` blocks: output block
+    ``k`` computes the ops of block ``plan[k][0]`` with its stored tensors taken from ``plan[k][1]``
+    (block ``j``'s tensor name -> tensor), named ``<stack>.{k}.…``; blocks may repeat, reorder or
+    go. What read the last block's output reads the new last one's."""
+    g = graph.gm.graph
+    prefix = blocks[0].path.rsplit(".", 1)[0]
+    original = set().union(*(b.nodes for b in blocks))
+    last = blocks[-1].output
+    downstream = [u for u in last.users if u not in original]
+    current, anchor, staged = blocks[0].input, last, {}
+    for k, (j, tensors) in enumerate(plan):
+        src, new_path = blocks[j], f"{prefix}.{k}"
+        env = {src.input: current}
+        for node in [n for n in g.nodes if n in src.nodes]:
+            for a in node.all_input_nodes:
+                if a.op == "get_attr" and a not in env:
+                    name = f"{new_path}{a.target[len(src.path):]}" if a.target.startswith(src.path + ".") else a.target
+                    if a.target in tensors:
+                        if name not in staged:
+                            staged[name] = graph.add_tensor(f"_restack_{k}_{len(staged)}", tensors[a.target])
+                        env[a] = staged[name]
+            with g.inserting_after(anchor):
+                copy = g.node_copy(node, lambda a: env.get(a, a))
+            copy.meta = _moved_meta(node.meta, src.path, new_path)
+            env[node], anchor = copy, copy
+        current = env[src.output]
+    for user in downstream:
+        user.replace_input_with(last, current)
+    for node in reversed([n for n in g.nodes if n in original]):
+        g.erase_node(node)
+    for name, node in staged.items():  # the staged tensors take their block's names now the old ones are gone
+        value = graph.tensor(node.target)
+        delattr(graph.gm, node.target)
+        set_attr(graph.gm, name, value)
+        node.target = name
+    graph.masks = {k: v for k, v in graph.masks.items() if not k.startswith(prefix + ".")}
+    graph.finalize()
