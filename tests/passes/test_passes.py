@@ -1,7 +1,7 @@
 """Registry-driven: every registered pass runs on every zoo model with its test config.
 
 The fast suite (CI) runs each pass on two of the zoo models it applies to (its declared
-``applies``), rotating so every model is exercised by many passes, and checks ONNX Runtime parity
+``applies``; the merge passes, which share one driver, on one), rotating so every model is exercised by many passes, and checks ONNX Runtime parity
 on the first of the two (an export is most of a case's time); ``-m slow`` runs the whole
 pass × model matrix, every case with ONNX. What a pass declares it needs comes from the registry
 too: the passes its ``requires`` name run first, and each graph it reads (``graphs``) is the
@@ -93,8 +93,9 @@ def _matrix() -> list:
         models = _models(name)
         with_onnx, without = models[i % len(models)], models[(i + len(models) // 2) % len(models)]
         cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}"))
-        if without != with_onnx:
-            cases.append(pytest.param(name, without, False, id=f"{name}-{without}-no-onnx"))
+        if without != with_onnx:  # merge passes share one driver: their second model runs in the slow set
+            marks = [pytest.mark.slow] if name.startswith("merge.") else []
+            cases.append(pytest.param(name, without, False, id=f"{name}-{without}-no-onnx", marks=marks))
         cases += [pytest.param(name, model, True, id=f"{name}-{model}", marks=pytest.mark.slow)
                   for model in models if model != with_onnx]
     return cases
