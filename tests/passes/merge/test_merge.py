@@ -303,8 +303,7 @@ def test_passthrough_stacks_slices_and_writes_hf(llamas, hf_dirs, tmp_path, caps
     assert "model.layers.4.mlp.up_proj.weight" in merged.tensors()
     torch.testing.assert_close(merged.tensor("model.layers.2.self_attn.o_proj.weight"),
                                0.5 * llamas[1][1].tensor("model.layers.1.self_attn.o_proj.weight"))
-    grid = input_grid(built[0], g0)
-    assert splice.parity(merged, splice.export_onnx(merged, tmp_path / "m.onnx"), grid) <= 1e-4
+    grid = input_grid(built[0], g0)  # ONNX parity of passthrough: the registry matrix (test_passes.py)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
