@@ -214,13 +214,16 @@ def resolve(method: MergeMethod, top: dict, per_model: list[dict], names: list[s
     out = {}
     for p in method.params:
         if not p.per_model:
-            out[p.name] = _value(method, p, [top], tensor, t, "")
+            out[p.name] = setting_value(method, p, [top], tensor, t, "")
             continue
-        out[p.name] = [_value(method, p, [per_model[i], top], tensor, t, f" (input '{names[i]}')") for i in non_base]
+        out[p.name] = [setting_value(method, p, [per_model[i], top], tensor, t, f" (input '{names[i]}')")
+                       for i in non_base]
     return out
 
 
-def _value(method: MergeMethod, p: Param, sources: list[dict], tensor: str, t: float, where: str) -> Any:
+def setting_value(method: MergeMethod, p: Param, sources: list[dict], tensor: str, t: float,
+                  where: str = "") -> Any:
+    """``p``'s value for ``tensor`` from the first of ``sources`` that sets it, checked; else its default."""
     for settings in sources:
         if p.name in settings:
             value = evaluate_setting(settings[p.name], tensor, t)

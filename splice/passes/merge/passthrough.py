@@ -16,19 +16,15 @@ from splice.ir.blocks import restack, stack
 from splice.ir.graph import Graph, set_attr
 from splice.ir.match import match_parameters
 from splice.passes.base import PassContext, PassResult
-from splice.passes.merge._common import (MergeConfig, MergeMethod, Param, check_float, evaluate_setting,
-                                         recipe_names, register_merge)
+from splice.passes.merge._common import (MergeConfig, MergeMethod, Param, check_float, recipe_names,
+                                         register_merge, setting_value)
 
 WHO = "merge.passthrough"
 
 
-def _scale(settings: list[dict], name: str, t: float) -> float | None:
-    for s in settings:
-        if "scale" in s and (value := evaluate_setting(s["scale"], name, t)) is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{WHO}: scale must be a number, got {value!r} for '{name}'")
-            return float(value)
-    return None
+def _scaled(value, scale: float):
+    """``value · scale``; integer buffers (position ids) are left as they are."""
+    return value * scale if value.is_floating_point() else value
 
 
 def _layers(slices: list[dict], counts: list[int], names: list[str]) -> list[tuple[int, int, float, dict]]:
@@ -68,8 +64,8 @@ def passthrough(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
         for target, src in inverse[i].items():
             if target.startswith(block_path):
                 value = inputs[i].tensor(src).detach()
-                scale = _scale([params, top], out_prefix + target[len(block_path):], t)
-                tensors[target] = value if scale is None else value * scale
+                name = out_prefix + target[len(block_path):]
+                tensors[target] = _scaled(value, setting_value(METHOD, SCALE, [params, top], name, t))
         plan.append((j, tensors))
     first, last = layers[0][0], layers[-1][0]
     order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
@@ -81,8 +77,7 @@ def passthrough(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
     for target in outside:
         i = first if target in before else last
         value = inputs[i].tensor(inverse[i][target]).detach()
-        scale = _scale([top], shown[target], 0.0)
-        set_attr(graph.gm, target, value if scale is None else value * scale)
+        set_attr(graph.gm, target, _scaled(value, setting_value(METHOD, SCALE, [top], shown[target], 0.0)))
     restack(graph, template_blocks, plan)
     return PassResult(graph, True, {"method": "passthrough", "layers": len(layers),
                                     "layers_before": len(template_blocks),
@@ -90,6 +85,6 @@ def passthrough(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
                                                 "layer_range": s["sources"][0]["layer_range"]} for s in slices]})
 
 
-register_merge(MergeMethod("passthrough", "https://github.com/arcee-ai/mergekit", lambda g: g.tensors[0], (
-    Param("scale", float, 1.0, per_model=True, help="multiply each tensor by this"),),
-    summary="Passthrough: layer slices of models stacked (frankenmerge)"), run=passthrough)
+SCALE = Param("scale", float, 1.0, per_model=True, help="multiply each tensor by this")
+METHOD = register_merge(MergeMethod("passthrough", "https://github.com/arcee-ai/mergekit", lambda g: g.tensors[0], (SCALE,),
+                                    summary="Passthrough: layer slices of models stacked (frankenmerge)"), run=passthrough)
