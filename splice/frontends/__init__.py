@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from splice.errors import SpliceError
-from splice.frontends.artifact import load
+from splice.frontends import artifact
 from splice.frontends.hf import capture_hf, example_inputs_for, max_positions
 from splice.frontends.torch_export import capture_module
 from splice.ir.artifact import MANIFEST
@@ -25,7 +25,7 @@ def capture(model: Any, example_inputs: Any = None, *, dynamic: Any = True) -> G
         if not path.exists():
             raise SpliceError(f"{path}: no such file or directory")
         if path.suffix == ".pt2" or (path / MANIFEST).is_file():
-            return load(path)
+            return artifact.load(path)
         return capture_hf(path)
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
@@ -37,6 +37,14 @@ def capture(model: Any, example_inputs: Any = None, *, dynamic: Any = True) -> G
         source = {"max_positions": max_positions(config)} if config is not None else None
         return capture_module(model, example_inputs, dynamic=dynamic, source=source)
     raise SpliceError(f"capture: expected an nn.Module or a path, got {type(model).__name__}")
+
+
+def load(path: str | Path, *, base: Any = None) -> Graph:
+    """Load an artifact directory or a ``.pt2`` program. ``base`` (a Graph or a path ``capture``
+    reads): the base model a delta-only artifact was saved against; its weights digest is checked."""
+    if isinstance(base, (str, Path)):
+        base = capture(base)
+    return artifact.load(path, base)
 
 
 __all__ = ["capture", "load"]

@@ -4,7 +4,8 @@ An artifact is untrusted input: its manifest and every listed file are checked f
 (``ir.artifact.read_manifest``), the program is read without unpickling anything
 (``frontends/safe_pt2.py``), and the example inputs come from ``inputs.safetensors``. A bare
 ``.pt2`` written by ``torch.export.save`` loads the same way, its example inputs read with
-``torch.load(weights_only=True)`` or refused.
+``torch.load(weights_only=True)`` or refused. A delta-only artifact loads only with its base
+(``ir/deltas.py``: the base's weights digest is checked, then its tensors are bound).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 
-from splice.errors import ArtifactError, SpliceError
+from splice.errors import ArtifactError, ConfigError, SpliceError
 from splice.frontends.safe_pt2 import read_program
 from splice.frontends.torch_export import graph_from_program
 from splice.ir.artifact import INPUTS, MANIFEST, MASKS, PROGRAM, read_manifest
+from splice.ir.deltas import bind_base
 from splice.ir.graph import Graph
 from splice.ir.sparsity import unpack_graph
 from splice.kernels.prune.ops import unpack_mask
@@ -59,8 +61,19 @@ def _masks(path: Path, manifest: dict) -> dict:
     return out
 
 
-def load(path: str | Path) -> Graph:
-    """Load an artifact directory or a bare ``.pt2`` program into a Graph."""
+def _delta_only(path: Path, manifest: dict) -> str | None:
+    """The base weights digest a delta-only artifact records (None: a full artifact)."""
+    info = manifest.get("delta_only")
+    if info is None:
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("base_weights_sha256"), str):
+        raise ArtifactError(f"{path / MANIFEST}: 'delta_only' must record base_weights_sha256")
+    return info["base_weights_sha256"]
+
+
+def load(path: str | Path, base: Graph | None = None) -> Graph:
+    """Load an artifact directory or a bare ``.pt2`` program into a Graph; ``base``: the base model
+    of a delta-only artifact (refused unless its weights digest is the one recorded)."""
     path = Path(path)
     if not path.exists():
         raise SpliceError(f"{path}: no such file or directory")
@@ -72,6 +85,9 @@ def load(path: str | Path) -> Graph:
     with phase(f"check {path.name} (manifest, file hashes)"):
         manifest = read_manifest(path)
     inputs = _example_inputs(path, manifest["inputs"])
+    recorded = _delta_only(path, manifest)
+    if recorded is None and base is not None:
+        raise ConfigError(f"{path}: not a delta-only artifact; it loads without base=")
     with phase(f"read {path.name}/{PROGRAM} (program, weights)"):
         ep, _ = read_program(path / PROGRAM)
     try:
@@ -87,4 +103,4 @@ def load(path: str | Path) -> Graph:
     graph.dynamic = dynamic
     unpack_graph(graph)
     graph.masks.update(_masks(path, manifest))
-    return graph
+    return graph if recorded is None else bind_base(graph, base, recorded, str(path))

@@ -6,6 +6,9 @@
 * ``masks.safetensors`` (when a pruned layer's weight is not a plain float tensor, e.g. quantized
   after pruning): those layers' pruning masks as bitmasks, their shapes in the manifest's ``masks``.
   Masked float weights are stored packed in the program itself (``ir/sparsity.py``'s ``pack_graph``);
+* a delta-only artifact (``save(..., delta_only=True)`` of a graph carrying deltas, ``ir/deltas.py``)
+  stores no base tensor: its manifest's ``delta_only`` records the base's weights digest, and loading
+  needs that base (``splice.load(path, base=…)``);
 * ``manifest.json``: the source model, every pass with its config, version and report, the package
   versions, the graph's input/output spec, the SHA-256 and size of every other file, and a checksum
   of the manifest itself.
@@ -34,6 +37,7 @@ import torch
 from splice.errors import ArtifactError
 from splice.ir.atomic import ARTIFACT_FORMAT as FORMAT
 from splice.ir.atomic import MANIFEST, atomic_dir, check_writable, failsafe_file
+from splice.ir.deltas import base_record, strip_base
 from splice.ir.graph import set_save
 from splice.ir.sparsity import pack_graph
 from splice.kernels.prune.ops import pack_mask
@@ -81,12 +85,15 @@ def _example_tensors(graph) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(graph, path: str | Path, *, force: bool = False) -> Path:
-    """Save ``graph`` as an artifact directory (atomically; see ``ir/atomic.py``)."""
+def save(graph, path: str | Path, *, force: bool = False, delta_only: bool = False) -> Path:
+    """Save ``graph`` as an artifact directory (atomically; see ``ir/atomic.py``); ``delta_only``:
+    without the base tensors of its deltas (module docstring)."""
     from safetensors.torch import save as safetensors_bytes
 
     path = check_writable(path, force)
     packed = pack_graph(graph)
+    if delta_only:
+        packed = strip_base(packed, f"save {path}")
     program = packed.export_program()
     program.example_inputs = None  # torch would pickle them; inputs.safetensors holds them
     inputs = safetensors_bytes(_example_tensors(graph))
@@ -110,6 +117,7 @@ def save(graph, path: str | Path, *, force: bool = False) -> Path:
             "dynamic": {k: {str(a): v for a, v in d.items()} for k, d in graph.dynamic.items()},
             "passes": graph.history, "bytes_by_role": by_role, "params": graph.num_params(),
             "masks": {k: list(m.shape) for k, m in packed.masks.items()}, "packages": package_versions(),
+            **({"delta_only": {"base_weights_sha256": base_record(graph)["weights_sha256"]}} if delta_only else {}),
             "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
         manifest["checksum"] = manifest_checksum(manifest)

@@ -241,13 +241,14 @@ class Graph:
                               "graph with splice.capture / splice.load)")
         return _APPLY[0](self, *specs, calibration=calibration, verify=verify, datasets=datasets)
 
-    def save(self, path, *, force: bool = False) -> None:
+    def save(self, path, *, force: bool = False, delta_only: bool = False) -> None:
         """Save as an artifact directory (``ir/artifact.py`` plugs itself in here with ``set_save``
-        when imported: the frontends import it, so every captured or loaded graph has it)."""
+        when imported: the frontends import it, so every captured or loaded graph has it);
+        ``delta_only``: a graph carrying deltas without its base tensors (``ir/deltas.py``)."""
         if not _SAVE:
             raise SpliceError("Graph.save: no artifact writer loaded (import splice.ir.artifact, or make the "
                               "graph with splice.capture / splice.load)")
-        _SAVE[0](self, path, force=force)
+        _SAVE[0](self, path, force=force, delta_only=delta_only)
 
     def __repr__(self) -> str:
         return (f"Graph({self.source.get('name', '?')}: {len(self.gm.graph.nodes)} nodes, "

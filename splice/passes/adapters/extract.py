@@ -19,6 +19,7 @@ import torch
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
+from splice.ir.lowrank import low_rank_factors
 from splice.passes.adapters._base import base_op
 from splice.passes.adapters._common import AdapterConfig, check_rank, layer_path
 from splice.passes.adapters._sparse import attach_per_layer
@@ -39,16 +40,6 @@ class ExtractConfig(AdapterConfig):
         super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-
-
-def low_rank_factors(dw: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``A [r, in]``, ``B [out, r]`` with ``B A`` the best rank-``rank`` approximation of ``dw``
-    (√S split between them), and the relative error ``‖dw − B A‖_F / ‖dw‖_F``."""
-    u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-    root = s[:rank].sqrt()
-    a, b = (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root).contiguous()
-    norm = float(dw.norm())
-    return a, b, float((dw - b @ a).norm()) / norm if norm > 0 else 0.0
 
 
 def _source_weights(src: Graph) -> dict[str, tuple[str, torch.Tensor]]:
