@@ -19,7 +19,7 @@ from splice.errors import ArtifactError, ConfigError, SpliceError
 from splice.frontends.safe_pt2 import read_program
 from splice.frontends.torch_export import graph_from_program
 from splice.ir.artifact import INPUTS, MANIFEST, MASKS, PROGRAM, read_manifest
-from splice.ir.deltas import bind_base
+from splice.ir.deltas import bind_base, check_base
 from splice.ir.graph import Graph
 from splice.ir.sparsity import unpack_graph
 from splice.kernels.prune.ops import unpack_mask
@@ -88,6 +88,8 @@ def load(path: str | Path, base: Graph | None = None) -> Graph:
     recorded = _delta_only(path, manifest)
     if recorded is None and base is not None:
         raise ConfigError(f"{path}: not a delta-only artifact; it loads without base=")
+    if recorded is not None:
+        check_base(recorded, base, str(path))
     with phase(f"read {path.name}/{PROGRAM} (program, weights)"):
         ep, _ = read_program(path / PROGRAM)
     try:
@@ -103,4 +105,4 @@ def load(path: str | Path, base: Graph | None = None) -> Graph:
     graph.dynamic = dynamic
     unpack_graph(graph)
     graph.masks.update(_masks(path, manifest))
-    return graph if recorded is None else bind_base(graph, base, recorded, str(path))
+    return graph if recorded is None else bind_base(graph, base)

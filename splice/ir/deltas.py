@@ -62,9 +62,8 @@ def check_base(recorded: str, base: Graph | None, where: str) -> None:
                           f"the given base has {got[:16]}…")
 
 
-def bind_base(graph: Graph, base: Graph | None, recorded: str, where: str) -> Graph:
-    """Undo ``strip_base`` in place once ``base`` is checked (``check_base``)."""
-    check_base(recorded, base, where)
+def bind_base(graph: Graph, base: Graph) -> Graph:
+    """Undo ``strip_base`` in place with the tensors of ``base`` (checked first: ``check_base``)."""
     have = base.tensors()
     for node in list(graph.gm.graph.nodes):
         if node.target != STUB:

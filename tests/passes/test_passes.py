@@ -54,13 +54,7 @@ def _merge_spec(name: str, graph):
 
     method = METHODS[name.split(".", 1)[1]]
     others = method.min_models if method.base != "ignored" else max(method.min_models - 1, 1)
-    inputs = [graph]
-    for seed in range(others):
-        other, gen = graph.copy(), torch.Generator().manual_seed(seed)
-        for target, t in graph.tensors().items():
-            if t.is_floating_point():
-                set_attr(other.gm, target, t.detach() + 0.002 * torch.randn(t.shape, generator=gen))
-        inputs.append(other)
+    inputs = [graph] + [_perturbed(graph, seed) for seed in range(others)]
     params = {p.name: 0.5 for p in method.params if p.default is REQUIRED}
     info = get_pass(name)
     options = {"base": 0, "parameters": json.dumps(params)}
@@ -69,6 +63,22 @@ def _merge_spec(name: str, graph):
 
         options = {"slices": json.dumps([{"sources": [{"input": 1, "layer_range": [0, len(stack(graph, name))]}]}])}
     return (info, info.make_config(options)), {"inputs": inputs}
+
+
+def _perturbed(graph, seed: int):
+    """A copy of ``graph`` with every float tensor moved by 0.002·N(0, 1)."""
+    other, gen = graph.copy(), torch.Generator().manual_seed(seed)
+    for target, t in graph.tensors().items():
+        if t.is_floating_point():
+            set_attr(other.gm, target, t.detach() + 0.002 * torch.randn(t.shape, generator=gen))
+    return other
+
+
+def _delta_spec(name: str, graph):
+    """A delta pass's spec and graphs: the model is the fine-tuned one, a perturbed copy its base
+    (delta.extract, the others' setup); delta.signature adds one block of a second copy's delta."""
+    spec = "delta.signature:layers=1" if name == "delta.signature" else name
+    return spec, {"base": _perturbed(graph, 0), "source": _perturbed(graph, 1)}
 
 
 def _calibration(zm, graph):
@@ -93,8 +103,8 @@ def _matrix() -> list:
         models = _models(name)
         with_onnx, without = models[i % len(models)], models[(i + len(models) // 2) % len(models)]
         cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}"))
-        if without != with_onnx:  # merge passes share one driver: their second model runs in the slow set
-            marks = [pytest.mark.slow] if name.startswith("merge.") else []
+        if without != with_onnx:  # merge (delta) passes share one driver: their second model runs in the slow set
+            marks = [pytest.mark.slow] if name.startswith(("merge.", "delta.")) else []
             cases.append(pytest.param(name, without, False, id=f"{name}-{without}-no-onnx", marks=marks))
         cases += [pytest.param(name, model, True, id=f"{name}-{model}", marks=pytest.mark.slow)
                   for model in models if model != with_onnx]
@@ -107,7 +117,8 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     info = splice.passes.base.get_pass(name)
     calib = _calibration(zm, graph) if info.calibrated(info.config_cls()) else None
     setup = SETUP.get(name) or _setup(name)
-    start = splice.Pipeline(setup).run(graph, probe=False).graph if setup else graph
+    setup_graphs = _delta_spec(name, graph)[1] if name.startswith("delta.") else None  # delta.extract's base
+    start = splice.Pipeline(setup).run(graph, probe=False, graphs=setup_graphs).graph if setup else graph
     spec = name
     if name == "adapter.peft":  # reads a PEFT directory: one saved from a (zero-init) LoRA on this model
         spec = f"{name}:path={splice.save_peft(graph.apply('adapter.lora'), tmp_path / 'peft')}"
@@ -115,6 +126,8 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     graphs = {g: graph for g in info.graphs}
     if name.startswith("merge."):
         spec, graphs = _merge_spec(name, graph)
+    elif name.startswith("delta."):
+        spec, graphs = _delta_spec(name, graph)
     result = splice.Pipeline([spec]).run(start, calibration=calib, graphs=graphs, datasets=datasets)
     out = result.graph
     entry = out.history[-1]

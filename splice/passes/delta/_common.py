@@ -28,7 +28,7 @@ SIGNS = torch.ops.splice.delta_signs.default
 LOWRANK = torch.ops.splice.delta_lowrank.default
 QUANT = torch.ops.splice.delta_quant.default
 
-CARRIES_DELTAS = Applies("a graph carrying weight deltas (after delta.extract)", check=lambda g: bool(delta_nodes(g)))
+CARRIES_DELTAS = Applies("any model, once delta.extract (or delta.signature) gave it weight deltas")
 COMPRESS_REPORT = {"tensors": "delta tensors", "delta_bytes_before": "delta bytes before",
                    "delta_bytes_after": "delta bytes after", "compression": "dense delta bytes / stored",
                    "rel_error": "‖Δ − Δ̂‖ / ‖Δ‖"}

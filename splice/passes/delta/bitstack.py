@@ -48,9 +48,9 @@ def rank_one(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``u``, ``v`` with ``u vᵀ`` the best rank-1 approximation of the non-negative ``a`` (power
     iteration from the column means; both vectors non-negative, the scale in ``u``)."""
     v = a.mean(0)
-    if float(v.norm()) == 0:
-        return torch.zeros(a.shape[0]), torch.zeros(a.shape[1])
     for _ in range(POWER_STEPS):
+        if float(v.norm()) == 0:  # a zero residual: nothing left to approximate
+            return torch.zeros(a.shape[0]), torch.zeros(a.shape[1])
         v = a.T @ (a @ v)
         v = v / v.norm()
     return a @ v, v
