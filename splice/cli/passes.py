@@ -51,6 +51,8 @@ def run(args, ui: UI) -> int:
     ui.print(f"reference: {esc(info.reference)}")
     calib = {True: "yes (--calib FILE)", False: "no"}.get(info.needs_calibration, "with some options (--calib FILE)")
     ui.print(f"version: {info.version}    needs calibration: {calib}")
+    if _show_merge_method(info.name, ui):
+        return 0
     fields = info.config_cls.options()
     if not fields:
         ui.print("options: none")
@@ -72,3 +74,26 @@ def run(args, ui: UI) -> int:
                        if f.default is not dataclasses.MISSING)
     ui.print(f"example: splice run MODEL -p {esc(info.name)}{':' + esc(example) if example else ''} -o OUT")
     return 0
+
+
+def _show_merge_method(name: str, ui: UI) -> bool:
+    """A merge method's recipe parameters (the pass's own options are the JSON ``splice merge`` fills)."""
+    from rich.table import Table
+
+    from splice.passes.merge._common import METHODS, REQUIRED
+
+    method = METHODS.get(name.removeprefix("merge.")) if name.startswith("merge.") else None
+    if method is None:
+        return False
+    ui.print(f"base model: {method.base}    models besides the base: {method.min_models}"
+             f"{'+' if method.max_models is None else f'..{method.max_models}'}")
+    table = Table(title=None, show_edge=False)
+    for col in ("parameter", "type", "default", "scope", "help"):
+        table.add_column(col)
+    for p in method.params:
+        default = "(required)" if p.default is REQUIRED else _spec_value(p.default)
+        table.add_row(esc(p.name), p.kind.__name__, esc(default), "per model" if p.per_model else "shared", esc(p.help))
+    ui.print(table if method.params else "parameters: none")
+    ui.print(f"example: a recipe with merge_method: {esc(method.name)}, then splice merge RECIPE.yaml -o OUT")
+    return True
+

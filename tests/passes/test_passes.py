@@ -52,7 +52,9 @@ def _merge_spec(name: str, graph):
     many perturbed copies as the method needs; its required parameters at 0.5."""
     from splice.passes.merge._common import METHODS, REQUIRED
 
-    method = METHODS[name.split(".", 1)[1]]
+    method = METHODS.get(name.split(".", 1)[1])
+    if method is None:  # a pass of the family that is no merge (merge.rmm_select)
+        return name, {}
     others = method.min_models if method.base != "ignored" else max(method.min_models - 1, 1)
     inputs = [graph] + [_perturbed(graph, seed) for seed in range(others)]
     params = {p.name: 0.5 for p in method.params if p.default is REQUIRED}
@@ -79,6 +81,14 @@ def _delta_spec(name: str, graph):
     (delta.extract, the others' setup); delta.signature adds one block of a second copy's delta."""
     spec = "delta.signature:layers=1" if name == "delta.signature" else name
     return spec, {"base": _perturbed(graph, 0), "source": _perturbed(graph, 1)}
+
+
+def _run_setup(setup: list[str], graph):
+    """``graph`` after the ``setup`` passes (a merge pass merges perturbed copies of it: ``_merge_spec``)."""
+    for step in setup:
+        spec, graphs = (_delta_spec if step.startswith("delta.") else _merge_spec)(step, graph)
+        graph = splice.Pipeline([spec]).run(graph, graphs=graphs, probe=False).graph
+    return graph
 
 
 def _calibration(zm, graph):
@@ -117,8 +127,7 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     info = splice.passes.base.get_pass(name)
     calib = _calibration(zm, graph) if info.calibrated(info.config_cls()) else None
     setup = SETUP.get(name) or _setup(name)
-    setup_graphs = _delta_spec(name, graph)[1] if name.startswith("delta.") else None  # delta.extract's base
-    start = splice.Pipeline(setup).run(graph, probe=False, graphs=setup_graphs).graph if setup else graph
+    start = _run_setup(setup, graph)
     spec = name
     if name == "adapter.peft":  # reads a PEFT directory: one saved from a (zero-init) LoRA on this model
         spec = f"{name}:path={splice.save_peft(graph.apply('adapter.lora'), tmp_path / 'peft')}"

@@ -8,6 +8,7 @@ accumulators registered for ``key``; outside a recording the op does nothing. Ki
   row count (GPTQ's ``H = 2 XᵀX / n``; the fourth moment gives its Ledoit–Wolf shrinkage);
 * ``sqnorm``   — per-feature ``sum x²`` and the row count (Wanda's ``‖X_j‖²``, without the K×K ``XᵀX``);
 * ``act``      — per-channel ``sum |x|`` and ``max |x|`` and the row count (AWQ, SmoothQuant);
+* ``mean``     — per-feature signed ``sum x`` and the row count (DAREx's mean input);
 * ``inputs``   — up to ``max_rows`` rows of ``x``, sampled evenly, for search-based methods;
 * ``rows``     — every row of ``x``, in call order (a float model's inputs, kept for ``asym``);
 * ``asym``     — ``sum (X_ref − X)ᵀ X`` where ``X_ref`` is the matching call's rows in the
@@ -29,7 +30,7 @@ import torch
 
 _ACTIVE: list["StatsStore"] = []
 _SAMPLE: list[int] = [0]  # the calibration sample running now (innermost ``sample_scope``)
-KINDS = ("hessian", "act", "inputs", "rows", "asym")
+KINDS = ("hessian", "sqnorm", "act", "mean", "inputs", "rows", "asym")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None  # Σ x_j² per input feature (kind ``sqnorm``: Wanda's ‖X_j‖²)
+    sum: torch.Tensor | None = None  # Σ x_j per input feature (kind ``mean``)
     samples: list[torch.Tensor] = field(default_factory=list)
     dxtx: torch.Tensor | None = None
     ref_xtx: torch.Tensor | None = None
@@ -73,6 +75,9 @@ class LayerStats:
     def asymmetry(self) -> torch.Tensor:
         """``2 (X_ref − X)ᵀ X / n``, on the Hessian's scale."""
         return 2 * self.dxtx / max(self.rows, 1)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.rows, 1)
 
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.rows, 1)
@@ -118,6 +123,8 @@ class StatsStore:
         if "sqnorm" in kinds:
             sq = rows.square().sum(0)
             s.sq_sum = sq if s.sq_sum is None else s.sq_sum + sq
+        if "mean" in kinds:
+            s.sum = rows.sum(0) if s.sum is None else s.sum + rows.sum(0)
         if "act" in kinds:
             a = rows.abs()
             s.abs_sum = a.sum(0) if s.abs_sum is None else s.abs_sum + a.sum(0)

@@ -1,46 +1,15 @@
 """Gradients on calibration data: of the stored weights (``weight_gradients``, behind first-order
 Taylor importance; ``weight_fisher``, their mean and empirical Fisher, behind D-Pruner), of layer outputs (``output_fisher``: the diagonal Fisher that weights output
-errors in ``quantize.allocate`` and ``prune.allocate:method=dp``), and the loss both use.
-
-The loss needs no labels: next-token cross-entropy of ``logits`` on the calibration tokens for a
-language model (LLM-Pruner's, https://arxiv.org/abs/2305.11627), cross-entropy against the model's
-own top prediction for a classifier (a CNN's or ViT's class scores). A graph with neither (a bare
-encoder's hidden states) has no such loss and is refused.
+errors in ``quantize.allocate`` and ``prune.allocate:method=dp``), all of the label-free loss
+``ir/loss.py``'s ``calibration_loss``.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from splice.errors import ConfigError
 from splice.ir.graph import Graph, set_attr
-
-
-def has_label_free_loss(graph: Graph) -> bool:
-    """Whether ``calibration_loss`` applies: a 3-D ``logits`` over ``input_ids``, or 2-D class scores first."""
-    out = next(n for n in graph.gm.graph.nodes if n.op == "output").args[0]
-    vals = [getattr(a, "meta", {}).get("val") for a in (out if isinstance(out, (tuple, list)) else [out])]
-    shapes = dict(zip(graph.output_names, [None if v is None else v.dim() for v in vals]))
-    if "logits" in shapes and "input_ids" in graph.input_names and shapes["logits"] == 3:
-        return True
-    return bool(vals) and vals[0] is not None and vals[0].dim() == 2 and vals[0].is_floating_point()
-
-
-def calibration_loss(graph: Graph, sample: tuple, outputs, who: str) -> torch.Tensor:
-    """The label-free loss of ``outputs`` (the graph's outputs on ``sample``; see the module docstring)."""
-    if "logits" in graph.output_names and "input_ids" in graph.input_names:
-        logits = outputs[graph.output_names.index("logits")]
-        ids = sample[graph.input_names.index("input_ids")]
-        if logits.dim() == 3:
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    first = outputs[0]
-    if first.dim() == 2 and first.is_floating_point():
-        return F.cross_entropy(first.float(), first.detach().argmax(-1))
-    raise ConfigError(f"{who}: needs a loss without labels, i.e. a 'logits' output over input_ids or class "
-                      f"scores [batch, classes]; this graph outputs {', '.join(graph.output_names)} "
-                      f"{tuple(first.shape)}")
-
+from splice.ir.loss import calibration_loss
 
 _RUNNING_STATS = {torch.ops.aten._native_batch_norm_legit_no_training.default: (3, 4),
                   torch.ops.aten.batch_norm.default: (3, 4)}

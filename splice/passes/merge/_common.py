@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from splice.errors import ConfigError
-from splice.ir.graph import Graph, set_attr, weights_digest
+from splice.ir.graph import Graph, attr_users, set_attr, weights_digest
 from splice.ir.match import match_parameters
-from splice.ir.select import module_path
+from splice.ir.select import module_path, op_kind
 from splice.ir.sparsity import weight_layers
 from splice.ir.weights import shared_tensors, stored_weight, weight_args
 from splice.passes.base import Applies, PassConfig, PassContext, PassResult, register_pass
@@ -78,6 +78,7 @@ class Group:
     generator: torch.Generator
     who: str  # the pass, for errors
     stats: list[torch.Tensor | None] = field(default_factory=list)  # data-aware methods: per tensor, per input
+    kind: str | None = None  # the op kind of the tensor's first reader (linear, embedding, conv; None: other)
 
     def error(self, message: str) -> ConfigError:
         return ConfigError(f"{self.who}: {message} (tensor '{self.name}')")
@@ -96,6 +97,10 @@ class MergeMethod:
     # data-aware methods: (input graph, calibration, pass name) -> {that graph's tensor target: statistic}
     statistic: Callable[[Graph, list, str], dict[str, torch.Tensor]] | None = None
     applies: Applies | None = None  # the models it applies to (default: any)
+    # whether a merge's config needs calibration data (default: whether the method has a statistic)
+    needs_data: Callable[["MergeConfig"], bool] | None = None
+    # methods whose result is not one tensor: (graph, template target, fn's result) -> rewrites the graph
+    install: Callable[[Graph, str, Any], None] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -143,10 +148,19 @@ def register_merge(method: MergeMethod, run: Callable | None = None) -> MergeMet
 
     run = run or tensorwise
     run.__doc__ = method.summary
-    register_pass(f"merge.{method.name}", MergeConfig, reference=method.reference, graphs=("inputs",),
-                  needs_calibration=method.statistic is not None, applies=method.applies,
+    config = type(f"{method.name}_config", (MergeConfig,), {"__doc__": method.summary})  # the summary `splice passes` shows
+    register_pass(f"merge.{method.name}", config, reference=method.reference, graphs=("inputs",),
+                  needs_calibration=method.needs_data or method.statistic is not None, applies=method.applies,
                   report_fields={"tensors_merged": "tensors merged", "tensors_kept": "tensors equal in every input"})(run)
     return method
+
+
+def unset_for_some_model(cfg: MergeConfig, key: str) -> bool:
+    """Whether some merged (non-base) input of ``cfg`` has no (or a zero) scalar ``key`` of its
+    own or at the top level (a method's ``needs_data``: the value would come from calibration)."""
+    top, models = json.loads(cfg.parameters), json.loads(cfg.model_parameters)
+    merged = [m for i, m in enumerate(models) if i != cfg.base] or [{}]
+    return any(not m.get(key, top.get(key)) for m in merged)
 
 
 def get_method(name: str, where: str = "merge") -> MergeMethod:
@@ -303,8 +317,9 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
     out_dtype = DTYPES.get(cfg.out_dtype) or dtype
     floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
     positions, recipe_name = layer_positions(floats), recipe_names(graph, floats)
-    stats = [method.statistic(g, ctx.calibration, f"merge.{method.name}") if method.statistic else {}
+    stats = [method.statistic(g, ctx.calibration or [], f"merge.{method.name}") if method.statistic else {}
              for g in inputs]
+    readers = attr_users(graph.gm)
     merged = kept = 0
     for target in floats:
         values = [g.tensor(src[target]).detach() for g, src in zip(inputs, sources)]
@@ -315,15 +330,27 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
         params = resolve(method, top, per_model, names, merged_ids, recipe_name[target], positions[target])
         group = Group(target, work[base_id] if base_id >= 0 else None, [work[i] for i in merged_ids], params,
                       torch.Generator().manual_seed(ctx.seed + _stable(target)), f"merge.{method.name}",
-                      [stats[i].get(sources[i][target]) for i in merged_ids])
-        result = method.fn(group).to(out_dtype or values[0].dtype)
-        set_attr(graph.gm, target, result.to(graph.tensor(target).dtype))
+                      [stats[i].get(sources[i][target]) for i in merged_ids],
+                      _reader_kind(readers.get(target, [])))
+        result = method.fn(group)
+        if method.install is not None:
+            method.install(graph, target, result)
+        else:
+            set_attr(graph.gm, target, result.to(out_dtype or values[0].dtype).to(graph.tensor(target).dtype))
         merged += 1
+    if method.install is not None:
+        graph.finalize()
     keep_pruned(graph)
     report = {"method": method.name, "inputs": [{"name": n, "weights_sha256": weights_digest(g)}
                                                  for n, g in zip(names, inputs)],
               "base": names[cfg.base] if cfg.base >= 0 else None, "tensors_merged": merged, "tensors_kept": kept}
     return PassResult(graph, True, report)
+
+
+def _reader_kind(readers: list) -> str | None:
+    """The op kind a tensor is read as: ``embedding`` for a tied table (also read by the LM head), else its first reader's."""
+    kinds = [op_kind(r) for r in readers]
+    return "embedding" if "embedding" in kinds else next(iter(kinds), None)
 
 
 def keep_pruned(graph: Graph) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from splice.ir.graph import Graph
+from splice.ir.loss import has_label_free_loss
 from splice.passes.base import Applies
-from splice.passes.instrument.gradients import has_label_free_loss, weight_fisher
+from splice.passes.instrument.gradients import weight_fisher
 from splice.passes.merge._common import Group, MergeMethod, Param, register_merge
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.ir.graph import Graph
+from splice.ir.loss import has_label_free_loss
 from splice.ir.sparsity import mask_of
 from splice.passes.base import Applies, PassContext, PassResult, register_pass
-from splice.passes.instrument.gradients import has_label_free_loss, weight_fisher
+from splice.passes.instrument.gradients import weight_fisher
 from splice.passes.prune._common import (HIDDEN_LINEAR, PRUNE_REPORT, PruneConfig, apply_masks, prunable,
                                          smallest_dropped, with_prior)
 
