@@ -105,6 +105,10 @@ def quantize_layers(graph: Graph, cfg: WeightQuantConfig, pass_name: str, quanti
     for node in nodes:
         check_not_quantized(node, pass_name)
         w_node = node.args[0] if node.target == aten.embedding.default else node.args[1]
+        if getattr(w_node, "op", None) != "get_attr":
+            computed = getattr(getattr(w_node, "target", None), "name", lambda: "an op")()
+            raise ConfigError(f"{pass_name}: '{module_path(node) or node.name}' computes its weight with {computed}; "
+                              "store plain weights first (delta.apply, merge.rmm_select:fold=true, prune.bip_finish)")
         w = graph.tensor(w_node.target)
         if w_node.target not in stored:
             g = resolve_group(cfg, w.shape[1], module_path(node), pass_name)

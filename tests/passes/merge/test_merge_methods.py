@@ -151,6 +151,8 @@ def test_rmm_reconstructs_every_model_and_switches(family, tmp_path):
     assert errors[0] > errors[1] > 0  # a smaller basis reconstructs worse
     with pytest.raises(ConfigError, match=r"^merge.rmm_select: task must be in \[0, 2\], got 5"):
         full.apply("merge.rmm_select:task=5")
+    with pytest.raises(ConfigError, match=r"^quantize.rtn: '.*' computes its weight with splice::basis_weight; "):
+        full.apply("quantize.rtn:bits=4")  # a reversible merge quantizes once folded
     with pytest.raises(ConfigError, match="^merge.rmm_select: requires merge.rmm earlier"):
         base.apply("merge.rmm_select:task=0")
     with pytest.raises(ConfigError, match="^merge.rmm_select: the graph holds no reversible merge"):
