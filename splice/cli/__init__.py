@@ -7,6 +7,7 @@
     splice export ARTIFACT --onnx FILE [--check] [--force]      (one flag per export target)
     splice eval MODEL|ARTIFACT --ppl FILE [FILE ...] [--seq-len N] [--stride N] [--max-tokens N]
                 [--ref MODEL [--layers]]          per file, then the geometric mean over files
+    splice eval A --lmc B --data FILE [--points N] [--align] [--json]   loss path A -> B and its barrier
     splice train MODEL|ARTIFACT --data FILE [--eval FILE] [-p SPEC ...] --steps N --lr LR -o OUT [--resume]
     splice demo ...                               the end-to-end demo (splice/demo.py)
 

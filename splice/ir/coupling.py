@@ -179,8 +179,10 @@ def _coords(cls: Classes, c: int, n: int) -> dict[int, torch.Tensor]:
 
 
 def _unit_index(coord: torch.Tensor, units: int) -> torch.Tensor:
-    """[units, k]: the positions of each unit (every unit owns the same number)."""
-    return torch.argsort(coord, stable=True).reshape(units, -1)  # positions grouped by unit, in order
+    """[units, k]: the positions of each unit (every unit owns the same number); positions outside
+    the class (coordinate -1: the other parts of a fused QKV axis) belong to no unit."""
+    order = torch.argsort(coord, stable=True)  # positions grouped by unit, in order; the -1s first
+    return order[int((coord < 0).sum()):].reshape(units, -1)
 
 
 def _block(index: torch.Tensor) -> int:

@@ -72,6 +72,10 @@ def test_gpt2_fused_qkv():
     # head 1 owns rows 16..31 of q, 80..95 of k and 144..159 of v in the fused weight
     assert qkv.index[1].tolist() == [*range(16, 32), *range(80, 96), *range(144, 160)]
     assert all(g.shrinkable for g in heads + kinds(c, "mlp"))
+    # a head_dim class covers part of the fused axis: its units own only those rows (V's dim 1 in each head)
+    v_dim = next(m for g in kinds(c, "head_dim") for m in g.members
+                 if m.target == "transformer.h.0.attn.c_attn.weight" and m.index.shape == (16, 4))
+    assert v_dim.index[1].tolist() == [129, 145, 161, 177]
 
 
 def test_bert_residual_pinned_by_output():
