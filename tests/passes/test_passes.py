@@ -106,13 +106,27 @@ def test_config_round_trip(name):
     assert info.reference.startswith("https://")
 
 
+def _weights_only_merge(name: str) -> bool:
+    """A merge method run by the shared tensor-wise driver that only replaces stored tensors (no new
+    ops), other than ``merge.linear``, which stands for them in the fast suite's ONNX checks."""
+    from splice.passes.merge._common import METHODS
+
+    method = METHODS.get(name.removeprefix("merge.")) if name.startswith("merge.") else None
+    return (method is not None and method.install is None and name != "merge.linear"
+            and get_pass(name).fn.__name__ == "tensorwise")
+
+
 def _matrix() -> list:
     """(pass, model, onnx) cases: fast ones for two models per pass, ONNX on the first; the rest slow."""
     cases = []
     for i, name in enumerate(PASSES):
         models = _models(name)
         with_onnx, without = models[i % len(models)], models[(i + len(models) // 2) % len(models)]
-        cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}"))
+        if _weights_only_merge(name):  # the template's own ops with new weights: ONNX once (merge.linear), the rest slow
+            cases.append(pytest.param(name, with_onnx, False, id=f"{name}-{with_onnx}-no-onnx"))
+            cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}", marks=pytest.mark.slow))
+        else:
+            cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}"))
         if without != with_onnx:  # merge (delta) passes share one driver: their second model runs in the slow set
             marks = [pytest.mark.slow] if name.startswith(("merge.", "delta.")) else []
             cases.append(pytest.param(name, without, False, id=f"{name}-{without}-no-onnx", marks=marks))
