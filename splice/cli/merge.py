@@ -40,12 +40,16 @@ def _tokenizer_dir(recipe) -> Path | None:
 
 
 def _calibrate(sources):
-    """The data-aware methods' calibration, tokenized for the template model (None: no --calib)."""
-    if sources is None:
-        return None
+    """``calibrate(graph, source)`` for ``merge_recipe``: a model's own ``calibration`` source, or
+    (``source=None``) the ``--calib`` sources (None without them), tokenized for ``graph``."""
     from splice.eval.calibration import calibration_data
+    from splice.eval.corpus import load_sources
 
-    return lambda graph: calibration_data(graph, sources, None, None)
+    def calibrate(graph, source):
+        chosen = load_sources([source]) if source else sources
+        return calibration_data(graph, chosen, None, None) if chosen is not None else None
+
+    return calibrate
 
 
 def run(args, ui: UI) -> int:
@@ -58,8 +62,10 @@ def run(args, ui: UI) -> int:
 
     recipe = read_recipe(args.recipe)
     info = get_pass(f"merge.{recipe.method}")
-    if info.calibrated(info.config_cls()) and not args.calib:
-        raise SpliceError(f"merge.{recipe.method}: needs calibration data; pass --calib FILE (or --calib builtin)")
+    own = [src for i, src in enumerate(recipe.model_calibration) if i != recipe.base]
+    if info.calibrated(info.config_cls()) and not args.calib and not (own and all(own)):
+        raise SpliceError(f"merge.{recipe.method}: needs calibration data; pass --calib FILE (or --calib builtin), "
+                          "or give every model its own (calibration: FILE in its models entry)")
     sources = None
     if args.calib:
         from splice.eval.corpus import load_sources

@@ -15,7 +15,8 @@ Parameter values follow mergekit (``config.py``'s ``evaluate_setting``): a scala
 a gradient interpolated over the layers (``t`` = layer index / (layers − 1); tensors outside the
 layer stack: ``t = 0``); a ``{filter, value}`` conditional or a list of them, the first whose filter
 is a substring of the tensor's name winning (no filter or ``*``: always). A per-model parameter is
-looked up in the model's own parameters, then the top-level ones.
+looked up in the model's own parameters, then the top-level ones. A data-aware method reads each
+input's own calibration set (``ctx.datasets[model_dataset(i)]``) where one is given, else the shared one.
 """
 from __future__ import annotations
 
@@ -153,6 +154,11 @@ def register_merge(method: MergeMethod, run: Callable | None = None) -> MergeMet
                   needs_calibration=method.needs_data or method.statistic is not None, applies=method.applies,
                   report_fields={"tensors_merged": "tensors merged", "tensors_kept": "tensors equal in every input"})(run)
     return method
+
+
+def model_dataset(index: int) -> str:
+    """The name of input ``index``'s own calibration set in ``ctx.datasets`` (else it reads the shared one)."""
+    return f"merge_input_{index}"
 
 
 def unset_for_some_model(cfg: MergeConfig, key: str) -> bool:
@@ -317,8 +323,8 @@ def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: Merge
     out_dtype = DTYPES.get(cfg.out_dtype) or dtype
     floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
     positions, recipe_name = layer_positions(floats), recipe_names(graph, floats)
-    stats = [method.statistic(g, ctx.calibration or [], f"merge.{method.name}") if method.statistic else {}
-             for g in inputs]
+    stats = [method.statistic(g, ctx.datasets.get(model_dataset(i)) or ctx.calibration or [], f"merge.{method.name}")
+             if method.statistic else {} for i, g in enumerate(inputs)]
     readers = attr_users(graph.gm)
     merged = kept = 0
     for target in floats:

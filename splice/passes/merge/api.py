@@ -17,16 +17,18 @@ from typing import Any
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph
-from splice.passes.merge._common import get_method
+from splice.passes.merge._common import get_method, model_dataset
 from splice.passes.merge.recipe import Recipe, read_recipe
 
 
 def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, model_parameters: Sequence[dict] = (),
           names: Sequence[str] = (), dtype: str = "", out_dtype: str = "", seed: int = 0, calibration=None,
-          slices: Sequence[dict] = (), **parameters: Any) -> Graph:
+          model_calibration: Sequence[list | None] = (), slices: Sequence[dict] = (), **parameters: Any) -> Graph:
     """The graph ``method`` makes of ``graphs`` (module docstring); its history records the merge
     and every input's weight digest. ``calibration``: the data-aware methods' (``fisher``,
-    ``regmean``) calibration batches, run through every input. ``slices`` (``passthrough``):
+    ``regmean``, ``ota``, ``darex``) calibration batches, run through every input;
+    ``model_calibration``: each graph's own batches instead (None: the shared ones; the shared
+    ones default to all of them together). ``slices`` (``passthrough``):
     ``[{"sources": [{"input": i, "layer_range": [a, b]}]}]``, ``i`` indexing ``graphs``."""
     from splice.passes.base import get_pass
     from splice.passes.manager import Pipeline
@@ -37,20 +39,26 @@ def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, mo
         raise ConfigError("splice.merge: no graphs to merge")
     per_model = list(model_parameters) or [{} for _ in inputs]
     labels = list(names) or [f"model {i}" for i in range(len(inputs))]
-    if len(per_model) != len(inputs) or len(labels) != len(inputs):
+    own = list(model_calibration) or [None for _ in inputs]
+    if len(per_model) != len(inputs) or len(labels) != len(inputs) or len(own) != len(inputs):
         raise ConfigError(f"splice.merge: {len(inputs)} graphs but {len(per_model)} model_parameters / "
-                          f"{len(labels)} names")
+                          f"{len(labels)} names / {len(own)} model_calibration")
     index = -1
     if base is not None:
         index = next((i for i, g in enumerate(inputs) if g is base), -1)
         if index < 0:
             inputs, per_model, labels, index = inputs + [base], per_model + [{}], labels + ["base"], len(inputs)
+            own.append(None)
     spec = {"base": index, "parameters": json.dumps(parameters), "model_parameters": json.dumps(per_model),
             "names": json.dumps(labels), "dtype": dtype, "out_dtype": out_dtype, "slices": json.dumps(list(slices))}
     template = inputs[index if index >= 0 else 0]
     info = get_pass(f"merge.{method}")
     pipeline = Pipeline([(info, info.make_config(spec))])
-    return pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False, calibration=calibration).graph
+    datasets = {model_dataset(i): data for i, data in enumerate(own) if data}
+    if calibration is None and datasets:
+        calibration = [batch for data in datasets.values() for batch in data]
+    return pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False, calibration=calibration,
+                        datasets=datasets).graph
 
 
 def load_reference(reference: str, who: str = "merge") -> Graph:
@@ -74,12 +82,16 @@ def load_reference(reference: str, who: str = "merge") -> Graph:
 
 def merge_recipe(recipe: str | Recipe, *, seed: int = 0, load=None, calibrate=None) -> Graph:
     """Run a mergekit YAML recipe (a path, or one ``read_recipe`` parsed); ``load(reference)``
-    loads each model (default: ``load_reference``); ``calibrate(template graph)`` makes the
-    calibration batches of a data-aware method."""
+    loads each model (default: ``load_reference``); ``calibrate(graph, source)`` makes the
+    calibration batches of a data-aware method for ``graph`` from a model's own ``calibration``
+    source, or with ``source=None`` the shared ones (the template's; None when there are none)."""
     recipe = read_recipe(recipe) if not isinstance(recipe, Recipe) else recipe
     graphs = [(load or load_reference)(ref) for ref in recipe.inputs]
     template = graphs[recipe.base if recipe.base >= 0 else 0]
     base = graphs[recipe.base] if recipe.base >= 0 else None
+    own = [calibrate(g, src) if calibrate is not None and src else None
+           for g, src in zip(graphs, recipe.model_calibration or [None] * len(graphs))]
     return merge(graphs, recipe.method, base, model_parameters=recipe.model_parameters, names=recipe.inputs,
                  dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed, slices=recipe.slices,
-                 calibration=calibrate(template) if calibrate is not None else None, **recipe.parameters)
+                 calibration=calibrate(template, None) if calibrate is not None else None,
+                 model_calibration=own, **recipe.parameters)

@@ -34,6 +34,7 @@ class Recipe:
     base: int = -1
     parameters: dict[str, Any] = field(default_factory=dict)
     model_parameters: list[dict[str, Any]] = field(default_factory=list)
+    model_calibration: list[str | None] = field(default_factory=list)  # splice's key: a --calib SOURCE per input
     slices: list[dict[str, Any]] = field(default_factory=list)  # passthrough: sources by input index
     dtype: str = ""
     out_dtype: str = ""
@@ -103,20 +104,25 @@ def read_recipe(path: str | Path) -> Recipe:
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise _fail(path, key, "expected {model: PATH, parameters: {...}}")
-        extra = set(entry) - {"model", "parameters"}
+        extra = set(entry) - {"model", "parameters", "calibration"}
         if extra:
-            raise _fail(path, f"{key}.{sorted(extra)[0]}", "unknown key (model, parameters)")
+            raise _fail(path, f"{key}.{sorted(extra)[0]}", "unknown key (model, parameters, calibration)")
+        own = entry.get("calibration")
+        if own is not None and not isinstance(own, str):
+            raise _fail(path, f"{key}.calibration", f"expected a calibration source (as --calib takes), got {own!r}")
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise _fail(path, f"{key}.parameters", "expected a mapping")
         check_setting_names(method, params, f"{path}: {key}.parameters")
         recipe.inputs.append(_reference(path, f"{key}.model", entry["model"]))
         recipe.model_parameters.append(params)
+        recipe.model_calibration.append(own)
     if doc.get("base_model") is not None:
         base = _reference(path, "base_model", doc["base_model"])
         if base not in recipe.inputs:
             recipe.inputs.append(base)
             recipe.model_parameters.append({})
+            recipe.model_calibration.append(None)
         recipe.base = recipe.inputs.index(base)
     source = doc.get("tokenizer_source")
     recipe.tokenizer_source = None if source is None else str(source if source in ("base", "union")
@@ -146,5 +152,6 @@ def _read_slices(path: Path, slices: Any, method, recipe: Recipe) -> None:
             if ref not in recipe.inputs:
                 recipe.inputs.append(ref)
                 recipe.model_parameters.append({})
+                recipe.model_calibration.append(None)
             sources.append({"input": recipe.inputs.index(ref), "layer_range": rng, "parameters": params})
         recipe.slices.append({"sources": sources})

@@ -322,3 +322,28 @@ def test_bad_slices(llamas, hf_dirs, tmp_path, capsys):
     doc["merge_method"] = "linear"
     bad.write_text(yaml.safe_dump(doc))
     assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "slices", "passthrough only", absent=[tmp_path / "o"])
+
+
+def test_recipe_gives_each_model_its_calibration(hf_dirs, tmp_path, capsys, byte_tokenizer):
+    texts = []
+    for i, text in enumerate(["the quick brown fox " * 60, "def f(x):\n    return x\n" * 60]):
+        texts.append(tmp_path / f"d{i}.txt")
+        texts[-1].write_text(text)
+    recipe = tmp_path / "f.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [
+        {"model": str(hf_dirs / "m0"), "calibration": str(texts[0])},
+        {"model": str(hf_dirs / "m1"), "calibration": str(texts[1])}]}))
+    rc, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "own")
+    assert rc == 0, err
+    shared = tmp_path / "s.yaml"
+    shared.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [str(hf_dirs / "m0"), str(hf_dirs / "m1")]}))
+    assert_error(capsys, ["merge", shared, "-o", tmp_path / "o"], "needs calibration data", absent=[tmp_path / "o"])
+    rc, _, err = run_cli(capsys, "merge", shared, "--calib", texts[0], "-o", tmp_path / "shared")
+    assert rc == 0, err
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert not torch.equal(splice.load(tmp_path / "own").tensor(name), splice.load(tmp_path / "shared").tensor(name))
+    bad = tmp_path / "b.yaml"
+    bad.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [
+        {"model": str(hf_dirs / "m0"), "calibration": 3}, str(hf_dirs / "m1")]}))
+    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "models[0].calibration", "calibration source",
+                 absent=[tmp_path / "o"])

@@ -178,3 +178,16 @@ def test_bad_parameters(family, method, kwargs, message):
             splice.merge(tuned[:2], method, base=base, **kwargs)
     with pytest.raises(ConfigError, match="^merge.delta_weighted: needs a base model"):
         splice.merge(tuned[:2], "delta_weighted")
+
+
+def test_each_model_reads_its_own_calibration(family, tmp_path, capsys):
+    base, tuned, calib, held = family
+    from splice.passes.merge.fisher import normalized_fisher
+
+    other = [tuple(t.flip(-1) for t in calib[0])]  # another batch for the second model
+    merged = splice.merge(tuned[:2], "fisher", model_calibration=[calib, other], epsilon=1e-8)
+    f0 = normalized_fisher(tuned[0], calib, "t")[NAME] + 1e-8
+    f1 = normalized_fisher(tuned[1], other, "t")[NAME] + 1e-8
+    torch.testing.assert_close(_t(merged), (f0 * _t(tuned[0]) + f1 * _t(tuned[1])) / (f0 + f1))
+    shared = splice.merge(tuned[:2], "fisher", calibration=calib, epsilon=1e-8)
+    assert not torch.equal(_t(shared), _t(merged))
