@@ -7,7 +7,7 @@
     splice export ARTIFACT --onnx FILE [--check] [--force]      (one flag per export target)
     splice eval MODEL|ARTIFACT --ppl FILE [FILE ...] [--seq-len N] [--stride N] [--max-tokens N]
                 [--ref MODEL [--layers]]          per file, then the geometric mean over files
-    splice eval A --lmc B --data FILE [--points N] [--align] [--json]   loss path A -> B and its barrier
+    splice eval lmc A B --data FILE [--points N] [--align] [--json]   loss path A -> B and its barrier
     splice train MODEL|ARTIFACT --data FILE [--eval FILE] [-p SPEC ...] --steps N --lr LR -o OUT [--resume]
     splice demo ...                               the end-to-end demo (splice/demo.py)
 
@@ -161,3 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.configure()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def entry() -> None:
+    """The console script (and ``python -m splice``): ``main``'s exit code. After Ctrl-C the process
+    ends at once, with nothing run at interpreter shutdown: a library's SIGINT state left armed
+    (or its own handler restored) must not turn the clean ``interrupted`` exit into a death by SIGINT."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+

@@ -1,5 +1,6 @@
 """``splice eval MODEL --ppl FILE [FILE ...]``: perplexity on text files, optionally against a reference
-model; ``splice eval A --lmc B --data FILE``: linear mode connectivity of two models (``eval/lmc.py``)."""
+model; ``splice eval lmc A B --data FILE`` (or ``splice eval A --lmc B …``): linear mode
+connectivity of two models (``eval/lmc.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def add_parser(sub, common) -> None:
                                    "singular vectors; --align also after permuting B's units onto MODEL's "
                                    "(merge.permute, Git Re-Basin weight matching).",
                        epilog="examples: splice eval llama-int4 --ppl wiki.txt code.txt --ref ./llama --layers; "
-                              "splice eval ./run-a --lmc ./run-b --data wiki.txt --align")
+                              "splice eval lmc ./run-a ./run-b --data wiki.txt --align")
     p.add_argument("model", metavar="MODEL|ARTIFACT")
+    p.add_argument("pair", nargs="*", metavar="A B", help="`splice eval lmc A B`: the same as `splice eval A --lmc B`")
     p.add_argument("--ppl", nargs="+", action="extend", metavar="FILE",
                    help="UTF-8 text files to evaluate on (several: per file, then their geometric mean)")
     p.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
@@ -205,6 +207,10 @@ def run(args, ui: UI) -> int:
     from splice.eval.data import read_text
     from splice.eval.perplexity import check_logits
 
+    if args.pair:
+        if args.model != "lmc" or len(args.pair) != 2 or args.lmc:
+            raise UsageError(f"eval: one MODEL, or `lmc A B`; got {' '.join([args.model, *args.pair])}")
+        args.model, args.lmc = args.pair
     if args.lmc:
         return _run_lmc(args, ui)
     # 1. everything that needs no model

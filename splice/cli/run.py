@@ -42,6 +42,9 @@ def add_parser(sub, common) -> None:
                    help="tokens per calibration sample (default 512, or the model's positions if fewer)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--delta-only", action="store_true",
+                   help="save the deltas without their base model's tensors (after delta.extract; loading finds "
+                        "the base where delta.extract read it, its weights digest checked)")
     p.set_defaults(func=run)
 
 
@@ -136,7 +139,7 @@ def run(args, ui: UI) -> int:
     with ui.quiet(redirect=not progress.enabled()):  # each pass shows its own progress line
         result = pipeline.run(graph, calibration=calibration, progress=True, datasets=datasets)
     with ui.phase(f"save {out}"):
-        result.graph.save(out, force=args.force)
+        result.graph.save(out, force=args.force, delta_only=args.delta_only)
 
     # 3. summary
     new = result.graph

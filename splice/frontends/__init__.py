@@ -25,7 +25,7 @@ def capture(model: Any, example_inputs: Any = None, *, dynamic: Any = True) -> G
         if not path.exists():
             raise SpliceError(f"{path}: no such file or directory")
         if path.suffix == ".pt2" or (path / MANIFEST).is_file():
-            return artifact.load(path)
+            return artifact.load(path, find_base=capture)
         return capture_hf(path)
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
@@ -41,10 +41,11 @@ def capture(model: Any, example_inputs: Any = None, *, dynamic: Any = True) -> G
 
 def load(path: str | Path, *, base: Any = None) -> Graph:
     """Load an artifact directory or a ``.pt2`` program. ``base`` (a Graph or a path ``capture``
-    reads): the base model a delta-only artifact was saved against; its weights digest is checked."""
+    reads): the base model a delta-only artifact was saved against; its weights digest is checked
+    (without it, the base is loaded from the path the delta recorded, if it still exists)."""
     if isinstance(base, (str, Path)):
         base = capture(base)
-    return artifact.load(path, base)
+    return artifact.load(path, base, find_base=capture)
 
 
 __all__ = ["capture", "load"]

@@ -9,6 +9,7 @@ An artifact is untrusted input: its manifest and every listed file are checked f
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,6 +62,12 @@ def _masks(path: Path, manifest: dict) -> dict:
     return out
 
 
+def _recorded_base_path(manifest: dict) -> str | None:
+    """Where a delta-only artifact's base was loaded from when the delta was taken (a hint: the digest decides)."""
+    hint = (manifest.get("delta_only") or {}).get("base_path")
+    return hint if isinstance(hint, str) and Path(hint).exists() else None
+
+
 def _delta_only(path: Path, manifest: dict) -> str | None:
     """The base weights digest a delta-only artifact records (None: a full artifact)."""
     info = manifest.get("delta_only")
@@ -71,9 +78,10 @@ def _delta_only(path: Path, manifest: dict) -> str | None:
     return info["base_weights_sha256"]
 
 
-def load(path: str | Path, base: Graph | None = None) -> Graph:
+def load(path: str | Path, base: Graph | None = None, find_base: Callable[[str], Graph] | None = None) -> Graph:
     """Load an artifact directory or a bare ``.pt2`` program into a Graph; ``base``: the base model
-    of a delta-only artifact (refused unless its weights digest is the one recorded)."""
+    of a delta-only artifact (refused unless its weights digest is the one recorded); without one,
+    ``find_base(path)`` loads the base from where the delta recorded it, if that path still exists."""
     path = Path(path)
     if not path.exists():
         raise SpliceError(f"{path}: no such file or directory")
@@ -89,6 +97,8 @@ def load(path: str | Path, base: Graph | None = None) -> Graph:
     if recorded is None and base is not None:
         raise ConfigError(f"{path}: not a delta-only artifact; it loads without base=")
     if recorded is not None:
+        if base is None and find_base is not None and (hint := _recorded_base_path(manifest)) is not None:
+            base = find_base(hint)
         check_base(recorded, base, str(path))
     with phase(f"read {path.name}/{PROGRAM} (program, weights)"):
         ep, _ = read_program(path / PROGRAM)

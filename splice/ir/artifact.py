@@ -117,7 +117,8 @@ def save(graph, path: str | Path, *, force: bool = False, delta_only: bool = Fal
             "dynamic": {k: {str(a): v for a, v in d.items()} for k, d in graph.dynamic.items()},
             "passes": graph.history, "bytes_by_role": by_role, "params": graph.num_params(),
             "masks": {k: list(m.shape) for k, m in packed.masks.items()}, "packages": package_versions(),
-            **({"delta_only": {"base_weights_sha256": base_record(graph)["weights_sha256"]}} if delta_only else {}),
+            **({"delta_only": {"base_weights_sha256": base_record(graph)["weights_sha256"],
+                               "base_path": base_record(graph).get("path")}} if delta_only else {}),
             "files": {name: {"sha256": sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
         }
         manifest["checksum"] = manifest_checksum(manifest)

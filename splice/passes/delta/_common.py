@@ -198,10 +198,12 @@ def plain_view(graph: Graph) -> tuple[Graph, dict[str, fx.Node]]:
     return view.finalize(), index
 
 
-def record_base(graph: Graph, base: Graph) -> str:
-    """Record ``base`` as the base of ``graph``'s deltas (``graph.source['delta_base']``); its digest."""
+def record_base(graph: Graph, base: Graph, path: str | None = None) -> str:
+    """Record ``base`` as the base of ``graph``'s deltas (``graph.source['delta_base']``); its digest.
+    ``path`` (else the base's source path): where a delta-only artifact looks for the base first."""
     digest = weights_digest(base)
-    graph.source["delta_base"] = {"weights_sha256": digest, "name": base.source.get("name")}
+    graph.source["delta_base"] = {"weights_sha256": digest, "name": base.source.get("name"),
+                                  "path": path or base.source.get("path")}
     return digest
 
 

@@ -14,6 +14,7 @@ Task vectors: https://arxiv.org/abs/2212.04089.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -63,7 +64,7 @@ def extract(graph: Graph, cfg: ExtractConfig, ctx: PassContext) -> PassResult:
     base = ctx.graphs["base"]
     where = cfg.base or "graphs['base']"
     pairs = match_parameters(base, graph, (f"base '{where}'", "the fine-tuned model"), WHO)
-    digest = record_base(graph, base)
+    digest = record_base(graph, base, str(Path(cfg.base).resolve()) if cfg.base else None)
     deltas, equal, norm2 = _bind(graph, base, pairs)
     return PassResult(graph, True, {"tensors": deltas, "tensors_equal": equal, "delta_norm": round(norm2 ** 0.5, 6),
                                     "base_weights_sha256": digest})

@@ -24,7 +24,6 @@ import json
 from dataclasses import dataclass
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from splice.ir.coupling import Group, Member, analyze
 from splice.ir.graph import Graph, set_attr, weights_digest
@@ -130,6 +129,8 @@ def _similarity(group: Group, members, a: dict[str, torch.Tensor], b: dict[str, 
 
 def _assign(score: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The permutation maximizing ``Σ_u score[u, perm[u]]``, and that sum."""
+    from scipy.optimize import linear_sum_assignment  # lazily: `import splice.passes` stays light
+
     rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
     return torch.as_tensor(cols), float(score[rows, cols].sum())
 

@@ -253,3 +253,22 @@ def test_bad_inputs_are_one_line_errors(models):
         splice.Pipeline(["delta.extract"]).run(ft, probe=False)
     with pytest.raises(ConfigError, match="delta_only needs a graph that carries deltas"):
         ft.save("/nonexistent-never-written", delta_only=True)
+
+
+def test_cli_saves_a_delta_only_artifact_that_finds_its_base(models, tmp_path, capsys):
+    from zoo_graphs import assert_error, run_cli
+
+    base, ft, _ = models
+    base.save(tmp_path / "base")
+    ft.save(tmp_path / "ft")
+    out = tmp_path / "d"
+    rc, _, err = run_cli(capsys, "run", tmp_path / "ft", "-p", f"delta.extract:base={tmp_path / 'base'}",
+                         "-p", "delta.bitdelta", "-o", out, "--delta-only")
+    assert rc == 0, err
+    assert json.loads((out / "manifest.json").read_text())["delta_only"]["base_path"] == str(tmp_path / "base")
+    back = splice.load(out)  # the base is read from where delta.extract found it, its digest checked
+    assert torch.equal(_logits(back), _logits(run(ft, "delta.extract", "delta.bitdelta", graphs={"base": base})))
+    (tmp_path / "base").rename(tmp_path / "moved")
+    assert_error(capsys, ["inspect", out], "holds a delta only; give its base model")
+    rc, _, err = run_cli(capsys, "run", tmp_path / "ft", "-p", "adapter.lora", "-o", tmp_path / "x", "--delta-only")
+    assert rc == 1 and "delta_only needs a graph that carries deltas" in err and not (tmp_path / "x").exists()

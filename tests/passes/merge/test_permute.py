@@ -123,7 +123,7 @@ def lmc_inputs(tmp_path):
 
 def test_eval_lmc_prints_the_barriers(capsys, byte_tokenizer, llama_hf_dir, lmc_inputs):
     other, text = lmc_inputs
-    rc, out, err = run_cli(capsys, "eval", llama_hf_dir, "--lmc", other, "--data", text, "--samples", 4,
+    rc, out, err = run_cli(capsys, "eval", "lmc", llama_hf_dir, other, "--data", text, "--samples", 4,
                            "--seq-len", 32, "--points", 3, "--align", "--json")
     assert rc == 0, err
     result = json.loads(out)
@@ -173,5 +173,6 @@ def test_eval_lmc_usage_errors(capsys, llama_hf_dir, tmp_path):
     assert_error(capsys, ["eval", llama_hf_dir, "--align", "--ppl", text], "--align belongs to --lmc MODEL", rc=2)
     assert_error(capsys, ["eval", llama_hf_dir], "give --ppl FILE", rc=2)
     assert_error(capsys, base + ["--data", tmp_path / "missing.txt"], "--data", "no such file")
+    assert_error(capsys, ["eval", "lmc", llama_hf_dir, "--data", text], "one MODEL, or `lmc A B`", rc=2)
     code, _, err = run_cli(capsys, *base, "--data", text, "--points", 1)
     assert code == 2 and "expected at least 2 points" in err
