@@ -58,7 +58,8 @@ def float_tensors(graph) -> dict[str, torch.Tensor]:
                      if n.op == "call_function" and record(n.target) is not None})
     if stored:
         raise SpliceError(f"--hf writes float transformers weights; this graph uses {', '.join(stored)} "
-                          "(fold adapters, or export before quantizing)")
+                          "(store plain weights first: adapter.fold, delta.apply, merge.rmm_select:fold=true, "
+                          "prune.bip_finish; or export before quantizing)")
     tensors = {k: v.detach() for k, v in graph.tensors().items()}
     renumber = {prefix: {old: new for new, old in enumerate(sorted(ix))}
                 for prefix, ix in _indices_by_prefix(tensors).items()}

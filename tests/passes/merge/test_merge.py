@@ -236,6 +236,11 @@ def test_bad_input(llamas, hf_dirs, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(hf_dirs / "m0"), str(hf_dirs / "m1")],
                                    "parameters": {"weight": 0}}))
     assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "sum to 0", absent=[tmp_path / "o"])
+    bad.write_text(yaml.safe_dump({"merge_method": "rmm", "base_model": str(hf_dirs / "m0"),
+                                   "models": [str(hf_dirs / "m1"), str(hf_dirs / "m2")]}))
+    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o", "--hf", tmp_path / "h"],  # names the op it cannot write
+                 "--hf writes float transformers weights", "splice.basis_weight", "merge.rmm_select:fold=true",
+                 absent=[tmp_path / "o", tmp_path / "h"])
 
 
 @pytest.fixture(scope="module")
