@@ -117,6 +117,13 @@ def test_compressed_deltas_report_ratio_error_and_recover_the_loss(models):
         assert recovered(base, ft, out) >= keeps, (spec, recovered(base, ft, out))
 
 
+def test_compeft_least_squares_scale_has_the_least_error(models):
+    _, _, delta = models
+    errors = {a: run(delta, f"delta.compeft:density=0.2,alpha={a}").history[-1]["report"]["rel_error"]
+              for a in (0, 1, 2, 4)}
+    assert errors[0] <= min(errors.values()), errors  # the best scale for the kept entries and their signs
+
+
 def _dense_1d_bytes(graph) -> int:
     """Bytes of the 1-D deltas (norms) the compressors leave dense."""
     return sum(t.numel() * t.element_size() for name, t in graph.tensors().items()
