@@ -75,10 +75,11 @@ def trainable_targets(graph: Graph, kinds: Sequence[str] = ("adapters",)) -> lis
 
 
 def with_tensors(graph: Graph, params: dict[str, torch.nn.Parameter]) -> Graph:
-    """A copy of ``graph`` reading ``params`` (by stored name) instead of its own tensors."""
+    """A copy of ``graph`` reading ``params`` (by stored name) instead of its own tensors (marked
+    trainable as each one's ``requires_grad`` says)."""
     out = graph.copy()
     for target, p in params.items():
-        set_attr(out.gm, target, p, trainable=True)
+        set_attr(out.gm, target, p, trainable=p.requires_grad)
     return out
 
 
@@ -281,7 +282,10 @@ def _loop(run: _Run, start: int, history: list, evals: list, held_out: Examples 
 
 
 def _trained_graph(graph: Graph, run: _Run, report: dict) -> Graph:
-    trained = {t: torch.nn.Parameter(p.detach().clone(), requires_grad=True) for t, p in run.params.items()}
+    # each tensor keeps the trainability it came with: weights trained with trainable=weights stay
+    # frozen for a later run that trains adapters only
+    trained = {t: torch.nn.Parameter(p.detach().clone(), requires_grad=bool(getattr(graph.tensor(t), "requires_grad", False)))
+               for t, p in run.params.items()}
     out = with_tensors(graph, trained)
     summary = {k: v for k, v in report.items() if k != "history"}
     spec = ",".join(f"{k}={v}" for k, v in asdict(run.cfg).items() if getattr(TrainConfig(), k) != v)

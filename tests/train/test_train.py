@@ -64,6 +64,15 @@ def test_only_adapter_tensors_change(lora, trained):
     assert len(changed) == len(adapters)  # every A and B moved (B from zero)
 
 
+def test_weights_trained_whole_stay_frozen_for_a_later_adapter_run(llama):
+    whole, _ = splice.train(llama, [TRAIN], steps=2, lr=1e-3, trainable="weights", **FAST)
+    assert not any(v.requires_grad for v in whole.tensors().values())  # trained, but not marked trainable
+    tuned, report = splice.train(whole.apply("adapter.lora:rank=8"), [TRAIN], steps=2, lr=1e-2, **FAST)
+    assert report["trainable_params"] == sum(p.numel() for p in splice.adapter_parameters(tuned).values())
+    for name, value in whole.tensors().items():
+        assert tuned.tensor(name) is value, f"{name} was trained by the adapter run"
+
+
 def test_trained_graph_saves_with_history(trained, tmp_path):
     _, out, report = trained
     out.save(tmp_path / "art")
