@@ -13,6 +13,7 @@ BitStack is decomposed once (``--levels``) and truncated to 25/50/75/100 % of it
 exact: the row says how close to the floor each 1-bit method gets.
 
     python bench/delta.py                       # about 10 min on 2 cores once the fine-tunes are cached
+    python bench/delta.py --steps 60 --seq-len 64 --eval-tokens 1024   # bench/merge.py's options pass through
     python bench/delta.py --quick --out /tmp/d.json --doc /tmp/d.md   # the zoo Llama, < 3 min
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="bench/results/delta.json")
     ap.add_argument("--doc", default="docs/bench_delta.md")
     ap.add_argument("--no-doc", action="store_true")
-    return ap.parse_args(argv)
+    return ap.parse_known_args(argv)  # the rest are bench/merge.py's fine-tuning and evaluation options
 
 
 def delta_bytes(graph) -> int:
@@ -80,13 +81,16 @@ def compress(graph, base, specs: list[str], calibration: list, done: dict):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args, merge_options = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from splice.eval.perplexity import tokenize
 
-    margs = merge_bench.parse_args(["--quick"] * args.quick + (["--cache", args.cache] if args.cache else []))
+    margs = merge_bench.parse_args(["--quick"] * args.quick + (["--cache", args.cache] if args.cache else [])
+                                   + merge_options)
+    if margs.threads:
+        torch.set_num_threads(margs.threads)
     texts = merge_bench.domain_texts()
     base, tokenizer, _, model = merge_bench.load_base(margs, texts)
     ids = {d: tokenize(base, held, tokenizer) for d, (_, held) in texts.items()}
