@@ -115,7 +115,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="smoke configuration: the zoo Llama (briefly pre-trained here, bytes as tokens), short training, "
                          f"methods {QUICK_METHODS}, mergekit linear only")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per fine-tune (default 80; --quick 40)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per fine-tune (default 80; --quick 150)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; --quick 1e-2)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
@@ -137,7 +137,7 @@ def parse_args(argv=None):
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args(argv)
     quick = args.quick
-    for name, full, small in (("steps", 80, 40), ("lr", 1e-3, 1e-2), ("seq_len", 128, 64), ("eval_tokens", 2048, 1024),
+    for name, full, small in (("steps", 80, 150), ("lr", 1e-3, 1e-2), ("seq_len", 128, 64), ("eval_tokens", 2048, 1024),
                               ("eval_seq", 256, 128), ("calib_samples", 8, 4), ("calib_seq", 128, 64)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
