@@ -17,15 +17,20 @@ def rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, eps: float 
     return kept if before < eps or after < eps else kept * (before / after)
 
 
+def top_share(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """The 0/1 mask (``scores``' dtype) of the ``density`` share of largest ``scores`` (at least one entry)."""
+    keep = torch.zeros(scores.numel(), dtype=scores.dtype)
+    keep[torch.argsort(scores.reshape(-1).float(), descending=True)[:max(1, int(density * scores.numel()))]] = 1
+    return keep.reshape_as(scores)
+
+
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
     """Keep the ``density`` share of largest magnitudes (at least one entry)."""
     if density >= 1:
         return delta
     if delta.numel() == 0:
         return torch.zeros_like(delta)
-    keep = torch.zeros(delta.numel(), dtype=delta.dtype)
-    keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:max(1, int(density * delta.numel()))]] = 1
-    return rescaled(delta, keep.reshape_as(delta), rescale)
+    return rescaled(delta, top_share(delta.abs(), density), rescale)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, rescale: bool, gamma: float) -> torch.Tensor:

@@ -60,8 +60,7 @@ def ota(group: Group) -> torch.Tensor:
             v = torch.ones_like(base)
         v, delta = v.to(work), (tensor - base).to(work)
         if p["density"][i] < 1:
-            keep = _sparsify.magnitude(v * delta.square(), p["density"][i], False) != 0
-            delta = delta * keep
+            delta = delta * _sparsify.top_share(v * delta.square(), p["density"][i])
         weight = (v + p["epsilon"]) ** p["power"]
         numerator += weight * delta
         denominator += weight
