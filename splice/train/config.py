@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from splice.errors import ConfigError
 
-LOSSES = ("causal_lm", "embedding", "classification")
+LOSSES = ("causal_lm", "masked_lm", "embedding", "classification")
 SCHEDULES = ("linear", "cosine", "constant")
 TRAINABLE = ("adapters", "norms", "biases", "weights")
 

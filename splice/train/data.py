@@ -5,6 +5,9 @@ Formats (``data`` is a path or the records themselves):
 * ``causal_lm``: a UTF-8 text file or a list of strings (joined by blank lines). The text is
   tokenized by the model's tokenizer (no special tokens) and cut into non-overlapping
   ``seq_len``-token windows; the tail shorter than a window is dropped.
+* ``masked_lm``: text as for ``causal_lm``; every batch is masked BERT's way (``ir/loss.py``'s
+  ``mask_tokens``, the tokenizer's mask token): micro-batch ``k`` by a seed of ``(seed, k)``,
+  evaluation batches by their position alone, so every model is judged on the same masked tokens.
 * ``embedding``: a JSONL file (or a list of dicts), one ``{"anchor": str, "positive": str}`` per
   line: pairs of texts that should embed close (sentence-transformers' (anchor, positive) pairs).
 * ``classification``: a JSONL file (or a list of dicts), one ``{"text": str, "label": int}`` per line.
@@ -26,6 +29,7 @@ import torch
 
 from splice.errors import SpliceError
 from splice.eval.data import read_text
+from splice.ir.loss import mask_tokens, masking_spec
 
 _JSONL_FIELDS = {"embedding": {"anchor": str, "positive": str}, "classification": {"text": str, "label": int}}
 
@@ -38,6 +42,15 @@ class Examples:
     rows: list[list[list[int]]]
     labels: list[int] | None
     pad_id: int
+    masking: dict | None = None  # masked_lm: ``masking_spec`` of the tokenizer
+
+    def masked(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """``batch`` with its tokens masked (``labels``: the masked tokens' ids) when the examples are masked_lm's."""
+        if self.masking is None:
+            return batch
+        ids, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.masking,
+                                  torch.Generator().manual_seed(seed))
+        return {**batch, "input_ids": ids, "labels": labels}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,11 +82,12 @@ class Examples:
             epoch, pos = divmod(k * batch_size + len(indices), n)
             take = min(batch_size - len(indices), n - pos)
             indices += _permutation(n, seed + epoch)[pos:pos + take]
-        return self.batch(indices)
+        return self.masked(self.batch(indices), seed * 1_000_003 + k)
 
     def in_order(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """Every example once, in order (for evaluation)."""
-        return [self.batch(list(range(i, min(i + batch_size, len(self))))) for i in range(0, len(self), batch_size)]
+        return [self.masked(self.batch(list(range(i, min(i + batch_size, len(self))))), i)
+                for i in range(0, len(self), batch_size)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +112,7 @@ def text_windows(data, tokenizer, seq_len: int) -> Examples:
     elif isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
         text = "\n\n".join(data)
     else:
-        raise SpliceError("train: causal_lm data must be a text file path or a non-empty list of strings")
+        raise SpliceError("train: causal_lm and masked_lm data must be a text file path or a non-empty list of strings")
     if not text.strip():
         raise SpliceError(f"{name}: no text")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -156,4 +170,8 @@ def jsonl_examples(data, tokenizer, seq_len: int, loss: str) -> Examples:
 def load_examples(data, loss: str, tokenizer, seq_len: int) -> Examples:
     if loss == "causal_lm":
         return text_windows(data, tokenizer, seq_len)
+    if loss == "masked_lm":
+        examples = text_windows(data, tokenizer, seq_len)
+        examples.masking = masking_spec(tokenizer)
+        return examples
     return jsonl_examples(data, tokenizer, seq_len, loss)

@@ -287,6 +287,8 @@ def _trained_graph(graph: Graph, run: _Run, report: dict) -> Graph:
     trained = {t: torch.nn.Parameter(p.detach().clone(), requires_grad=bool(getattr(graph.tensor(t), "requires_grad", False)))
                for t, p in run.params.items()}
     out = with_tensors(graph, trained)
+    if run.data.masking is not None:  # its calibration loss (ir/loss.py) is then the objective it was trained with
+        out.source["masked_lm"] = run.data.masking
     summary = {k: v for k, v in report.items() if k != "history"}
     spec = ",".join(f"{k}={v}" for k, v in asdict(run.cfg).items() if getattr(TrainConfig(), k) != v)
     out.history = out.history + [{"pass": "train", "spec": "train" + (":" + spec if spec else ""),
