@@ -96,7 +96,7 @@ def run(args, ui: UI) -> int:
     with ui.phase(f"save {out}"):
         graph.save(out, force=args.force)
     report = graph.history[-1]["report"]
-    what = (f"stacked {report['layers']} layers" if "layers" in report else
-            f"merged {report['tensors_merged']} tensors ({report['tensors_kept']} equal in every input kept)")
+    what = (f"merged {report['tensors_merged']} tensors" + (f" into {report['layers']} layers" if "layers" in report else "")
+            + f" ({report['tensors_kept']} buffers equal in every input kept)")
     ui.print(f"{what}; saved artifact: {esc(out)}" + (f"; transformers directory: {esc(hf)}" if hf else ""))
     return 0

@@ -108,11 +108,12 @@ def test_config_round_trip(name):
 
 def _weights_only_merge(name: str) -> bool:
     """A merge method run by the shared tensor-wise driver that only replaces stored tensors (no new
-    ops), other than ``merge.linear``, which stands for them in the fast suite's ONNX checks."""
+    ops), other than ``merge.linear``, which stands for them in the fast suite's ONNX checks, and
+    ``merge.passthrough``, which the matrix runs with slices (a restacked block stack)."""
     from splice.passes.merge._common import METHODS
 
     method = METHODS.get(name.removeprefix("merge.")) if name.startswith("merge.") else None
-    return (method is not None and method.install is None and name != "merge.linear"
+    return (method is not None and method.install is None and name not in ("merge.linear", "merge.passthrough")
             and get_pass(name).fn.__name__ == "tensorwise")
 
 

@@ -17,6 +17,11 @@ layer stack: ``t = 0``); a ``{filter, value}`` conditional or a list of them, th
 is a substring of the tensor's name winning (no filter or ``*``: always). A per-model parameter is
 looked up in the model's own parameters, then the top-level ones. A data-aware method reads each
 input's own calibration set (``ctx.datasets[model_dataset(i)]``) where one is given, else the shared one.
+
+With ``slices`` (mergekit's other form, ``_slices.py``) the output's layer stack is assembled slice
+by slice and each output layer merges the layers its slice's sources name; ``models`` is the one
+slice of every model's whole stack. Either way the pass merges a list of ``Unit``s: an output tensor,
+the inputs' tensors it is made of, and where its parameter values come from.
 """
 from __future__ import annotations
 
@@ -119,7 +124,8 @@ class MergeConfig(PassConfig):
     model_parameters: str = field(default="[]", metadata={"help": "each input's parameters, a JSON list"})
     names: str = field(default="[]", metadata={"help": "each input's name (path) for reports and errors, JSON list"})
     slices: str = field(default="[]", metadata={
-        "help": "passthrough: output layer slices, JSON [{sources: [{input, layer_range, parameters}]}]"})
+        "help": "output layer slices instead of whole models, JSON [{sources: [{input, layer_range, parameters}], "
+                "base, parameters}]"})
     dtype: str = field(default="", metadata={"help": "compute dtype (float32, bfloat16, float16, float64; empty: the inputs')"})
     out_dtype: str = field(default="", metadata={"help": "the merged weights are rounded to this dtype (empty: dtype)"})
 
@@ -143,8 +149,6 @@ def register_merge(method: MergeMethod, run: Callable | None = None) -> MergeMet
     METHODS[method.name] = method
 
     def tensorwise(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
-        if json.loads(cfg.slices):
-            raise ConfigError(f"merge.{method.name}: slices are supported with passthrough only (use models)")
         return merge_graphs(graph, cfg, ctx, method)
 
     run = run or tensorwise
@@ -152,7 +156,7 @@ def register_merge(method: MergeMethod, run: Callable | None = None) -> MergeMet
     config = type(f"{method.name}_config", (MergeConfig,), {"__doc__": method.summary})  # the summary `splice passes` shows
     register_pass(f"merge.{method.name}", config, reference=method.reference, graphs=("inputs",),
                   needs_calibration=method.needs_data or method.statistic is not None, applies=method.applies,
-                  report_fields={"tensors_merged": "tensors merged", "tensors_kept": "tensors equal in every input"})(run)
+                  report_fields={"tensors_merged": "tensors merged", "tensors_kept": "buffers equal in every input"})(run)
     return method
 
 
@@ -227,17 +231,17 @@ def check_setting_names(method: MergeMethod, settings: dict, where: str) -> None
             raise ConfigError(f"{where}: merge method '{method.name}' has no parameter '{key}'{more}")
 
 
-def resolve(method: MergeMethod, top: dict, per_model: list[dict], names: list[str], non_base: list[int],
-            tensor: str, t: float) -> dict[str, Any]:
-    """Every parameter's value for ``tensor``: shared ones as scalars, per-model ones as lists over
-    ``non_base`` (the inputs the method merges besides the base, by index)."""
+def resolve(method: MergeMethod, shared: list[dict], own: dict[int, list[dict]], names: list[str],
+            non_base: list[int], tensor: str, t: float) -> dict[str, Any]:
+    """Every parameter's value for ``tensor``: shared ones from ``shared`` (settings, first wins) as
+    scalars, per-model ones from each input's ``own`` settings as lists over ``non_base`` (the
+    inputs the method merges besides the base, by index)."""
     out = {}
     for p in method.params:
         if not p.per_model:
-            out[p.name] = setting_value(method, p, [top], tensor, t, "")
+            out[p.name] = setting_value(method, p, shared, tensor, t, "")
             continue
-        out[p.name] = [setting_value(method, p, [per_model[i], top], tensor, t, f" (input '{names[i]}')")
-                       for i in non_base]
+        out[p.name] = [setting_value(method, p, own[i], tensor, t, f" (input '{names[i]}')") for i in non_base]
     return out
 
 
@@ -277,16 +281,17 @@ def layer_positions(targets: Sequence[str]) -> dict[str, float]:
     return {t: (index[t] / (layers - 1) if layers > 1 else 1.0) if t in index else 0.0 for t in targets}
 
 
-def check_inputs(method: MergeMethod, n_inputs: int, base: int) -> list[int]:
-    """The indices the method merges besides the base; errors for a missing base or a wrong count."""
+def check_inputs(method: MergeMethod, n_inputs: int, base: int, where: str = "") -> list[int]:
+    """The indices the method merges besides the base; errors for a missing base or a wrong count
+    (``where``: the recipe's part they are about, e.g. ``slices[1]: ``)."""
     if method.base == "required" and base < 0:
-        raise ConfigError(f"merge.{method.name}: needs a base model (base_model)")
+        raise ConfigError(f"merge.{method.name}: {where}needs a base model (base_model)")
     merged = [i for i in range(n_inputs) if i != base or method.base == "ignored"]
     if len(merged) < method.min_models or (method.max_models is not None and len(merged) > method.max_models):
         span = (f"exactly {method.min_models}" if method.max_models == method.min_models else
                 f"at least {method.min_models}" if method.max_models is None else
                 f"{method.min_models} to {method.max_models}")
-        raise ConfigError(f"merge.{method.name}: takes {span} model(s) besides the base, got {len(merged)}")
+        raise ConfigError(f"merge.{method.name}: {where}takes {span} model(s) besides the base, got {len(merged)}")
     return merged
 
 
@@ -301,55 +306,107 @@ def check_float(graph: Graph, name: str, who: str) -> None:
                               "quantize after merging)")
 
 
-def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> PassResult:
+@dataclass
+class Unit:
+    """One output tensor to merge: ``target`` in the graph being rewritten; ``source``: input index ->
+    that input's tensor; ``merged``: the inputs merged besides ``base`` (-1: none), in order;
+    ``shared`` / ``own[i]``: the settings its shared / input ``i``'s parameters are read from, first
+    wins; ``t``: its position for gradients."""
+
+    target: str
+    source: dict[int, str]
+    merged: list[int]
+    base: int
+    shared: list[dict]
+    own: dict[int, list[dict]]
+    t: float
+
+
+@dataclass
+class MergeInputs:
+    """A merge pass's inputs, read from its config and context and checked."""
+
+    graphs: list[Graph]
+    names: list[str]
+    per_model: list[dict]
+    top: dict
+    sources: list[dict[str, str]]  # per input: the template's tensor target -> that input's
+
+    def digests(self) -> list[dict]:
+        return [{"name": n, "weights_sha256": weights_digest(g)} for n, g in zip(self.names, self.graphs)]
+
+
+def read_inputs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> MergeInputs:
+    """The inputs of ``ctx.graphs['inputs']`` with their names and parameters, every setting name
+    checked, every input a float model paired with the template by structure."""
+    who = f"merge.{method.name}"
     inputs: list[Graph] = list(ctx.graphs["inputs"])
     names = json.loads(cfg.names) or [f"input {i}" for i in range(len(inputs))]
     per_model = json.loads(cfg.model_parameters) or [{} for _ in inputs]
     top = json.loads(cfg.parameters)
     if len(per_model) != len(inputs) or len(names) != len(inputs):
-        raise ConfigError(f"merge.{method.name}: {len(inputs)} inputs but {len(per_model)} parameter sets / "
-                          f"{len(names)} names")
-    check_setting_names(method, top, f"merge.{method.name}")
+        raise ConfigError(f"{who}: {len(inputs)} inputs but {len(per_model)} parameter sets / {len(names)} names")
+    check_setting_names(method, top, who)
     for settings, name in zip(per_model, names):
-        check_setting_names(method, settings, f"merge.{method.name} (input '{name}')")
-    merged_ids = check_inputs(method, len(inputs), cfg.base)
+        check_setting_names(method, settings, f"{who} (input '{name}')")
     for g, n in zip(inputs, names):
-        check_float(g, n, f"merge.{method.name}")
-    base_id = cfg.base if method.base != "ignored" else -1
+        check_float(g, n, who)
     template = names[cfg.base if cfg.base >= 0 else 0]
-    pairs = [match_parameters(graph, g, (template, n), f"merge.{method.name}") for g, n in zip(inputs, names)]
-    sources = [{a: b for b, a in p.items()} for p in pairs]  # template target -> that input's target
+    pairs = [match_parameters(graph, g, (template, n), who) for g, n in zip(inputs, names)]
+    return MergeInputs(inputs, names, per_model, top, [{a: b for b, a in p.items()} for p in pairs])
+
+
+def model_units(graph: Graph, cfg: MergeConfig, method: MergeMethod, inputs: MergeInputs) -> list[Unit]:
+    """``models``: every float tensor of the template merged from the same tensor of every input."""
+    merged = check_inputs(method, len(inputs.graphs), cfg.base)
+    base = cfg.base if method.base != "ignored" else -1
+    floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
+    positions = layer_positions(floats)
+    own = {i: [m, inputs.top] for i, m in enumerate(inputs.per_model)}
+    return [Unit(t, {i: src[t] for i, src in enumerate(inputs.sources)}, merged, base, [inputs.top], own, positions[t])
+            for t in floats]
+
+
+def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> PassResult:
+    from splice.passes.merge._slices import slice_units
+
+    inputs = read_inputs(graph, cfg, ctx, method)
+    report: dict[str, Any] = {"method": method.name, "inputs": inputs.digests(),
+                              "base": inputs.names[cfg.base] if cfg.base >= 0 else None}
+    if json.loads(cfg.slices):
+        units, layout = slice_units(graph, cfg, method, inputs)
+        report.update(layout)
+    else:
+        units = model_units(graph, cfg, method, inputs)
     dtype = DTYPES.get(cfg.dtype)
     out_dtype = DTYPES.get(cfg.out_dtype) or dtype
-    floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
-    positions, recipe_name = layer_positions(floats), recipe_names(graph, floats)
     stats = [method.statistic(g, ctx.datasets.get(model_dataset(i)) or ctx.calibration or [], f"merge.{method.name}")
-             if method.statistic else {} for i, g in enumerate(inputs)]
-    readers = attr_users(graph.gm)
+             if method.statistic else {} for i, g in enumerate(inputs.graphs)]
+    recipe_name = recipe_names(graph, [u.target for u in units])
+    readers, roles = attr_users(graph.gm), graph.param_roles()
     merged = kept = 0
-    for target in floats:
-        values = [g.tensor(src[target]).detach() for g, src in zip(inputs, sources)]
-        if all(torch.equal(values[0], v) for v in values[1:]):
-            kept += 1
+    for u in units:
+        ids = ([u.base] if u.base >= 0 else []) + u.merged
+        values = {i: inputs.graphs[i].tensor(u.source[i]).detach() for i in ids}
+        first = values[ids[0]]
+        if roles[u.target] == "buffer" and all(torch.equal(first, v) for v in values.values()):
+            kept += 1  # a buffer the same in every input (RoPE frequencies): not a weight to merge
             continue
-        work = [v.to(dtype or v.dtype) for v in values]
-        params = resolve(method, top, per_model, names, merged_ids, recipe_name[target], positions[target])
-        group = Group(target, work[base_id] if base_id >= 0 else None, [work[i] for i in merged_ids], params,
-                      torch.Generator().manual_seed(ctx.seed + _stable(target)), f"merge.{method.name}",
-                      [stats[i].get(sources[i][target]) for i in merged_ids],
-                      _reader_kind(readers.get(target, [])))
+        work = {i: v.to(dtype or v.dtype) for i, v in values.items()}
+        params = resolve(method, u.shared, u.own, inputs.names, u.merged, recipe_name[u.target], u.t)
+        group = Group(u.target, work[u.base] if u.base >= 0 else None, [work[i] for i in u.merged], params,
+                      torch.Generator().manual_seed(ctx.seed + _stable(u.target)), f"merge.{method.name}",
+                      [stats[i].get(u.source[i]) for i in u.merged], _reader_kind(readers.get(u.target, [])))
         result = method.fn(group)
         if method.install is not None:
-            method.install(graph, target, result)
+            method.install(graph, u.target, result)
         else:
-            set_attr(graph.gm, target, result.to(out_dtype or values[0].dtype).to(graph.tensor(target).dtype))
+            set_attr(graph.gm, u.target, result.to(out_dtype or first.dtype).to(graph.tensor(u.target).dtype))
         merged += 1
     if method.install is not None:
         graph.finalize()
     keep_pruned(graph)
-    report = {"method": method.name, "inputs": [{"name": n, "weights_sha256": weights_digest(g)}
-                                                 for n, g in zip(names, inputs)],
-              "base": names[cfg.base] if cfg.base >= 0 else None, "tensors_merged": merged, "tensors_kept": kept}
+    report.update(tensors_merged=merged, tensors_kept=kept)
     return PassResult(graph, True, report)
 
 

@@ -28,8 +28,9 @@ def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, mo
     and every input's weight digest. ``calibration``: the data-aware methods' (``fisher``,
     ``regmean``, ``ota``, ``darex``) calibration batches, run through every input;
     ``model_calibration``: each graph's own batches instead (None: the shared ones; the shared
-    ones default to all of them together). ``slices`` (``passthrough``):
-    ``[{"sources": [{"input": i, "layer_range": [a, b]}]}]``, ``i`` indexing ``graphs``."""
+    ones default to all of them together). ``slices`` (mergekit's layer slices, any tensor-wise
+    method): ``[{"sources": [{"input": i, "layer_range": [a, b], "parameters": {...}}], "base": j,
+    "parameters": {...}}]``, ``i`` and ``j`` indexing ``graphs`` (``base`` optional)."""
     from splice.passes.base import get_pass
     from splice.passes.manager import Pipeline
 

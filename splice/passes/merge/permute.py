@@ -25,14 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from splice.errors import ConfigError
 from splice.ir.coupling import Group, Member, analyze
-from splice.ir.graph import Graph, set_attr, weights_digest
+from splice.ir.graph import Graph, set_attr
 from splice.ir.loss import alphas, has_label_free_loss, loss_path
-from splice.ir.match import match_parameters
 from splice.passes.base import PassContext, PassResult
-from splice.passes.merge._common import (MergeConfig, MergeMethod, Param, check_float, check_inputs,
-                                         check_setting_names, in_unit_closed, keep_pruned, layer_positions,
-                                         recipe_names, register_merge, resolve, setting_value)
+from splice.passes.merge._common import (MergeConfig, MergeInputs, MergeMethod, Param, in_unit_closed, keep_pruned,
+                                         model_units, read_inputs, recipe_names, register_merge, resolve, setting_value)
 
 WHO = "merge.permute"
 BARRIER_POINTS = 5  # interpolation weights the report's barriers are measured at
@@ -180,37 +179,28 @@ def _barriers(graph: Graph, a, b, aligned, calibration) -> dict:
                                   for key, end in (("naive", b), ("aligned", aligned))}}
 
 
-def _settings(cfg: MergeConfig, n_inputs: int, graph: Graph,
-              floats: list[str]) -> tuple[dict[str, float], int, list[str]]:
-    """``t`` of every float tensor (mergekit's settings), ``max_iter`` and the inputs' names; errors first."""
-    top, per_model = json.loads(cfg.parameters), json.loads(cfg.model_parameters) or [{}] * n_inputs
-    names = json.loads(cfg.names) or [f"input {i}" for i in range(n_inputs)]
-    check_setting_names(METHOD, top, WHO)
-    for settings, name in zip(per_model, names):
-        check_setting_names(METHOD, settings, f"{WHO} (input '{name}')")
-    merged = check_inputs(METHOD, n_inputs, cfg.base)
-    positions, shown = layer_positions(floats), recipe_names(graph, floats)
-    ts = {t: resolve(METHOD, top, per_model, names, merged, shown[t], positions[t])["t"] for t in floats}
-    return ts, setting_value(METHOD, MAX_ITER, [top], "", 0.0), names
+def _settings(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> tuple[MergeInputs, dict[str, float], int]:
+    """The inputs, ``t`` of every float tensor (mergekit's settings) and ``max_iter``; errors first."""
+    if json.loads(cfg.slices):
+        raise ConfigError(f"{WHO}: slices are not supported (it aligns two whole models; use models)")
+    inputs = read_inputs(graph, cfg, ctx, METHOD)
+    units = model_units(graph, cfg, METHOD, inputs)
+    shown = recipe_names(graph, [u.target for u in units])
+    ts = {u.target: resolve(METHOD, u.shared, u.own, inputs.names, u.merged, shown[u.target], u.t)["t"] for u in units}
+    return inputs, ts, setting_value(METHOD, MAX_ITER, [inputs.top], "", 0.0)
 
 
 def permute(graph: Graph, cfg: MergeConfig, ctx: PassContext) -> PassResult:
-    inputs: list[Graph] = list(ctx.graphs["inputs"])
-    floats = [t for t, v in graph.tensors().items() if v.is_floating_point()]
-    ts, max_iter, names = _settings(cfg, len(inputs), graph, floats)
-    for g, n in zip(inputs, names):
-        check_float(g, n, WHO)
-    template = names[cfg.base if cfg.base >= 0 else 0]
-    sources = [{x: y for y, x in match_parameters(graph, g, (template, n), WHO).items()} for g, n in zip(inputs, names)]
-    a, b = ({t: g.tensor(src[t]).detach() for t in floats} for g, src in zip(inputs, sources))  # template's targets
+    inputs, ts, max_iter = _settings(graph, cfg, ctx)
+    floats = list(ts)
+    a, b = ({t: g.tensor(src[t]).detach() for t in floats} for g, src in zip(inputs.graphs, inputs.sources))  # template's targets
     units, skipped = _units(analyze(graph).groups)
     sweeps = weight_matching(a, b, units, max_iter, ctx.generator())
     aligned = permuted(b, units)
     for target in floats:
         set_attr(graph.gm, target, torch.lerp(a[target], aligned[target].to(a[target].dtype), ts[target]))
     keep_pruned(graph)
-    report = {"method": "permute", "inputs": [{"name": n, "weights_sha256": weights_digest(g)}
-                                              for n, g in zip(names, inputs)],
+    report = {"method": "permute", "inputs": inputs.digests(),
               "tensors_merged": len(floats), "tensors_kept": len(graph.tensors()) - len(floats), "sweeps": sweeps,
               "groups_permuted": [{"group": u.group.describe(), "units_moved": _moved(u)} for u in units],
               "units_moved": sum(_moved(u) for u in units), "groups_skipped": skipped}

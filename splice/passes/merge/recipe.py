@@ -35,7 +35,7 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)
     model_parameters: list[dict[str, Any]] = field(default_factory=list)
     model_calibration: list[str | None] = field(default_factory=list)  # splice's key: a --calib SOURCE per input
-    slices: list[dict[str, Any]] = field(default_factory=list)  # passthrough: sources by input index
+    slices: list[dict[str, Any]] = field(default_factory=list)  # sources (and a slice's base) by input index
     dtype: str = ""
     out_dtype: str = ""
     tokenizer_source: str | None = None
@@ -87,17 +87,11 @@ def read_recipe(path: str | Path) -> Recipe:
     recipe = Recipe(path, method.name, [], dtype=_dtype(path, "dtype", doc.get("dtype")),
                     out_dtype=_dtype(path, "out_dtype", doc.get("out_dtype")))
     if "slices" in doc:
-        if method.name != "passthrough":
-            raise _fail(path, "slices", f"supported with merge_method passthrough only, not {method.name}")
         _read_slices(path, doc["slices"], method, recipe)
         models = []
     elif not isinstance(models, list) or not models:
         raise _fail(path, "models", "expected a list of {model: PATH, parameters: {...}}")
-    top = doc.get("parameters") or {}
-    if not isinstance(top, dict):
-        raise _fail(path, "parameters", "expected a mapping")
-    check_setting_names(method, top, f"{path}: parameters")
-    recipe.parameters = top
+    recipe.parameters = _settings(path, "parameters", doc.get("parameters"), method)
     for i, entry in enumerate(models):
         key = f"models[{i}]"
         if isinstance(entry, str):
@@ -110,12 +104,8 @@ def read_recipe(path: str | Path) -> Recipe:
         own = entry.get("calibration")
         if own is not None and not isinstance(own, str):
             raise _fail(path, f"{key}.calibration", f"expected a calibration source (as --calib takes), got {own!r}")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise _fail(path, f"{key}.parameters", "expected a mapping")
-        check_setting_names(method, params, f"{path}: {key}.parameters")
         recipe.inputs.append(_reference(path, f"{key}.model", entry["model"]))
-        recipe.model_parameters.append(params)
+        recipe.model_parameters.append(_settings(path, f"{key}.parameters", entry.get("parameters"), method))
         recipe.model_calibration.append(own)
     if doc.get("base_model") is not None:
         base = _reference(path, "base_model", doc["base_model"])
@@ -131,13 +121,25 @@ def read_recipe(path: str | Path) -> Recipe:
 
 
 def _read_slices(path: Path, slices: Any, method, recipe: Recipe) -> None:
-    """``slices: [{sources: [{model, layer_range: [a, b], parameters}]}]`` into ``recipe`` (inputs
-    in order of first mention)."""
+    """``slices: [{sources: [{model, layer_range: [a, b], parameters}], base_model, parameters}]`` into
+    ``recipe`` (inputs in order of first mention)."""
     if not isinstance(slices, list) or not slices:
         raise _fail(path, "slices", "expected a list of {sources: [{model, layer_range}]}")
+
+    def index(ref: str) -> int:
+        if ref not in recipe.inputs:
+            recipe.inputs.append(ref)
+            recipe.model_parameters.append({})
+            recipe.model_calibration.append(None)
+        return recipe.inputs.index(ref)
+
     for i, sl in enumerate(slices):
-        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or set(sl) - {"sources"}:
-            raise _fail(path, f"slices[{i}]", "expected {sources: [{model, layer_range, parameters}]}")
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or \
+                set(sl) - {"sources", "base_model", "parameters", "residual_weight"}:
+            raise _fail(path, f"slices[{i}]", "expected {sources: [{model, layer_range, parameters}], base_model, "
+                                              "parameters}")
+        if sl.get("residual_weight") is not None:
+            raise _fail(path, f"slices[{i}].residual_weight", "not supported (mergekit reads it but applies nothing)")
         sources = []
         for j, src in enumerate(sl["sources"]):
             key = f"slices[{i}].sources[{j}]"
@@ -147,11 +149,19 @@ def _read_slices(path: Path, slices: Any, method, recipe: Recipe) -> None:
             rng = src.get("layer_range")
             if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
                 raise _fail(path, f"{key}.layer_range", f"expected [first, end] integers, got {rng!r}")
-            params = src.get("parameters") or {}
-            check_setting_names(method, params, f"{path}: {key}.parameters")
-            if ref not in recipe.inputs:
-                recipe.inputs.append(ref)
-                recipe.model_parameters.append({})
-                recipe.model_calibration.append(None)
-            sources.append({"input": recipe.inputs.index(ref), "layer_range": rng, "parameters": params})
-        recipe.slices.append({"sources": sources})
+            sources.append({"input": index(ref), "layer_range": rng,
+                            "parameters": _settings(path, f"{key}.parameters", src.get("parameters"), method)})
+        entry = {"sources": sources, "parameters": _settings(path, f"slices[{i}].parameters", sl.get("parameters"),
+                                                             method)}
+        if sl.get("base_model") is not None:
+            entry["base"] = index(_reference(path, f"slices[{i}].base_model", sl["base_model"]))
+        recipe.slices.append(entry)
+
+
+def _settings(path: Path, key: str, value: Any, method) -> dict:
+    """A ``parameters`` mapping at ``key``, every name checked against ``method``."""
+    value = value or {}
+    if not isinstance(value, dict):
+        raise _fail(path, key, "expected a mapping")
+    check_setting_names(method, value, f"{path}: {key}")
+    return value

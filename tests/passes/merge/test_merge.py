@@ -88,6 +88,21 @@ def test_formulas(llamas):
     torch.testing.assert_close(ties, w0 + (d1 * a1 + d2 * a2) / (a1 + a2).clamp(min=1))
 
 
+def test_weights_equal_in_every_input_are_merged_too(llamas):
+    """As mergekit: a weight the same in every input (a norm gain) is merged like any other (summed
+    by an unnormalized linear merge, scaled by passthrough); only buffers (RoPE frequencies) stay."""
+    _, (g0, g1, _) = llamas
+    norm, freq = "model.norm.weight", "model.rotary_emb.inv_freq"
+    assert torch.equal(g0.tensor(norm), g1.tensor(norm))
+    summed = splice.merge([g0, g1], "linear", weight=1.0, normalize=False)
+    torch.testing.assert_close(summed.tensor(norm), 2 * g0.tensor(norm))
+    assert torch.equal(summed.tensor(freq), g0.tensor(freq))
+    scaled = splice.merge([g0], "passthrough", scale=[{"filter": "o_proj", "value": 0.5}, {"value": 1.0}])
+    torch.testing.assert_close(scaled.tensor("model.layers.1.self_attn.o_proj.weight"),
+                               0.5 * g0.tensor("model.layers.1.self_attn.o_proj.weight"))
+    assert torch.equal(scaled.tensor(norm), g0.tensor(norm))
+
+
 def test_parameter_settings_follow_mergekit():
     assert evaluate_setting([0.0, 1.0], "x", 0.25) == 0.25
     assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.75) == 0.5
@@ -318,15 +333,69 @@ def test_passthrough_stacks_slices_and_writes_hf(llamas, hf_dirs, tmp_path, caps
     torch.testing.assert_close(merged.run(*grid[0])["logits"], theirs, atol=1e-5, rtol=0)
 
 
+def _sliced(method: str, root) -> dict:
+    """Slices with several sources each: the classic slerp recipe (two whole stacks, gradients per
+    filter), and TIES over two slices of other layer ranges with per-source and per-slice parameters."""
+    m = [str(root / f"m{i}") for i in range(3)]
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": m[0], "dtype": "float32",
+                "slices": [{"sources": [{"model": m[0], "layer_range": [0, 2]}, {"model": m[1], "layer_range": [0, 2]}]}],
+                "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                     {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}
+    return {"merge_method": "ties", "base_model": m[0], "dtype": "float32", "parameters": {"density": 0.7}, "slices": [
+        {"sources": [{"model": m[0], "layer_range": [0, 1]},
+                     {"model": m[1], "layer_range": [1, 2], "parameters": {"weight": 0.7, "density": 0.5}},
+                     {"model": m[2], "layer_range": [0, 1], "parameters": {"weight": 0.4}}]},
+        {"sources": [{"model": m[0], "layer_range": [0, 2]}, {"model": m[2], "layer_range": [0, 2]}],
+         "parameters": {"weight": [{"filter": "mlp", "value": [0.2, 1.0]}, {"value": 0.5}]}}]}
+
+
+@pytest.mark.parametrize("method", ["slerp", "ties"])
+def test_mergekit_parity_slices(method, llamas, hf_dirs, tmp_path, capsys):
+    mergekit = pytest.importorskip("mergekit.merge", reason="mergekit is not installed (pip install splice[test])")
+    from mergekit.config import MergeConfiguration
+    from transformers import AutoModelForCausalLM
+
+    built, (g0, _, _) = llamas
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_sliced(method, hf_dirs)))
+    mergekit.run_merge(MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text())), str(tmp_path / "mk"),
+                       mergekit.MergeOptions())
+    rc, _, err = run_cli(capsys, "merge", recipe, "-o", tmp_path / "sp", "--hf", tmp_path / "hf")
+    assert rc == 0, err
+    ours = splice.load(tmp_path / "sp")
+    assert ours.history[-1]["report"]["layers"] == (2 if method == "slerp" else 3)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for inputs in input_grid(built[0], g0)[:2]:
+            kwargs = dict(zip(ours.input_names, inputs))
+            logits = ours.run(*inputs)["logits"]
+            torch.testing.assert_close(logits, theirs(**kwargs, use_cache=False).logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits, reloaded(**kwargs, use_cache=False).logits, atol=1e-5, rtol=0)
+
+
 def test_bad_slices(llamas, hf_dirs, tmp_path, capsys):
-    _, (g0, g1, _) = llamas
+    _, (g0, g1, g2) = llamas
     with pytest.raises(ConfigError, match=r"^merge.passthrough: slices\[0\] layer_range \[0, 3\] is outside 'model 0'"):
         splice.merge([g0], "passthrough", slices=[{"sources": [{"input": 0, "layer_range": [0, 3]}]}])
+    with pytest.raises(ConfigError, match=r"^merge.linear: slices\[0\]: every source needs the same number of "
+                                          r"layers, got \[2, 1\]$"):
+        splice.merge([g0, g1], "linear", slices=[{"sources": [{"input": 0, "layer_range": [0, 2]},
+                                                               {"input": 1, "layer_range": [0, 1]}]}])
+    with pytest.raises(ConfigError, match=r"^merge.ties: slices\[0\]: the base model 'base' is not one of its sources"):
+        splice.merge([g1, g2], "ties", base=g0, slices=[{"sources": [{"input": 0, "layer_range": [0, 2]},
+                                                                      {"input": 1, "layer_range": [0, 2]}]}])
     bad = tmp_path / "s.yaml"
     doc = _frankenmerge(hf_dirs)
-    doc["merge_method"] = "linear"
+    doc["slices"][0]["sources"].append({"model": str(hf_dirs / "m1"), "layer_range": [0, 2]})
     bad.write_text(yaml.safe_dump(doc))
-    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "slices", "passthrough only", absent=[tmp_path / "o"])
+    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "merge.passthrough: slices[0]: takes exactly 1 model",
+                 absent=[tmp_path / "o"])
+    doc["slices"][0]["residual_weight"] = 0.5
+    bad.write_text(yaml.safe_dump(doc))
+    assert_error(capsys, ["merge", bad, "-o", tmp_path / "o"], "slices[0].residual_weight", "not supported",
+                 absent=[tmp_path / "o"])
 
 
 def test_recipe_gives_each_model_its_calibration(hf_dirs, tmp_path, capsys, byte_tokenizer):
