@@ -1,18 +1,16 @@
 """``splice merge RECIPE.yaml -o OUT [--hf DIR]``: run a mergekit YAML recipe; save the merged model as
 an artifact (its history records the recipe and every input's weight digest) and, with ``--hf``,
 as a transformers directory (safetensors + config, as mergekit writes it; the tokenizer of
-``tokenizer_source``, else of the base or first model, copied beside it). The recipe is checked
+``tokenizer_source`` — ``union`` builds one, ``passes/merge/vocab.py`` — else of the base or first
+model, saved beside it). The recipe is checked
 before any model loads; nothing is written unless the merge succeeded."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from splice.cli.ui import UI, check_output, esc
 
 HELP = "merge models by a mergekit YAML recipe"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
 
 
 def add_parser(sub, common) -> None:
@@ -30,13 +28,20 @@ def add_parser(sub, common) -> None:
     p.set_defaults(func=run)
 
 
-def _tokenizer_dir(recipe) -> Path | None:
-    source = recipe.tokenizer_source
-    if source == "union":
-        return None
-    ref = recipe.inputs[recipe.base if recipe.base >= 0 else 0] if source in (None, "base") else source
-    path = Path(ref.partition("+")[0])
-    return path if path.is_dir() else None
+def _write_tokenizer(graph, out: Path) -> None:
+    """The merged graph's tokenizer into ``out``: its directory's files as they are (none where the
+    model directory holds none), or saved from a GGUF file."""
+    import shutil
+
+    from splice.ir.tokenizer import TOKENIZER_FILES, graph_tokenizer
+
+    spec = graph.source.get("tokenizer") or {}
+    if spec.get("gguf_file"):
+        graph_tokenizer(graph, "--hf").save_pretrained(out)
+    elif spec.get("path"):
+        for name in TOKENIZER_FILES:
+            if (Path(spec["path"]) / name).is_file():
+                shutil.copy2(Path(spec["path"]) / name, out / name)
 
 
 def _calibrate(sources):
@@ -71,8 +76,6 @@ def run(args, ui: UI) -> int:
         from splice.eval.corpus import load_sources
 
         sources = load_sources(args.calib)
-    if recipe.tokenizer_source == "union":
-        raise SpliceError(f"{args.recipe}: tokenizer_source: union is not supported yet (base or a model path)")
     out = check_output(args.output, args.force)
     hf = check_output(args.hf, args.force) if args.hf else None
     from splice.frontends import capture
@@ -86,10 +89,7 @@ def run(args, ui: UI) -> int:
 
         def write_hf(tmp: Path) -> None:
             export_hf(graph, tmp)
-            tok = _tokenizer_dir(recipe)
-            for name in TOKENIZER_FILES if tok is not None else ():
-                if (tok / name).is_file():
-                    shutil.copy2(tok / name, tmp / name)
+            _write_tokenizer(graph, tmp)
 
         with ui.phase(f"write {hf} (transformers)"):
             atomic_dir(hf, args.force, write_hf)

@@ -23,6 +23,7 @@ from splice.ir.artifact import INPUTS, MANIFEST, MASKS, PROGRAM, read_manifest
 from splice.ir.deltas import bind_base, check_base
 from splice.ir.graph import Graph
 from splice.ir.sparsity import unpack_graph
+from splice.ir.tokenizer import tokenizer_source
 from splice.kernels.prune.ops import unpack_mask
 from splice.progress import phase
 
@@ -106,8 +107,10 @@ def load(path: str | Path, base: Graph | None = None, find_base: Callable[[str],
         dynamic = {k: {int(a): v for a, v in d.items()} for k, d in manifest["dynamic"].items()}
     except (AttributeError, TypeError, ValueError):
         raise ArtifactError(f"{path / MANIFEST}: manifest key 'dynamic' must map inputs to {{axis: label}}") from None
-    graph = graph_from_program(ep, inputs, manifest["source"], output_names=manifest["outputs"],
-                               history=manifest["passes"])
+    source = manifest["source"]
+    if (source.get("tokenizer") or {}).get("embedded"):  # its files are the artifact's own (checked above)
+        source = {**source, "tokenizer": tokenizer_source(str(path.resolve()), embedded=True)}
+    graph = graph_from_program(ep, inputs, source, output_names=manifest["outputs"], history=manifest["passes"])
     outputs = len(next(n for n in graph.gm.graph.nodes if n.op == "output").args[0])
     if graph.input_names != manifest["inputs"] or len(manifest["outputs"]) != outputs:
         raise ArtifactError(f"{path / MANIFEST}: inputs {manifest['inputs']} and {len(manifest['outputs'])} outputs "

@@ -9,6 +9,8 @@
 * a delta-only artifact (``save(..., delta_only=True)`` of a graph carrying deltas, ``ir/deltas.py``)
   stores no base tensor: its manifest's ``delta_only`` records the base's weights digest, and loading
   needs that base (``splice.load(path, base=…)``);
+* an embedded tokenizer's files (``ir/tokenizer.py``: a merge's union vocabulary), under their own
+  names (``tokenizer.json``, ``tokenizer_config.json`` …);
 * ``manifest.json``: the source model, every pass with its config, version and report, the package
   versions, the graph's input/output spec, the SHA-256 and size of every other file, and a checksum
   of the manifest itself.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from splice.ir.atomic import MANIFEST, atomic_dir, check_writable, failsafe_file
 from splice.ir.deltas import base_record, strip_base
 from splice.ir.graph import set_save
 from splice.ir.sparsity import pack_graph
+from splice.ir.tokenizer import embedded_files
 from splice.kernels.prune.ops import pack_mask
 
 FORMAT_VERSION = 2  # 2: example inputs in inputs.safetensors, none pickled in program.pt2
@@ -101,7 +105,9 @@ def save(graph, path: str | Path, *, force: bool = False, delta_only: bool = Fal
     by_role = packed.bytes_by_role()
     if masks is not None:
         by_role["mask"] = by_role.get("mask", 0) + sum((m.numel() + 7) // 8 for m in packed.masks.values())
-    files = FILES + ((MASKS,) if masks is not None else ())
+    tokenizer = embedded_files(graph.source)
+    files = FILES + ((MASKS,) if masks is not None else ()) + tuple(tokenizer)
+    source = {**graph.source, "tokenizer": {"embedded": True}} if tokenizer else graph.source
 
     def write(tmp: Path) -> None:
         with failsafe_file(tmp / PROGRAM) as f:
@@ -111,9 +117,11 @@ def save(graph, path: str | Path, *, force: bool = False, delta_only: bool = Fal
                 with open(tmp / name, "wb") as f:
                     f.write(data)
                     os.fsync(f.fileno())
+        for name, src in tokenizer.items():
+            shutil.copyfile(src, tmp / name)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "source": graph.source, "inputs": graph.input_names, "outputs": graph.output_names,
+            "source": source, "inputs": graph.input_names, "outputs": graph.output_names,
             "dynamic": {k: {str(a): v for a, v in d.items()} for k, d in graph.dynamic.items()},
             "passes": graph.history, "bytes_by_role": by_role, "params": graph.num_params(),
             "masks": {k: list(m.shape) for k, m in packed.masks.items()}, "packages": package_versions(),

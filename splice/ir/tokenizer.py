@@ -5,6 +5,9 @@ A frontend that knows where a model's tokenizer lives records it in the graph's 
 file that embeds it); the source survives ``copy`` and save/load, so an artifact keeps it.
 ``graph_tokenizer`` is the one accessor eval and train use: no layer above ``ir`` finds a
 tokenizer through a frontend again. transformers is imported only when a tokenizer is loaded.
+
+A tokenizer no model directory holds (a merge's union vocabulary) is ``embedded``: an artifact
+saves its files beside the program and, loaded, records the artifact's own directory.
 """
 from __future__ import annotations
 
@@ -13,9 +16,23 @@ import functools
 from splice.errors import SpliceError
 
 
-def tokenizer_source(path: str, gguf_file: str | None = None) -> dict:
-    """What a frontend records under ``source["tokenizer"]``."""
-    return {"path": path, "gguf_file": gguf_file}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_source(path: str, gguf_file: str | None = None, embedded: bool = False) -> dict:
+    """What a frontend records under ``source["tokenizer"]`` (``embedded``: module docstring)."""
+    return {"path": path, "gguf_file": gguf_file, **({"embedded": True} if embedded else {})}
+
+
+def embedded_files(source: dict) -> dict[str, str]:
+    """The files of an embedded tokenizer (name -> path) that an artifact of ``source`` stores."""
+    spec = source.get("tokenizer") or {}
+    if not spec.get("embedded"):
+        return {}
+    from pathlib import Path
+
+    return {name: str(Path(spec["path"]) / name) for name in TOKENIZER_FILES if (Path(spec["path"]) / name).is_file()}
 
 
 @functools.lru_cache(maxsize=8)

@@ -36,12 +36,14 @@ from typing import Any
 import torch
 
 from splice.errors import ConfigError
-from splice.ir.graph import Graph, attr_users, set_attr, weights_digest
+from splice.ir.graph import Graph, attr_users, set_attr
 from splice.ir.match import match_parameters
 from splice.ir.select import module_path, op_kind
 from splice.ir.sparsity import weight_layers
 from splice.ir.weights import shared_tensors, stored_weight, weight_args
 from splice.passes.base import Applies, PassConfig, PassContext, PassResult, register_pass
+from splice.passes.merge._slices import slice_units
+from splice.passes.merge._units import MergeInputs, Unit, check_inputs
 
 REQUIRED = object()
 BASE_POLICIES = ("required", "optional", "ignored")
@@ -281,20 +283,6 @@ def layer_positions(targets: Sequence[str]) -> dict[str, float]:
     return {t: (index[t] / (layers - 1) if layers > 1 else 1.0) if t in index else 0.0 for t in targets}
 
 
-def check_inputs(method: MergeMethod, n_inputs: int, base: int, where: str = "") -> list[int]:
-    """The indices the method merges besides the base; errors for a missing base or a wrong count
-    (``where``: the recipe's part they are about, e.g. ``slices[1]: ``)."""
-    if method.base == "required" and base < 0:
-        raise ConfigError(f"merge.{method.name}: {where}needs a base model (base_model)")
-    merged = [i for i in range(n_inputs) if i != base or method.base == "ignored"]
-    if len(merged) < method.min_models or (method.max_models is not None and len(merged) > method.max_models):
-        span = (f"exactly {method.min_models}" if method.max_models == method.min_models else
-                f"at least {method.min_models}" if method.max_models is None else
-                f"{method.min_models} to {method.max_models}")
-        raise ConfigError(f"merge.{method.name}: {where}takes {span} model(s) besides the base, got {len(merged)}")
-    return merged
-
-
 def check_float(graph: Graph, name: str, who: str) -> None:
     """Merging reads float weights: a layer stored in a splice format (quantized, an adapter, a
     packed sparse weight) is refused, naming its op."""
@@ -304,36 +292,6 @@ def check_float(graph: Graph, name: str, who: str) -> None:
             raise ConfigError(f"{who}: input '{name}' holds {node.target.name().replace('::', '.')} at "
                               f"'{module_path(node) or node.name}'; merge float models (fold adapters first, "
                               "quantize after merging)")
-
-
-@dataclass
-class Unit:
-    """One output tensor to merge: ``target`` in the graph being rewritten; ``source``: input index ->
-    that input's tensor; ``merged``: the inputs merged besides ``base`` (-1: none), in order;
-    ``shared`` / ``own[i]``: the settings its shared / input ``i``'s parameters are read from, first
-    wins; ``t``: its position for gradients."""
-
-    target: str
-    source: dict[int, str]
-    merged: list[int]
-    base: int
-    shared: list[dict]
-    own: dict[int, list[dict]]
-    t: float
-
-
-@dataclass
-class MergeInputs:
-    """A merge pass's inputs, read from its config and context and checked."""
-
-    graphs: list[Graph]
-    names: list[str]
-    per_model: list[dict]
-    top: dict
-    sources: list[dict[str, str]]  # per input: the template's tensor target -> that input's
-
-    def digests(self) -> list[dict]:
-        return [{"name": n, "weights_sha256": weights_digest(g)} for n, g in zip(self.names, self.graphs)]
 
 
 def read_inputs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> MergeInputs:
@@ -368,8 +326,6 @@ def model_units(graph: Graph, cfg: MergeConfig, method: MergeMethod, inputs: Mer
 
 
 def merge_graphs(graph: Graph, cfg: MergeConfig, ctx: PassContext, method: MergeMethod) -> PassResult:
-    from splice.passes.merge._slices import slice_units
-
     inputs = read_inputs(graph, cfg, ctx, method)
     report: dict[str, Any] = {"method": method.name, "inputs": inputs.digests(),
                               "base": inputs.names[cfg.base] if cfg.base >= 0 else None}

@@ -19,7 +19,7 @@ import json
 from splice.errors import ConfigError
 from splice.ir.blocks import restack, stack
 from splice.ir.graph import Graph
-from splice.passes.merge._common import MergeConfig, MergeInputs, MergeMethod, Unit, check_inputs
+from splice.passes.merge._units import MergeInputs, Unit, check_inputs
 
 
 def _layout(slices: list[dict], counts: list[int], inputs: MergeInputs, who: str) -> list[tuple[int, int, float]]:
@@ -43,7 +43,7 @@ def _layout(slices: list[dict], counts: list[int], inputs: MergeInputs, who: str
     return out
 
 
-def _members(sl: dict, s: int, cfg: MergeConfig, method: MergeMethod, inputs: MergeInputs) -> tuple[list[int], int]:
+def _members(sl: dict, s: int, cfg, method, inputs: MergeInputs) -> tuple[list[int], int]:
     """The slice's merged inputs and its base (-1 where the method takes none), checked."""
     ids = [src["input"] for src in sl["sources"]]
     base = sl.get("base", cfg.base)
@@ -54,9 +54,9 @@ def _members(sl: dict, s: int, cfg: MergeConfig, method: MergeMethod, inputs: Me
     return [ids[p] for p in picked], base if method.base != "ignored" else -1
 
 
-def slice_units(graph: Graph, cfg: MergeConfig, method: MergeMethod, inputs: MergeInputs) -> tuple[list[Unit], list]:
-    """Restack ``graph`` (the template) to the slices' layout and return its units (module
-    docstring) and the slices' description for the report."""
+def slice_units(graph: Graph, cfg, method, inputs: MergeInputs) -> tuple[list[Unit], list]:
+    """Restack ``graph`` (the template) to the slices' layout of ``cfg`` (a ``MergeConfig``) and
+    return its units (module docstring) and the slices' description for the report."""
     who = f"merge.{method.name}"
     slices, top = json.loads(cfg.slices), inputs.top
     counts = [len(stack(g, who)) for g in inputs.graphs]

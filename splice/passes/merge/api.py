@@ -23,7 +23,8 @@ from splice.passes.merge.recipe import Recipe, read_recipe
 
 def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, model_parameters: Sequence[dict] = (),
           names: Sequence[str] = (), dtype: str = "", out_dtype: str = "", seed: int = 0, calibration=None,
-          model_calibration: Sequence[list | None] = (), slices: Sequence[dict] = (), **parameters: Any) -> Graph:
+          model_calibration: Sequence[list | None] = (), slices: Sequence[dict] = (), tokenizer_source=None,
+          **parameters: Any) -> Graph:
     """The graph ``method`` makes of ``graphs`` (module docstring); its history records the merge
     and every input's weight digest. ``calibration``: the data-aware methods' (``fisher``,
     ``regmean``, ``ota``, ``darex``) calibration batches, run through every input;
@@ -50,6 +51,8 @@ def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, mo
         if index < 0:
             inputs, per_model, labels, index = inputs + [base], per_model + [{}], labels + ["base"], len(inputs)
             own.append(None)
+    if tokenizer_source is not None:
+        inputs, tokenizer_spec = _aligned(inputs, labels, index, tokenizer_source)
     spec = {"base": index, "parameters": json.dumps(parameters), "model_parameters": json.dumps(per_model),
             "names": json.dumps(labels), "dtype": dtype, "out_dtype": out_dtype, "slices": json.dumps(list(slices))}
     template = inputs[index if index >= 0 else 0]
@@ -58,8 +61,43 @@ def merge(graphs: Sequence[Graph], method: str, base: Graph | None = None, *, mo
     datasets = {model_dataset(i): data for i, data in enumerate(own) if data}
     if calibration is None and datasets:
         calibration = [batch for data in datasets.values() for batch in data]
-    return pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False, calibration=calibration,
-                        datasets=datasets).graph
+    merged = pipeline.run(template, graphs={"inputs": inputs}, seed=seed, probe=False, calibration=calibration,
+                          datasets=datasets).graph
+    if tokenizer_source is not None:
+        merged.source = {**merged.source, "tokenizer": tokenizer_spec}
+    return merged
+
+
+def _aligned(inputs: list[Graph], labels: list[str], base: int, source) -> tuple[list[Graph], dict]:
+    """``inputs`` on the vocabulary of ``source`` (``merge``'s docstring) and the tokenizer spec the
+    merged graph records (a union's saved to a directory removed at exit, embedded in artifacts)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from splice.ir.tokenizer import graph_tokenizer, load_tokenizer, tokenizer_source
+    from splice.passes.merge.vocab import align_vocabularies
+
+    who = "merge: tokenizer_source"
+    tokenizers = [graph_tokenizer(g, f"{who} (input '{n}')") for g, n in zip(inputs, labels)]
+    given = None
+    if isinstance(source, str) and source not in ("base", "union"):
+        try:
+            given = load_tokenizer(source)
+        except Exception as e:
+            raise ConfigError(f"{who}: cannot load a tokenizer from '{source}' ({type(e).__name__})") from None
+    elif isinstance(source, int) and not 0 <= source < len(inputs):
+        raise ConfigError(f"{who}: input index {source} out of range (0..{len(inputs) - 1})")
+    aligned, tokenizer = align_vocabularies(inputs, labels, tokenizers, base, source, given)
+    if source == "union":
+        folder = tempfile.mkdtemp(prefix="splice-tokenizer-")
+        atexit.register(shutil.rmtree, folder, True)
+        tokenizer.save_pretrained(folder)
+        return aligned, tokenizer_source(folder, embedded=True)
+    if given is not None:
+        return aligned, tokenizer_source(source)
+    chosen = source if isinstance(source, int) else max(base, 0)
+    return aligned, dict(inputs[chosen].source["tokenizer"])
 
 
 def load_reference(reference: str, who: str = "merge") -> Graph:
@@ -92,7 +130,10 @@ def merge_recipe(recipe: str | Recipe, *, seed: int = 0, load=None, calibrate=No
     base = graphs[recipe.base] if recipe.base >= 0 else None
     own = [calibrate(g, src) if calibrate is not None and src else None
            for g, src in zip(graphs, recipe.model_calibration or [None] * len(graphs))]
+    source = recipe.tokenizer_source
+    if source not in (None, "base", "union"):
+        source = recipe.inputs.index(source) if source in recipe.inputs else source.partition("+")[0]
     return merge(graphs, recipe.method, base, model_parameters=recipe.model_parameters, names=recipe.inputs,
-                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed, slices=recipe.slices,
+                 dtype=recipe.dtype, out_dtype=recipe.out_dtype, seed=seed, slices=recipe.slices, tokenizer_source=source,
                  calibration=calibrate(template, None) if calibrate is not None else None,
                  model_calibration=own, **recipe.parameters)

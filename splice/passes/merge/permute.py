@@ -30,8 +30,9 @@ from splice.ir.coupling import Group, Member, analyze
 from splice.ir.graph import Graph, set_attr
 from splice.ir.loss import alphas, has_label_free_loss, loss_path
 from splice.passes.base import PassContext, PassResult
-from splice.passes.merge._common import (MergeConfig, MergeInputs, MergeMethod, Param, in_unit_closed, keep_pruned,
-                                         model_units, read_inputs, recipe_names, register_merge, resolve, setting_value)
+from splice.passes.merge._common import (MergeConfig, MergeMethod, Param, in_unit_closed, keep_pruned, model_units,
+                                         read_inputs, recipe_names, register_merge, resolve, setting_value)
+from splice.passes.merge._units import MergeInputs
 
 WHO = "merge.permute"
 BARRIER_POINTS = 5  # interpolation weights the report's barriers are measured at
