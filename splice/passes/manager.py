@@ -7,6 +7,8 @@ its record goes into each calibrated pass's history entry), and that every graph
 (``graphs=``) is given: in ``graphs={name: Graph}``, or named by the pass's option of the same
 name (``adapter.extract:source=DIR``), which the layer above resolves with its ``load_graph``
 (the API and CLI plug in the frontends' capture; the passes layer imports no frontend).
+The graph named ``original`` is the pipeline's input unless given: a pass that compensates what
+earlier passes of the same pipeline lost (``lowrank.eora``) reads the weights from before them there.
 Around each pass it runs the instruments (``instruments.py``: fidelity probe, verify, peak
 memory, timing by default, and any the caller adds), marks nodes the pass created with
 ``meta["splice_pass"]`` and appends a history entry (pass, spec, config, version, modified,
@@ -32,6 +34,7 @@ from splice.passes.spec import format_spec, load_recipe, parse_spec
 from splice.progress import phase
 
 GraphLoader = Callable[[str], Graph]
+ORIGINAL = "original"  # ctx.graphs[ORIGINAL]: the pipeline's input graph (lowrank.eora reads the float weights there)
 _LOADER: list[GraphLoader] = []
 
 
@@ -124,7 +127,8 @@ class Pipeline:
         ``target``: what the result is compiled for (recorded); ``cache``: share analyses with
         other runs; ``instruments``: added after the defaults (``verify``/``probe`` drop those)."""
         self.check(graph, calibration=calibration, datasets=datasets)
-        step_graphs = self._resolve_graphs(dict(graphs or {}), load_graph or (_LOADER[0] if _LOADER else None))
+        given = {ORIGINAL: graph, **(graphs or {})}  # the pipeline's input, unless the caller names another
+        step_graphs = self._resolve_graphs(given, load_graph or (_LOADER[0] if _LOADER else None))
         ctx = PassContext(calibration=calibration, seed=seed, progress=progress, target=target,
                           cache=AnalysisCache() if cache is None else cache, datasets=dict(datasets or {}))
         record = calibration_record(graph, calibration) if calibration else None
