@@ -29,6 +29,7 @@ COSINE_FLOOR = {"prune.depth": 0.6, "prune.heads": 0.8,  # one of a zoo model's 
                 "prune.dpruner": 0.8}  # gradients of a random model (loss at max entropy) rank weights poorly
 SETUP = {"prune.gates": ["prune.channels:mode=gates,amount=0.25"]}  # a setup that needs options (no gate closed:
 #                                                                   prune.gates then folds them and removes none)
+SETUP["lowrank.eora"] = ["quantize.rtn:bits=3,group_size=16"]  # a compressed layer to compensate (the float model is its original)
 
 
 def _models(name: str) -> tuple[str, ...]:

@@ -81,12 +81,23 @@ def _originals(original: Graph, who: str) -> dict[str, fx.Node]:
     return out
 
 
+def _wide_enough(graph: Graph) -> bool:
+    """Whether every linear the default config selects has at least the default rank of inputs and outputs."""
+    cfg = EoRAConfig()
+    try:
+        nodes = select_nodes(graph.gm, cfg.targets, ("linear",), WHO)
+    except ConfigError:
+        return False
+    return all(min(dense_weight(graph, n).shape) >= cfg.rank for n in nodes if weight_args(n) is not None)
+
+
 def _corrected(node: fx.Node) -> bool:
     return any(u.target == CORRECTION and u.args[0] is node for u in node.users)
 
 
 @register_pass(WHO, EoRAConfig, reference="https://arxiv.org/abs/2410.21271", needs_calibration=True,
-               graphs=("original",), applies=Applies("a linear layer", kinds=("linear",)),
+               graphs=("original",), applies=Applies("linear layers of at least 32 (the default rank) inputs and outputs",
+                               kinds=("linear",), check=_wide_enough),
                report_fields={"layers": "layers compensated", "added_bytes": "correction bytes",
                               "output_error_kept": "output error kept (mean over layers)"})
 def eora(graph: Graph, cfg: EoRAConfig, ctx: PassContext) -> PassResult:
