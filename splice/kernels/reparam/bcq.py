@@ -66,15 +66,23 @@ def round_pow2(alpha: torch.Tensor) -> torch.Tensor:
     return torch.where(mag > 0, alpha.sign() * torch.exp2(torch.round(torch.log2(mag.clamp(min=1e-30)))), alpha)
 
 
-def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The signs ``[R, bits, gs]`` whose level ``Σ α_i s_i`` is nearest to each entry of ``w [R, gs]``
-    (exhaustive over the ``2^bits`` combinations, by binary search in the sorted levels)."""
+def sorted_levels(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every level ``Σ α_i s_i`` of each row of ``alpha [R, bits]``, sorted ``[R, 2^bits]``, with the
+    sign combination of each (``order`` into ``combos [2^bits, bits]``)."""
     combos = _sign_combos(alpha.shape[1])
-    levels, order = torch.sort(alpha @ combos.T, dim=-1)              # [R, C]
+    levels, order = torch.sort(alpha @ combos.T, dim=-1)
+    return levels, order, combos
+
+
+def nearest_codes(w: torch.Tensor, alpha: torch.Tensor, table=None) -> torch.Tensor:
+    """The signs ``[R, bits, gs]`` whose level ``Σ α_i s_i`` is nearest to each entry of ``w [R, gs]``
+    (exhaustive over the ``2^bits`` combinations, by binary search in the sorted levels;
+    ``table``: ``sorted_levels(alpha)`` if already computed)."""
+    levels, order, combos = sorted_levels(alpha) if table is None else table
     pos = torch.searchsorted(levels, w.contiguous()).clamp(1, levels.shape[1] - 1)
     lo, hi = levels.gather(1, pos - 1), levels.gather(1, pos)
-    pick = torch.where((w - lo).abs() <= (hi - w).abs(), pos - 1, pos)
-    return combos[order.gather(1, pick)].transpose(1, 2)              # [R, bits, gs]
+    pick = order.gather(1, torch.where((w - lo).abs() <= (hi - w).abs(), pos - 1, pos))
+    return combos[pick].transpose(1, 2)                               # [R, bits, gs]
 
 
 def _greedy(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -99,7 +107,9 @@ def _refine(w: torch.Tensor, alpha: torch.Tensor, iters: int, pow2: bool):
         alpha = _least_squares(signs, w)
         if pow2:
             alpha = round_pow2(alpha)
-        signs = nearest_codes(w, alpha)
+        signs, before = nearest_codes(w, alpha), signs
+        if torch.equal(signs, before):  # converged: α given these codes is what it was
+            break
     if not pow2:
         alpha = _least_squares(signs, w)
     return alpha, signs

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from splice.errors import ConfigError
+from splice.ir.allocation import choose_bits as solve_plan
 from splice.ir.graph import Graph
 from splice.ir.select import module_path, select_nodes, validate_targets
 from splice.kernels.quant.packing import packed_width
@@ -94,26 +95,8 @@ class AllocateConfig(PassConfig):
 
 
 def choose_bits(sensitivity: np.ndarray, budgets: list[tuple[str, np.ndarray, float]]) -> np.ndarray:
-    """The candidate index per layer minimizing ``Σ sensitivity[l, b_l]`` subject to
-    ``Σ cost[l, b_l] <= limit`` for every ``(name, cost [L, B], limit)`` in ``budgets``, by
-    ``scipy.optimize.milp`` over one binary per (layer, candidate). ConfigError (naming the
-    budget and the least achievable value) when no choice meets a budget."""
-    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy.optimize: 0.4 s, kept off the registry load
-
-    layers, cands = sensitivity.shape
-    for name, cost, limit in budgets:
-        least = cost.min(1).sum()
-        if least > limit * (1 + 1e-12):
-            raise ConfigError(f"{PASS}: budget {name} cannot be met: the minimum achievable is {least:,.6g} "
-                              f"(every layer at its cheapest candidate)")
-    scale = max(float(np.abs(sensitivity).max()), 1e-30)  # HiGHS prefers objective coefficients near 1
-    constraints = [LinearConstraint(np.kron(np.eye(layers), np.ones(cands)), 1, 1)]
-    constraints += [LinearConstraint(cost.reshape(1, -1), -np.inf, limit) for _, cost, limit in budgets]
-    res = milp(sensitivity.ravel() / scale, constraints=constraints, integrality=np.ones(layers * cands),
-               bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0})
-    if not res.success:
-        raise ConfigError(f"{PASS}: no bit allocation meets the budget ({res.message})")
-    return res.x.reshape(layers, cands).argmax(1)
+    """``ir.allocation.choose_bits`` for this pass (its errors name it)."""
+    return solve_plan(sensitivity, budgets, PASS)
 
 
 def _budget_rows(cfg: AllocateConfig, shapes: list[tuple[int, int]], group_sizes: list[int],
