@@ -45,6 +45,8 @@ SHARED_FAMILIES = {"instrument"}
 SHARED_MODULES: dict[str, str] = {
     "splice/passes/quantize/_common.py": "prune.sparsegpt's joint quantization (SparseGPT --wbits) writes its "
                                          "layers as the quantizers do",
+    "splice/passes/adapters/_inject.py": "recurse.slice's per-loop LoRAs are ordinary adapters (train, fold, export)",
+    "splice/passes/adapters/lora.py": "recurse.slice's per-loop LoRAs are ordinary adapters (train, fold, export)",
 }
 
 

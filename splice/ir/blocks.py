@@ -118,3 +118,52 @@ def restack(graph: Graph, blocks: list[Block], plan: list[tuple[int, dict[str, "
         node.target = name
     graph.masks = {k: v for k, v in graph.masks.items() if not k.startswith(prefix + ".")}
     graph.finalize()
+
+
+def block_tensors(graph: Graph, block: Block) -> dict[str, str]:
+    """``{name inside the block: stored tensor}`` of what ``block``'s ops read from its own path
+    (``self_attn.q_proj.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    prefix = block.path + "."
+    return {a.target[len(prefix):]: a.target for n in block.nodes for a in n.all_input_nodes
+            if a.op == "get_attr" and a.target.startswith(prefix)}
+
+
+def share_blocks(graph: Graph, blocks: list[Block], owner: list[int], values: dict[int, dict[str, "object"]],
+                 who: str) -> int:
+    """Make block ``k`` read block ``owner[k]``'s stored tensors (in place): one tensor per name
+    inside the block, read by every block that shares it (export stores it once). ``values``: the
+    owners' new tensors by name inside the block. Blocks must hold the same tensors with the same
+    shapes (else a one-line error naming both); returns the number of tensors no longer stored."""
+    names = [block_tensors(graph, b) for b in blocks]
+    for k, o in enumerate(owner):
+        if set(names[k]) != set(names[o]):
+            odd = sorted(set(names[k]) ^ set(names[o]))[0]
+            raise ConfigError(f"{who}: blocks '{blocks[k].path}' and '{blocks[o].path}' differ ('{odd}' is in one only)")
+        for rest, target in names[k].items():
+            a, b = graph.tensor(target), graph.tensor(names[o][rest])
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ConfigError(f"{who}: cannot share '{target}' {tuple(a.shape)} with '{names[o][rest]}' "
+                                  f"{tuple(b.shape)}: shapes differ")
+    for o, tensors in values.items():
+        for rest, value in tensors.items():
+            set_attr(graph.gm, names[o][rest], value.to(graph.tensor(names[o][rest]).dtype))
+    before = len(graph.tensors())
+    for k, o in enumerate(owner):
+        if o != k:
+            for node in blocks[k].nodes:
+                for a in node.all_input_nodes:
+                    if a.op == "get_attr" and a.target in names[k].values():
+                        a.target = names[o][a.target[len(blocks[k].path) + 1:]]
+    graph.finalize()
+    return before - len(graph.tensors())
+
+
+def uniform_stack(graph: Graph) -> bool:
+    """Whether the graph has a stack of at least two blocks holding the same tensors with the same
+    shapes (blocks that can share weights)."""
+    try:
+        blocks = stack(graph, "blocks")
+    except ConfigError:
+        return False
+    shapes = [{rest: tuple(graph.tensor(t).shape) for rest, t in block_tensors(graph, b).items()} for b in blocks]
+    return len(blocks) >= 2 and all(s == shapes[0] for s in shapes[1:])

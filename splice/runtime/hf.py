@@ -200,9 +200,24 @@ def _model(config, cls, tensors):
     return model.eval()
 
 
+def _refuse_shared_blocks(graph) -> None:
+    """A tensor read by ops of two blocks (``recurse.slice``, block sharing) has no place in a
+    transformers model, which stores every layer's weights: refused, naming it."""
+    from splice.ir.segments import block_of
+    from splice.ir.weights import shared_tensors
+
+    for target, readers in shared_tensors(graph).items():
+        blocks = sorted({b for b in (block_of(n) for n in readers) if _INDEXED.match(b + ".")})
+        if len(blocks) > 1:
+            raise SpliceError(f"--hf: '{target}' is shared by blocks {blocks[0]} and {blocks[1]} (a recursive or "
+                              "weight-shared model); transformers stores each layer's own weights: export to ONNX "
+                              "or keep the artifact")
+
+
 def export_hf(graph, path: Path) -> None:
     """Write the transformers directory ``path`` (the caller stages it: ``splice export`` writes
     into a temporary directory moved into place when done)."""
+    _refuse_shared_blocks(graph)
     config, cls = _source_config(graph)
     tensors = float_tensors(graph)
 

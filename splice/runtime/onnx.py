@@ -60,6 +60,7 @@ def to_onnx_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelProto:
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     model = program.model_proto
+    _dedupe_initializers(model)
     _label_dynamic_dims(model, graph)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
@@ -77,6 +78,33 @@ def adapter_inputs_model(graph: Graph, accuracy_level: int = 0) -> onnx.ModelPro
     for name, value in zip(g.input_names[n:], g.example_inputs[n:]):
         model.graph.initializer.append(onnx.numpy_helper.from_array(value.numpy(), name))
     return model
+
+
+def _dedupe_initializers(model: onnx.ModelProto) -> None:
+    """Store equal initializers (type, shape, bytes) once: export folds a weight that several ops
+    read (a tied or block-shared weight) into one transposed copy per reader."""
+    import hashlib
+
+    protected = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for init in model.graph.initializer:
+        data = init.raw_data or onnx.numpy_helper.to_array(init).tobytes()
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(data).digest())
+        if init.name not in protected and key in first:
+            rename[init.name] = first[key]
+            continue
+        first.setdefault(key, init.name)
+        kept.append(init)
+    if not rename:
+        return
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
 
 
 def _label_dynamic_dims(model: onnx.ModelProto, graph: Graph) -> None:
