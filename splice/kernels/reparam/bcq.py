@@ -100,18 +100,26 @@ def _grid(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _refine(w: torch.Tensor, alpha: torch.Tensor, iters: int, pow2: bool):
+    """``iters`` ALS rounds from ``alpha``; a group whose codes did not change is done (its α given
+    those codes is what it was), so later rounds only touch the groups still moving."""
     if pow2:
         alpha = round_pow2(alpha)
     signs = nearest_codes(w, alpha)
-    for _ in range(iters):
-        alpha = _least_squares(signs, w)
-        if pow2:
-            alpha = round_pow2(alpha)
-        signs, before = nearest_codes(w, alpha), signs
-        if torch.equal(signs, before):  # converged: α given these codes is what it was
-            break
     if not pow2:
         alpha = _least_squares(signs, w)
+    active = torch.arange(w.shape[0])
+    for _ in range(iters):
+        if not len(active):
+            break
+        wa = w[active]
+        a = _least_squares(signs[active], wa)
+        if pow2:
+            a = round_pow2(a)
+        new = nearest_codes(wa, a)
+        moved = (new != signs[active]).flatten(1).any(1)
+        alpha[active] = _least_squares(new, wa) if not pow2 else a
+        signs[active] = new
+        active = active[moved]
     return alpha, signs
 
 

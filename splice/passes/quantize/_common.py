@@ -25,7 +25,7 @@ from splice.passes.base import PassConfig
 aten = torch.ops.aten
 QUANTIZED_OPS = (torch.ops.splice.qlinear.default, torch.ops.splice.qembedding.default,
                  torch.ops.splice.fake_quant_linear.default, torch.ops.splice.lut_linear.default,
-                 torch.ops.splice.w8a8_linear.default)
+                 torch.ops.splice.w8a8_linear.default, torch.ops.splice.bcq_linear.default)
 
 
 @dataclass(frozen=True, kw_only=True)
