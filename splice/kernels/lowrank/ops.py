@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from splice.kernels._sample import Sampler
 from splice.kernels.adapters.factored import autograd_by_recompute
-from splice.kernels.lowrank.factors import scatter_rows, split_svd
+from splice.kernels.lowrank.factors import refit_values, scatter_rows, split_svd
 from splice.kernels.registry import WeightAccess, register_op
 
 ONNX = "splice.kernels.lowrank.onnx"
@@ -77,12 +77,8 @@ for _op, _math in ((lowrank_linear, _lowrank_linear), (dense_sparse_linear, _den
 
 
 def _refit_values(args: tuple, w: torch.Tensor) -> dict[int, torch.Tensor]:
-    """``dense_sparse_linear``'s values for weight ``w``, ``D`` and the pattern kept: per input column
-    the least-squares combination of its ``s`` chosen columns of ``D``."""
-    d, values, index = args[1].float(), args[2], args[3].long()
-    picked = d.T[index].permute(1, 2, 0)  # [in, out, s]: the columns of D each input column may use
-    fit = torch.linalg.lstsq(picked, w.float().T.unsqueeze(-1)).solution.squeeze(-1)  # [in, s]
-    return {2: fit.T.to(values.dtype).contiguous()}
+    """``dense_sparse_linear``'s new values for weight ``w``, with ``D`` and the pattern kept."""
+    return {2: refit_values(args[1], args[3], w).to(args[2].dtype)}
 
 
 def _sample_linear():
