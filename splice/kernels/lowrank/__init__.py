@@ -2,3 +2,4 @@
 (``lowrank_linear``, ``dense_sparse_linear``) and a low-rank correction beside a compressed layer
 (``lowrank_correction``); their math in ``factors``, ONNX translations in ``onnx``."""
 from splice.kernels.lowrank import ops  # noqa: F401
+__all__ = ["ops"]

@@ -3,3 +3,4 @@
 ``lowrank.dsformer`` (dense × semi-structured-sparse factors), ``lowrank.pela`` (low-rank factors
 recovered by feature distillation). One module per method; ``_common`` holds what they share."""
 from splice.passes.lowrank import dsformer, eora, svd  # noqa: F401
+__all__ = ["dsformer", "eora", "svd"]

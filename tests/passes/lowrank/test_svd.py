@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import splice
 from zoo_graphs import assert_bad_option, assert_one_line_error, captured, max_diff
 
 LOWRANK = "splice.lowrank_linear"
