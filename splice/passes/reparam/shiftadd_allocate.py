@@ -35,7 +35,7 @@ PASS = "reparam.shiftadd_allocate"
 class ShiftAddAllocateConfig(BCQOptions):
     """Shift-add with bits per layer chosen under an average-bits budget (needs calibration)."""
 
-    avg_bits: float = field(default=2.5, metadata={"help": "budget: mean bit-planes per targeted weight"})
+    avg_bits: float = field(default=3.0, metadata={"help": "budget: mean bit-planes per targeted weight"})
     bits: str = field(default="2,3,4", metadata={"help": "candidate bit widths (1..8), comma-separated"})
     weighting: Literal["fisher", "none"] = field(default="fisher", metadata={"help": "output error weighted by (∂loss/∂y)² or not"})
 
