@@ -1,9 +1,11 @@
 """Registry-driven: every registered pass runs on every zoo model with its test config.
 
 The fast suite (CI) runs each pass on two of the zoo models it applies to (its declared
-``applies``; the merge passes, which share one driver, on one), rotating so every model is exercised by many passes, and checks ONNX Runtime parity
-on the first of the two (an export is most of a case's time); ``-m slow`` runs the whole
-pass × model matrix, every case with ONNX. What a pass declares it needs comes from the registry
+``applies``; the merge passes, which share one driver, on one), rotating so every model is exercised by many passes. The first
+of the two also saves and loads the result and checks ONNX Runtime parity (an export is most of a case's
+time), unless ``ONNX_AS`` names a pass of its family whose fast case exports the same ops: the case then
+runs that pass on the same graph and asserts it adds no op (with its constant arguments) that the other
+does not. ``-m slow`` runs the whole pass × model matrix, every case with save/load and ONNX. What a pass declares it needs comes from the registry
 too: the passes its ``requires`` name run first, and each graph it reads (``graphs``) is the
 model itself.
 Checks structure (the pass created nodes, or replaced or removed stored tensors, and the graph verifies), numerics (a cosine
@@ -32,6 +34,24 @@ COSINE_FLOOR["lowrank.dsformer"] = 0.7  # a quarter of the rank, 4 non-zeros per
 SETUP = {"prune.gates": ["prune.channels:mode=gates,amount=0.25"]}  # a setup that needs options (no gate closed:
 #                                                                   prune.gates then folds them and removes none)
 SETUP["lowrank.eora"] = ["quantize.rtn:bits=3,group_size=16"]  # a compressed layer to compensate (the float model is its original)
+
+
+# pass -> a pass of its family whose fast case checks ONNX Runtime parity on the same ops: the fast
+# case of the key runs it on its graph and asserts its own output adds no other op (``_onnx_ops``).
+# Outputs of only the captured model's aten ops (weights, shapes or blocks changed) stand on one
+# such pass per family (and tests/runtime/test_onnx.py, every zoo model fp32, int4 and int8).
+ONNX_AS = {
+    "adapter.extract": "adapter.lora", "adapter.peft": "adapter.lora", "adapter.unfold": "adapter.adalora",
+    "adapter.sara": "adapter.lift",
+    "delta.apply": "delta.extract", "delta.dare": "delta.extract", "delta.scale": "delta.extract",
+    "delta.bitstack": "delta.bitdelta",
+    "instrument.observe": "instrument.strip",
+    "prune.allocate": "prune.magnitude", "prune.bip_finish": "prune.magnitude", "prune.dimap": "prune.magnitude",
+    "prune.dpruner": "prune.magnitude", "prune.nm": "prune.magnitude", "prune.sparsegpt": "prune.magnitude",
+    "prune.wanda": "prune.magnitude", "prune.depth": "prune.heads", "prune.gates": "prune.channels",
+    "quantize.convert": "quantize.rtn", "quantize.discquant": "quantize.rtn", "quantize.gptq": "quantize.rtn",
+    "quantize.pvtune": "quantize.rtn", "quantize.reconstruct": "quantize.rtn",
+}  # not quantize.awq (group size 32 and its input scales) nor quantize.smoothquant (a mul on vit): own ONNX
 
 
 def _models(name: str) -> tuple[str, ...]:
@@ -120,28 +140,50 @@ def _weights_only_merge(name: str) -> bool:
             and get_pass(name).fn.__name__ == "tensorwise")
 
 
+# what a case checks beyond running the pass: "onnx" save/load and ONNX parity; "save" save/load,
+# ONNX by another pass (``ONNX_AS``, or merge.linear for the weights-only merges); "run" neither
+# (a pass's second model in the fast suite: its first checks them)
+ONNX, SAVE, RUN = "onnx", "save", "run"
+
+
 def _matrix() -> list:
-    """(pass, model, onnx) cases: fast ones for two models per pass, ONNX on the first; the rest slow."""
+    """(pass, model, checks) cases: fast ones for two models per pass, save/load and ONNX on the first;
+    the rest slow."""
     cases = []
     for i, name in enumerate(PASSES):
         models = _models(name)
         with_onnx, without = models[i % len(models)], models[(i + len(models) // 2) % len(models)]
-        if _weights_only_merge(name):  # the template's own ops with new weights: ONNX once (merge.linear), the rest slow
-            cases.append(pytest.param(name, with_onnx, False, id=f"{name}-{with_onnx}-no-onnx"))
-            cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}", marks=pytest.mark.slow))
+        if _weights_only_merge(name) or name in ONNX_AS:  # the ops another fast case exports: ONNX there, here slow
+            cases.append(pytest.param(name, with_onnx, SAVE, id=f"{name}-{with_onnx}-no-onnx"))
+            cases.append(pytest.param(name, with_onnx, ONNX, id=f"{name}-{with_onnx}", marks=pytest.mark.slow))
         else:
-            cases.append(pytest.param(name, with_onnx, True, id=f"{name}-{with_onnx}"))
+            cases.append(pytest.param(name, with_onnx, ONNX, id=f"{name}-{with_onnx}"))
         if without != with_onnx:  # merge (delta) passes share one driver: their second model runs in the slow set
             marks = [pytest.mark.slow] if name.startswith(("merge.", "delta.")) else []
-            cases.append(pytest.param(name, without, False, id=f"{name}-{without}-no-onnx", marks=marks))
-        cases += [pytest.param(name, model, True, id=f"{name}-{model}", marks=pytest.mark.slow)
-                  for model in models if model != with_onnx]
+            cases.append(pytest.param(name, without, RUN, id=f"{name}-{without}-no-onnx", marks=marks))
+            cases.append(pytest.param(name, without, ONNX, id=f"{name}-{without}", marks=pytest.mark.slow))
+        cases += [pytest.param(name, model, ONNX, id=f"{name}-{model}", marks=pytest.mark.slow)
+                  for model in models if model not in (with_onnx, without)]
     return cases
 
 
-@pytest.mark.parametrize(("name", "model", "onnx"), _matrix())
-def test_pass_on_zoo(name, model, onnx, tmp_path):
-    zm, graph = captured(model)
+def _onnx_ops(graph) -> set:
+    """The ops an ONNX export of ``graph`` translates: aten ops by name, splice ops with their
+    constant (non-tensor) arguments, which their translations read."""
+    def const(a):
+        return "node" if isinstance(a, torch.fx.Node) else repr(a)
+
+    ops = set()
+    for n in graph.gm.graph.nodes:
+        op = str(n.target).replace(".default", "")
+        if n.op == "call_function" and op != "splice.observe":  # observers: stripped before an export
+            ops.add((op,) + ((tuple(map(const, n.args)), tuple((k, const(v)) for k, v in n.kwargs.items()))
+                             if op.startswith("splice.") else ()))
+    return ops
+
+
+def _apply(name, zm, graph, tmp_path):
+    """Pass ``name`` on ``graph`` as the matrix runs it: (setup, its input, the result)."""
     info = splice.passes.base.get_pass(name)
     calib = _calibration(zm, graph) if info.calibrated(info.config_cls()) else None
     setup = SETUP.get(name) or _setup(name)
@@ -155,8 +197,13 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
         spec, graphs = _merge_spec(name, graph)
     elif name.startswith("delta."):
         spec, graphs = _delta_spec(name, graph)
-    result = splice.Pipeline([spec]).run(start, calibration=calib, graphs=graphs, datasets=datasets)
-    out = result.graph
+    return setup, start, splice.Pipeline([spec]).run(start, calibration=calib, graphs=graphs, datasets=datasets).graph
+
+
+@pytest.mark.parametrize(("name", "model", "checks"), _matrix())
+def test_pass_on_zoo(name, model, checks, tmp_path):
+    zm, graph = captured(model)
+    setup, start, out = _apply(name, zm, graph, tmp_path)
     entry = out.history[-1]
     assert entry["pass"] == name and entry["seconds"] >= 0
     assert graph.history == [] and out is not start  # the input graph is untouched
@@ -168,6 +215,8 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     assert created or replaced or out.op_counts() == graph.op_counts() != start.op_counts(), "pass changed nothing"
     fid = compare_outputs(graph.run(*graph.example_inputs), out.run(*graph.example_inputs))
     assert all(f["cosine"] > COSINE_FLOOR.get(name, 0.9) for f in fid.values()), fid
+    if checks == RUN:
+        return
     # save -> load is bit-identical and keeps the history
     out.save(tmp_path / "art")
     back = splice.load(tmp_path / "art")
@@ -178,9 +227,20 @@ def test_pass_on_zoo(name, model, onnx, tmp_path):
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["passes"][-1]["config"] == entry["config"]
     # ONNX Runtime parity at two batch sizes and two sequence lengths (observers: stripped by a pass first)
-    if not onnx:
+    if name in ONNX_AS:  # its ONNX check is the other pass's: it exports every op this output has
+        other = _apply(ONNX_AS[name], zm, graph, tmp_path / "as")[2]
+        assert _onnx_ops(out) <= _onnx_ops(other) | _onnx_ops(graph), sorted(_onnx_ops(out) - _onnx_ops(other))
+    if checks != ONNX:
         return
     if "splice.observe" in out.op_counts():
         out = splice.Pipeline(["instrument.strip"]).run(out, probe=False).graph
     onnx_path = splice.export_onnx(out, tmp_path / "m.onnx")
     assert splice.parity(out, onnx_path, input_grid(zm, graph)) <= 1e-4
+
+
+def test_onnx_as_names_passes_whose_fast_case_exports():
+    """Each pass ``ONNX_AS`` leans on checks ONNX in the fast suite and applies to every model the
+    leaning pass does (its fast case runs there, beside it)."""
+    fast_onnx = {p.values[0] for p in _matrix() if p.values[2] == ONNX and not p.marks}
+    for name, other in ONNX_AS.items():
+        assert other in fast_onnx and set(_models(name)) <= set(_models(other)), (name, other)
