@@ -128,12 +128,20 @@ def block_tensors(graph: Graph, block: Block) -> dict[str, str]:
             if a.op == "get_attr" and a.target.startswith(prefix)}
 
 
-def share_blocks(graph: Graph, blocks: list[Block], owner: list[int], values: dict[int, dict[str, "object"]],
-                 who: str) -> int:
-    """Make block ``k`` read block ``owner[k]``'s stored tensors (in place): one tensor per name
-    inside the block, read by every block that shares it (export stores it once). ``values``: the
-    owners' new tensors by name inside the block. Blocks must hold the same tensors with the same
-    shapes (else a one-line error naming both); returns the number of tensors no longer stored."""
+def averaged_blocks(graph: Graph, blocks: list[Block], sources: dict[int, list[int]]) -> dict[int, dict[str, "object"]]:
+    """For each block ``j`` of ``sources``, its tensors (by name inside the block) as the average
+    of blocks ``sources[j]``'s (float tensors; others kept): initial values of shared blocks."""
+    import torch
+
+    names = [block_tensors(graph, b) for b in blocks]
+    return {j: {rest: torch.stack([graph.tensor(names[k][rest]).detach().float() for k in picked]).mean(0)
+                if graph.tensor(target).is_floating_point() else graph.tensor(target)
+                for rest, target in names[j].items()} for j, picked in sources.items()}
+
+
+def check_shareable(graph: Graph, blocks: list[Block], owner: list[int], who: str) -> None:
+    """Block ``k`` can read block ``owner[k]``'s tensors: the same names with the same shapes and
+    dtypes; else a one-line error naming both."""
     names = [block_tensors(graph, b) for b in blocks]
     for k, o in enumerate(owner):
         if set(names[k]) != set(names[o]):
@@ -144,6 +152,16 @@ def share_blocks(graph: Graph, blocks: list[Block], owner: list[int], values: di
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ConfigError(f"{who}: cannot share '{target}' {tuple(a.shape)} with '{names[o][rest]}' "
                                   f"{tuple(b.shape)}: shapes differ")
+
+
+def share_blocks(graph: Graph, blocks: list[Block], owner: list[int], values: dict[int, dict[str, "object"]],
+                 who: str) -> int:
+    """Make block ``k`` read block ``owner[k]``'s stored tensors (in place): one tensor per name
+    inside the block, read by every block that shares it (export stores it once). ``values``: the
+    owners' new tensors by name inside the block. Blocks must hold the same tensors with the same
+    shapes (``check_shareable``); returns the number of tensors no longer stored."""
+    check_shareable(graph, blocks, owner, who)
+    names = [block_tensors(graph, b) for b in blocks]
     for o, tensors in values.items():
         for rest, value in tensors.items():
             set_attr(graph.gm, names[o][rest], value.to(graph.tensor(names[o][rest]).dtype))

@@ -29,7 +29,7 @@ PASSES = [p.name for p in list_passes()]
 COSINE_FLOOR = {"prune.depth": 0.6, "prune.heads": 0.8,  # one of a zoo model's 2 blocks / 2 KV groups goes
                 "prune.channels": 0.8,  # a quarter of a tiny random CNN's channels
                 "prune.dpruner": 0.8,  # gradients of a random model (loss at max entropy) rank weights poorly
-                "recurse.slice": 0.7}  # a zoo model's 2 random blocks replaced by their average
+                "recurse.slice": 0.7, "share.layers": 0.7}  # a zoo model's 2 random blocks share their average
 COSINE_FLOOR["lowrank.dsformer"] = 0.7  # a quarter of the rank, 4 non-zeros per column: random weights have flat spectra
 SETUP = {"prune.gates": ["prune.channels:mode=gates,amount=0.25"]}  # a setup that needs options (no gate closed:
 #                                                                   prune.gates then folds them and removes none)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splice.errors import ConfigError
-from splice.ir.blocks import block_tensors, share_blocks, stack, uniform_stack
+from splice.ir.blocks import averaged_blocks, check_shareable, share_blocks, stack, uniform_stack
 from splice.ir.graph import Graph
 from splice.ir.select import op_kind
 from splice.ir.weights import stored_weight
@@ -48,18 +48,10 @@ class SliceConfig(PassConfig):
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
 
 
-def _shared_values(graph: Graph, blocks, owner: list[int], cfg: SliceConfig) -> dict[int, dict[str, torch.Tensor]]:
-    """Each shared block's tensors by name inside the block (module docstring's ``init``)."""
-    shared = sorted(set(owner))
-    names = [block_tensors(graph, b) for b in blocks]
-    out = {}
-    for j in shared:
-        members = [k for k, o in enumerate(owner) if o == j]
-        source = {"average": members, "stepwise": [j * cfg.loops], "lower": [j]}[cfg.init]
-        out[j] = {rest: torch.stack([graph.tensor(names[k][rest]).detach().float() for k in source]).mean(0)
-                  if graph.tensor(target).is_floating_point() else graph.tensor(target)
-                  for rest, target in names[j].items()}
-    return out
+def _sources(owner: list[int], cfg: SliceConfig) -> dict[int, list[int]]:
+    """The original blocks each shared block starts from (module docstring's ``init``)."""
+    return {j: {"average": [k for k, o in enumerate(owner) if o == j], "stepwise": [j * cfg.loops], "lower": [j]}[cfg.init]
+            for j in sorted(set(owner))}
 
 
 def _truncated(residual: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
@@ -80,7 +72,8 @@ def recurse_slice(graph: Graph, cfg: SliceConfig, ctx: PassContext) -> PassResul
         raise ConfigError(f"{WHO}: loops={cfg.loops} does not divide the {n} blocks of '{blocks[0].path.rsplit('.', 1)[0]}'")
     k = n // cfg.loops
     owner = [i % k for i in range(n)]
-    values = _shared_values(graph, blocks, owner, cfg)
+    check_shareable(graph, blocks, owner, WHO)
+    values = averaged_blocks(graph, blocks, _sources(owner, cfg))
     linears = [node for b in blocks for node in sorted(b.nodes, key=lambda x: x.name) if op_kind(node) == "linear"]
     residual = {}
     if cfg.lora_rank:

@@ -1,0 +1,2 @@
+"""Weight sharing: tensors (``tie.py``) and whole blocks (``layers.py``) stored once, read many times."""
+from splice.passes.share import layers, tie  # noqa: F401
