@@ -117,3 +117,5 @@ def test_already_rewritten_layers_are_refused():
     once = splice.Pipeline(["reparam.shiftadd"]).run(g, probe=False).graph
     with pytest.raises(splice.errors.ConfigError, match=r"^reparam\.shiftadd: '.*' is already rewritten \(by reparam\.shiftadd\)"):
         splice.Pipeline(["reparam.shiftadd"]).run(once, probe=False)
+    with pytest.raises(splice.errors.ConfigError, match=r"^quantize\.rtn: '.*' is already quantized \(by reparam\.shiftadd\)"):
+        splice.Pipeline(["quantize.rtn"]).run(once, probe=False)
