@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import IN_DOMAIN, domain_texts, logger, machine_info, require_smollm2, versions, write_json  # noqa: E402
+from _common import logger, machine_info, require_smollm2, versions, write_json  # noqa: E402
 
 ROWS = {"rtn3": "quantize.rtn:bits=3,group_size=64,symmetric=false",
         "gptq3": "quantize.gptq:bits=3,group_size=48",
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
 
     import splice
     from splice.eval.calibration import text_calibration
+    from splice.eval.data import builtin_text, split_text
     from splice.eval.perplexity import perplexity, tokenize
 
     torch.set_num_threads(args.threads)
@@ -70,9 +71,9 @@ def main(argv=None) -> int:
               "rows": {}}
     log(f"capture {gguf}")
     graph = splice.capture(gguf)
-    train, texts = domain_texts()
+    train, held = split_text(builtin_text("pydoc"), 0.2)  # bench/_common.domain_texts' in-domain split
     calib = text_calibration(graph, train, args.calib_samples, args.calib_seqlen)
-    ids = tokenize(graph, texts[IN_DOMAIN])
+    ids = tokenize(graph, held)
 
     def ppl(g) -> float:
         return perplexity(g, ids, seq_len=args.seq_len, stride=args.seq_len, max_tokens=args.max_tokens, batch_size=4)["ppl"]
