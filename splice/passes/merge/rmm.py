@@ -17,6 +17,7 @@ from torch import fx
 
 from splice.errors import ConfigError
 from splice.ir.graph import Graph, set_attr
+from splice.ir.lowrank import fit_basis
 from splice.kernels.merge.ops import basis_weight
 from splice.passes.base import PassConfig, PassContext, PassResult, register_pass
 from splice.passes.merge._common import Group, MergeMethod, Param, register_merge
@@ -31,18 +32,6 @@ class Basis:
     basis: torch.Tensor  # [k, *shape]
     coefficients: torch.Tensor  # [models, k]
     task: int
-
-
-def fit_basis(deltas: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``k`` fit ``deltas ≈ C B`` of ``[models, n]`` task vectors: ``B`` orthonormal
-    rows (the top right singular vectors), ``C = U S`` (from the ``models × models`` Gram matrix,
-    so the cost is linear in ``n``); directions with a zero singular value are left out."""
-    values, vectors = torch.linalg.eigh(deltas @ deltas.T)
-    order = torch.argsort(values, descending=True)[:k]
-    s = values[order].clamp(min=0).sqrt()
-    keep = s > s.max() * 1e-7 if len(s) else s.bool()
-    u, s = vectors[:, order][:, keep], s[keep]
-    return u * s, (u.T @ deltas) / s.unsqueeze(1)
 
 
 def rmm(group: Group) -> Basis:

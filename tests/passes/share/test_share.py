@@ -82,3 +82,21 @@ def test_sharing_blocks_of_other_shapes_names_them():
     with pytest.raises(ConfigError, match=r"^share.layers: cannot share 'model.layers.1.self_attn.q_proj.weight' "
                                           r"\(32, 64\) with 'model.layers.0.self_attn.q_proj.weight' \(64, 64\): shapes differ$"):
         check_shareable(g, stack(g, "test"), [0, 0], "share.layers")  # the check every sharing pass makes first
+
+
+def test_dictionary_with_atoms_for_every_layer_is_exact_and_stores_the_atoms_once(tmp_path):
+    zm, g = captured("llama")  # 2 blocks: the mean and 1 atom span both layers' weights
+    shared = g.apply("share.dictionary:atoms=1")
+    report = shared.history[-1]["report"]
+    assert report["kinds"] == ["self_attn.k_proj.weight", "self_attn.o_proj.weight", "self_attn.q_proj.weight",
+                               "self_attn.v_proj.weight"]
+    assert all(e < 1e-5 for e in report["relative_error"].values())
+    assert all(max_diff(g, shared, x) <= 1e-5 for x in input_grid(zm, g)[:2])
+    assert shared.op_counts()["splice.basis_weight"] == 8
+    assert Q0 not in shared.tensors() and "shared.self_attn.q_proj.weight.atoms" in shared.tensors()
+
+
+def test_dictionary_bad_input():
+    assert_one_line_error(["share.dictionary:atoms=2"], r"^share.dictionary: atoms=2 must be fewer than the 2 blocks")
+    assert_one_line_error(["share.dictionary:targets=lm_head"], r"^share.dictionary: targets 'lm_head' select no layer "
+                                                                 "present in every block")
