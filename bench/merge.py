@@ -131,7 +131,7 @@ DEFAULTS: dict[tuple[str, str], dict] = {  # (model, setting) -> defaults over C
     ("smollm2", "lora"): dict(steps=80, lr=1e-3),
     ("smollm2", "full"): dict(steps=100, lr=1e-4, seq_len=64),
     ("minilm", "lora"): dict(steps=150, lr=1e-3, eval_seq=128),
-    ("minilm", "full"): dict(steps=200, lr=1e-4, eval_seq=128),
+    ("minilm", "full"): dict(steps=150, lr=1e-4, eval_seq=128),
 }
 # the committed runs, each its own section of the doc, in this order (bench/results/)
 EVAL_LOSS = {"causal_lm": "mean next-token nats",
@@ -140,7 +140,7 @@ DOC_RUNS = ("merge.json", "merge_smollm2_full.json", "merge_minilm.json", "merge
 
 
 def _default_out(model: str, setting: str) -> str:
-    name = "merge" + ("" if model == "smollm2" else f"_{model}") + ("" if setting == "lora" else f"_{setting}")
+    name = "merge" if (model, setting) == ("smollm2", "lora") else f"merge_{model}" + ("" if setting == "lora" else f"_{setting}")
     return f"bench/results/{name}.json"
 
 
