@@ -21,6 +21,8 @@ def multislerp(group: Group) -> torch.Tensor:
     if group.params["normalize_weights"]:
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
+    if bool((norms == 0).all()):  # no model moved this tensor (mergekit raises here): it stays
+        return group.tensors[0] if base is None else base
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     if torch.norm(mean) < eps:

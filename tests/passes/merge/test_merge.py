@@ -101,6 +101,9 @@ def test_weights_equal_in_every_input_are_merged_too(llamas):
     torch.testing.assert_close(scaled.tensor("model.layers.1.self_attn.o_proj.weight"),
                                0.5 * g0.tensor("model.layers.1.self_attn.o_proj.weight"))
     assert torch.equal(scaled.tensor(norm), g0.tensor(norm))
+    # a tensor no model moved from the base: multislerp keeps it (mergekit raises "weighted sum is zero")
+    same = splice.merge([g0, g0, g1], "multislerp", base=g0, weight=1.0)
+    assert torch.equal(same.tensor(norm), g0.tensor(norm))
 
 
 def test_parameter_settings_follow_mergekit():
