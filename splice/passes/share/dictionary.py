@@ -6,8 +6,8 @@ weights via their N × N Gram matrix, ``ir/lowrank.fit_basis``). Each layer read
 ``splice::basis_weight(W̄, D, C, l)`` (the reversible-merge op: ``Gather`` + ``MatMul`` in ONNX), so
 the mean, the atoms and the coefficient table are stored once and a layer adds a 0-d index: a
 kind's N matrices become atoms + 1. ``targets`` picks the layers (default: attention projections).
-Recovery: ``splice train --trainable weights,norms`` does not reach the atoms (role ``basis``);
-train them with ``--trainable all``.
+Recovery: the mean, atoms and coefficients are marked trainable, so ``splice train --trainable
+adapters,weights,norms`` tunes them with the rest of the model.
 """
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def dictionary(graph: Graph, cfg: DictionaryConfig, ctx: PassContext) -> PassRes
         approx = mean + coefficients @ basis
         errors[kind] = float((approx - stacked).norm() / stacked.norm())
         shape, dtype = weights[0].shape, weights[0].dtype
-        mean_node = graph.add_tensor(f"shared.{kind}.mean", mean.reshape(shape).to(dtype))
-        basis_node = graph.add_tensor(f"shared.{kind}.atoms", basis.reshape(-1, *shape).to(dtype))
-        coeff_node = graph.add_tensor(f"shared.{kind}.coefficients", coefficients.to(dtype))
+        mean_node = graph.add_tensor(f"shared.{kind}.mean", mean.reshape(shape).to(dtype), trainable=True)
+        basis_node = graph.add_tensor(f"shared.{kind}.atoms", basis.reshape(-1, *shape).to(dtype), trainable=True)
+        coeff_node = graph.add_tensor(f"shared.{kind}.coefficients", coefficients.to(dtype), trainable=True)
         for layer, node in enumerate(nodes):
             index = graph.add_tensor(f"{blocks[layer].path}.{kind}_atom_index", torch.tensor(layer, dtype=torch.int64))
             with graph.gm.graph.inserting_before(node):
