@@ -24,6 +24,24 @@ def _(base, basis, coefficients, task):
     return torch.empty_like(base)
 
 
+def _setup(ctx, inputs, output):
+    _, basis, coefficients, task = inputs
+    ctx.save_for_backward(basis, coefficients, task)
+
+
+def _backward(ctx, grad):
+    """``∂/∂base = g``, ``∂/∂basis[k] = c[task, k]·g``, ``∂/∂c[task, k] = ⟨g, basis[k]⟩`` (other rows 0)."""
+    basis, coefficients, task = ctx.saved_tensors
+    g = grad.to(basis.dtype)
+    d_basis = coefficients[task].to(basis.dtype).view(-1, *[1] * grad.dim()) * g
+    d_coefficients = torch.zeros_like(coefficients)
+    d_coefficients[task] = (basis * g).reshape(basis.shape[0], -1).sum(1).to(coefficients.dtype)
+    return grad, d_basis, d_coefficients, None
+
+
+basis_weight.register_autograd(_backward, setup_context=_setup)
+
+
 def _sample():
     gen = torch.Generator().manual_seed(0)
     return (torch.randn(6, 8, generator=gen), torch.randn(2, 6, 8, generator=gen), torch.randn(3, 2, generator=gen),

@@ -100,3 +100,13 @@ def test_dictionary_bad_input():
     assert_one_line_error(["share.dictionary:atoms=2"], r"^share.dictionary: atoms=2 must be fewer than the 2 blocks")
     assert_one_line_error(["share.dictionary:targets=lm_head"], r"^share.dictionary: targets 'lm_head' select no layer "
                                                                  "present in every block")
+
+
+def test_dictionary_atoms_train():
+    """``splice::basis_weight`` differentiates in its base, atoms and coefficients (recovery training)."""
+    from splice.kernels.merge.ops import basis_weight  # noqa: F401  (the op)
+
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True) for shape in ((3, 4), (2, 3, 4), (5, 2))]
+    task = torch.tensor(3)
+    assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.splice.basis_weight(a, b, c, task), args)
