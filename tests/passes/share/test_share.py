@@ -104,8 +104,6 @@ def test_dictionary_bad_input():
 
 def test_dictionary_atoms_train():
     """``splice::basis_weight`` differentiates in its base, atoms and coefficients (recovery training)."""
-    from splice.kernels.merge.ops import basis_weight  # noqa: F401  (the op)
-
     gen = torch.Generator().manual_seed(0)
     args = [torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True) for shape in ((3, 4), (2, 3, 4), (5, 2))]
     task = torch.tensor(3)
