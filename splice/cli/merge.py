@@ -33,15 +33,14 @@ def _write_tokenizer(graph, out: Path) -> None:
     model directory holds none), or saved from a GGUF file."""
     import shutil
 
-    from splice.ir.tokenizer import TOKENIZER_FILES, graph_tokenizer
+    from splice.ir.tokenizer import graph_tokenizer, tokenizer_files
 
     spec = graph.source.get("tokenizer") or {}
     if spec.get("gguf_file"):
         graph_tokenizer(graph, "--hf").save_pretrained(out)
     elif spec.get("path"):
-        for name in TOKENIZER_FILES:
-            if (Path(spec["path"]) / name).is_file():
-                shutil.copy2(Path(spec["path"]) / name, out / name)
+        for name, path in tokenizer_files(spec["path"]).items():
+            shutil.copy2(path, out / name)
 
 
 def _calibrate(sources):

@@ -25,14 +25,17 @@ def tokenizer_source(path: str, gguf_file: str | None = None, embedded: bool = F
     return {"path": path, "gguf_file": gguf_file, **({"embedded": True} if embedded else {})}
 
 
+def tokenizer_files(directory: str) -> dict[str, str]:
+    """The tokenizer files (``TOKENIZER_FILES``) present in ``directory``: name -> path."""
+    from pathlib import Path
+
+    return {name: str(Path(directory) / name) for name in TOKENIZER_FILES if (Path(directory) / name).is_file()}
+
+
 def embedded_files(source: dict) -> dict[str, str]:
     """The files of an embedded tokenizer (name -> path) that an artifact of ``source`` stores."""
     spec = source.get("tokenizer") or {}
-    if not spec.get("embedded"):
-        return {}
-    from pathlib import Path
-
-    return {name: str(Path(spec["path"]) / name) for name in TOKENIZER_FILES if (Path(spec["path"]) / name).is_file()}
+    return tokenizer_files(spec["path"]) if spec.get("embedded") else {}
 
 
 @functools.lru_cache(maxsize=8)

@@ -47,13 +47,6 @@ def vocabulary_tensors(graph: Graph) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def vocabulary_rows(graph: Graph, name: str) -> int:
-    tensors = vocabulary_tensors(graph)
-    if not tensors:
-        raise ConfigError(f"{WHO}: input '{name}' has no embedding table to align")
-    return graph.tensor(tensors[0]).shape[0]
-
-
 def union_tokenizer(base, others: Sequence, rows: Sequence[int]):
     """mergekit's union: a copy of ``base`` with the other tokenizers' tokens it lacks added, then
     their added tokens (``rows``: each of ``[base, *others]``'s embedding rows)."""
@@ -105,7 +98,11 @@ def align_vocabularies(graphs: Sequence[Graph], names: Sequence[str], tokenizers
     """Copies of ``graphs`` with their token-indexed tensors on the output vocabulary, and its
     tokenizer. ``source``: ``"base"``, ``"union"`` or an input's index; ``given``: the tokenizer to
     use instead (a directory's)."""
-    rows = [vocabulary_rows(g, n) for g, n in zip(graphs, names)]
+    targets = [vocabulary_tensors(g) for g in graphs]
+    for t, name in zip(targets, names):
+        if not t:
+            raise ConfigError(f"{WHO}: input '{name}' has no embedding table to align")
+    rows = [g.tensor(t[0]).shape[0] for g, t in zip(graphs, targets)]
     first = base if base >= 0 else 0
     if given is not None:
         out = given
@@ -116,7 +113,6 @@ def align_vocabularies(graphs: Sequence[Graph], names: Sequence[str], tokenizers
         out = tokenizers[first if source == "base" else source]
     vocab = out.get_vocab()
     perms = [permutation(vocab, t.get_vocab(), r) for t, r in zip(tokenizers, rows)]
-    targets = [vocabulary_tensors(g) for g in graphs]
     if len({len(t) for t in targets}) > 1:
         raise ConfigError(f"{WHO}: the inputs hold {sorted({len(t) for t in targets})} token-indexed tensors; "
                           "they differ in architecture")
