@@ -98,6 +98,7 @@ def test_dictionary_with_atoms_for_every_layer_is_exact_and_stores_the_atoms_onc
 
 def test_dictionary_bad_input():
     assert_one_line_error(["share.dictionary:atoms=2"], r"^share.dictionary: atoms=2 must be fewer than the 2 blocks")
+    assert_bad_option("share.dictionary:atoms=-1", "atoms must be >= 0")
     assert_one_line_error(["share.dictionary:targets=lm_head"], r"^share.dictionary: targets 'lm_head' select no layer "
                                                                  "present in every block")
 
